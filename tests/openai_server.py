@@ -1,0 +1,140 @@
+"""A local OpenAI-compatible HTTP server for tests: scripted chat-completion replies over real HTTP.
+
+The one test double of the project, at a true boundary: the real `openai` client talks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Fail:
+    """A scripted HTTP failure (500, 429, ...) instead of a reply."""
+
+    status: int = 500
+    message: str = "scripted failure"
+
+
+# A scripted item is the assistant's content (str), a Fail, or a callable(request_json) -> either.
+Item = str | Fail | Callable[[dict], "str | Fail"]
+
+
+def approx_tokens(text: str) -> int:
+    """Tokenizer-free token count, ~4 characters per token, so usage numbers are deterministic."""
+    return max(1, len(text) // 4)
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+@dataclass
+class OpenAIServer:
+    """Serves POST /v1/chat/completions from a queue of scripted items, and GET /v1/models.
+
+    `default` answers when the queue is empty (else a 500). Every request is kept in `requests`.
+    """
+
+    model: str = "test-model"
+    default: Item | None = None
+    script: deque = field(default_factory=deque)
+    requests: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def push(self, *items: Item) -> None:
+        with self._lock:
+            self.script.extend(items)
+
+    def chat_requests(self) -> list[dict]:
+        return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def __enter__(self) -> OpenAIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _next(self, body: dict) -> str | Fail:
+        with self._lock:
+            item = self.script.popleft() if self.script else self.default
+        if item is None:
+            return Fail(500, "script exhausted")
+        return item(body) if callable(item) else item
+
+
+def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+        def _send(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _record(self, body: dict | None) -> None:
+            with server._lock:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                server.requests.append({"path": self.path, "headers": headers, "body": body})
+
+        def do_GET(self) -> None:
+            self._record(None)
+            if self.path.rstrip("/").endswith("/models"):
+                model = {"id": server.model, "object": "model", "created": 0, "owned_by": "test"}
+                self._send(200, {"object": "list", "data": [model]})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "nf"}})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            self._record(body)
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "nf"}})
+                return
+            item = server._next(body)
+            if isinstance(item, Fail):
+                self._send(item.status, {"error": {"message": item.message, "type": "scripted"}})
+                return
+            prompt = "".join(_message_text(m) for m in body.get("messages", []))
+            p_tok, c_tok = approx_tokens(prompt), approx_tokens(item)
+            usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok,
+                     "total_tokens": p_tok + c_tok}
+            self._send(200, {
+                "id": f"chatcmpl-{len(server.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", server.model),
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": item},
+                    "finish_reason": "stop",
+                }],
+                "usage": usage,
+            })
+
+    return Handler
