@@ -1,0 +1,60 @@
+"""Model loading: any Hugging Face causal LM (paper scale) and tiny GPT-2s (embedded, tests)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+def load_model(
+    name_or_path: str, device: str = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a hub id or a local directory (left padding)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.padding_side = "left"  # the sampler appends new tokens on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    model.to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_gpt2(
+    tokenizer: PreTrainedTokenizerBase,
+    n_layer: int = 2,
+    n_embd: int = 144,
+    n_head: int = 4,
+    n_positions: int = 256,
+    seed: int = 0,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 sized for CPU (defaults: ~0.5M parameters), without dropout."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        # No dropout: GRPO's ratio and the reference KL then see the same function that sampled.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Seed a private RNG scope so building a model never disturbs the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model

@@ -1,0 +1,416 @@
+"""The stage runner: GRPO training in stages whose hyperparameters may all change between stages."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from inner.config import GRPOConfig
+from inner.grpo import completion_logps, group_advantages, grpo_loss
+from inner.rollout import generate
+from inner.state import TrainState
+
+
+def _own_copy(value: Any, device: torch.device) -> Any:
+    """A private copy of an optimizer-state entry (tensors on the param device, steps on CPU)."""
+    if not torch.is_tensor(value):
+        return value
+    return value.clone().to(device) if value.dim() else value.clone().cpu()
+
+
+STAT_KEYS = (
+    "loss",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "grad_norm",
+)
+
+
+@dataclass
+class StageResult:
+    """Per-step metrics (TRL names), why the stage stopped early (or None), tokens and seconds."""
+
+    metrics: list[dict[str, float]]
+    diverged: str | None
+    num_tokens: int  # prompt + completion tokens processed in this stage
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Greedy evaluation: accuracy (is_correct), mean reward (score) and every sample."""
+
+    accuracy: float
+    mean_score: float
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Holds the policy, a frozen reference copy, AdamW, RNGs, the data cursor and the history.
+
+    One `step` = one batch of prompts_per_step * num_generations sampled completions, followed by
+    num_iterations optimizer updates on it (its metrics are averaged over those updates).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: Any,
+        *,
+        seed: int = 0,
+        device: str = "cpu",
+        difficulty: int | None = None,
+        dev_size: int = 64,
+        shuffle_rewards: bool = False,
+        eval_max_new_tokens: int = 128,
+        eval_batch_size: int = 64,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        # Frozen reference = the model as given; always kept so beta may go from 0 to > 0 later.
+        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.task = task
+        self.seed = seed
+        self.difficulty = difficulty
+        self.dev_size = dev_size
+        self.shuffle_rewards = shuffle_rewards
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        defaults = GRPOConfig()
+        self.optimizer = torch.optim.AdamW(self.params, lr=defaults.learning_rate)
+        # Sampling uses its own generator on the model's device; data shuffles use a CPU one.
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        self.cursors: dict[str, tuple[int, int]] = {}
+        self.step = 0
+        self.num_tokens = 0  # cumulative prompt + completion tokens (TRL's num_input_tokens_seen)
+        self.history: list[dict[str, float]] = []
+        self._orders: dict[tuple[str, int], np.ndarray] = {}
+
+    # ------------------------------------------------------------------ data
+    def _epoch_order(self, key: str, epoch: int, n: int) -> np.ndarray:
+        """The shuffled order of epoch `epoch`, a pure function of (seed, difficulty, epoch)."""
+        if (key, epoch) not in self._orders:
+            salt = 0 if key == "None" else int(key) + 1
+            rng = np.random.default_rng([self.seed, salt, epoch])
+            self._orders = {(key, epoch): rng.permutation(n)}  # keep only the current epoch's order
+        return self._orders[(key, epoch)]
+
+    def _next_examples(self, n: int, difficulty: int | None) -> list:
+        """Draw n train examples at the cursor and advance it (wrapping into a new epoch)."""
+        examples = self.task.examples("train", difficulty)
+        key = str(difficulty)
+        epoch, pos = self.cursors.get(key, (0, 0))
+        out = []
+        while len(out) < n:
+            order = self._epoch_order(key, epoch, len(examples))
+            take = min(n - len(out), len(examples) - pos)
+            out.extend(examples[i] for i in order[pos : pos + take])
+            pos += take
+            if pos == len(examples):
+                epoch, pos = epoch + 1, 0
+        self.cursors[key] = (epoch, pos)
+        return out
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _decode(self, completion_ids: Tensor) -> list[str]:
+        # Rows are already cut at EOS (pad after it); special tokens (EOS, pad) are dropped.
+        return self.tokenizer.batch_decode(completion_ids.tolist(), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ training
+    def _set_optimizer_hparams(self, config: GRPOConfig) -> None:
+        # Written into every param group each stage, so any change (up or down) really takes effect.
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate
+            group["weight_decay"] = config.weight_decay
+            group["betas"] = (config.adam_beta1, config.adam_beta2)
+            group["eps"] = config.adam_epsilon
+
+    def _weights_finite(self) -> bool:
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(self.params)))
+
+    def train_stage(
+        self, config: GRPOConfig, num_steps: int, difficulty: int | None = None
+    ) -> StageResult:
+        """Train num_steps GRPO steps with one config; stops early (never raises) on divergence/OOM.
+
+        difficulty=None uses the Trainer's difficulty (itself None = the task's default).
+        """
+        config.validate()
+        difficulty = self.difficulty if difficulty is None else difficulty
+        self._set_optimizer_hparams(config)
+        start, tokens_before = time.perf_counter(), self.num_tokens
+        metrics: list[dict[str, float]] = []
+        diverged = None
+        try:
+            for _ in range(num_steps):
+                step_metrics, diverged = self._train_step(config, difficulty)
+                if diverged is not None:
+                    break
+                metrics.append(step_metrics)
+                self.history.append(step_metrics)
+        except torch.OutOfMemoryError:
+            diverged = "out_of_memory"
+        except RuntimeError as err:
+            if "out of memory" not in str(err).lower():
+                raise
+            diverged = "out_of_memory"
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        if diverged == "out_of_memory" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        seconds = time.perf_counter() - start
+        return StageResult(metrics, diverged, self.num_tokens - tokens_before, seconds)
+
+    def _train_step(
+        self, config: GRPOConfig, difficulty: int | None
+    ) -> tuple[dict[str, float], str | None]:
+        t0 = time.perf_counter()
+        group = config.num_generations
+        examples = self._next_examples(config.prompts_per_step, difficulty)
+        prompt_ids, prompt_mask = self._encode([ex.prompt for ex in examples])
+        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+
+        completion_ids, completion_mask = generate(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            config.max_completion_length,
+            self.eos_token_id,
+            self.pad_token_id,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            generator=self.sample_generator,
+        )
+        texts = self._decode(completion_ids)
+        rewards = torch.tensor(
+            [self.task.score(text, examples[i // group]) for i, text in enumerate(texts)],
+            dtype=torch.float32,
+        )
+        if self.shuffle_rewards:  # control: rewards no longer match completions
+            rewards = rewards[torch.randperm(len(rewards), generator=self.cpu_generator)]
+        advantages, group_std = group_advantages(rewards, group, config.scale_rewards)
+        advantages = advantages.to(self.device)
+
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        n_completion = completion_ids.size(1)
+        with torch.no_grad():
+            ref_logps = None
+            if config.beta != 0.0:  # skipped when beta == 0: the KL term is then exactly zero
+                ref_logps, _ = completion_logps(
+                    self.ref_model, input_ids, attention_mask, n_completion, config.temperature
+                )
+            old_logps = None
+            if config.num_iterations > 1:  # with one update, old == current: exp(0) ratio
+                old_logps, _ = completion_logps(
+                    self.model, input_ids, attention_mask, n_completion, config.temperature
+                )
+
+        self.model.train()
+        sums = dict.fromkeys(STAT_KEYS, 0.0)
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        for _ in range(config.num_iterations):
+            logps, entropy = completion_logps(
+                self.model,
+                input_ids,
+                attention_mask,
+                n_completion,
+                config.temperature,
+                compute_entropy=True,
+            )
+            loss, stats = grpo_loss(
+                logps,
+                old_logps,
+                ref_logps,
+                advantages,
+                completion_mask,
+                beta=config.beta,
+                epsilon_low=config.epsilon_low,
+                epsilon_high=config.epsilon_upper,
+                loss_type=config.loss_type,
+                max_completion_length=config.max_completion_length,
+            )
+            if not torch.isfinite(loss):
+                return {}, "divergence: non-finite loss"
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return {}, "divergence: non-finite gradients"
+            self.optimizer.step()
+            if not self._weights_finite():
+                return {}, "divergence: non-finite weights"
+            mask = completion_mask.to(entropy.dtype)
+            stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+            stats["loss"] = loss.detach()
+            stats["grad_norm"] = grad_norm
+            for key in STAT_KEYS:
+                sums[key] += float(stats[key])
+
+        self.step += 1
+        lengths = completion_mask.sum(-1).float()
+        step_tokens = int(prompt_mask.sum()) + int(lengths.sum())
+        self.num_tokens += step_tokens
+        if self.eos_token_id is None:
+            truncated = torch.ones(len(rewards), dtype=torch.bool)
+        else:
+            truncated = ~(completion_ids == self.eos_token_id).any(-1)
+        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
+        metrics = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "frac_reward_zero_std": float(zero_std.float().mean()),
+            **{key: value / config.num_iterations for key, value in sums.items()},
+            "completions/mean_length": float(lengths.mean()),
+            "completions/clipped_ratio": float(truncated.float().mean()),
+            "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            "num_tokens": float(self.num_tokens),
+            "step_time": time.perf_counter() - t0,
+        }
+        return metrics, None
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "dev", n: int | None = None) -> EvalResult:
+        """Greedy, batched decoding on `split` (first n examples; dev defaults to dev_size)."""
+        examples = self.task.examples(split)
+        if n is None:
+            n = self.dev_size if split == "dev" else len(examples)
+        examples = examples[:n]
+        samples = []
+        for start in range(0, len(examples), self.eval_batch_size):
+            batch = examples[start : start + self.eval_batch_size]
+            prompt_ids, prompt_mask = self._encode([ex.prompt for ex in batch])
+            completion_ids, _ = generate(
+                self.model,
+                prompt_ids,
+                prompt_mask,
+                self.eval_max_new_tokens,
+                self.eos_token_id,
+                self.pad_token_id,
+                greedy=True,
+            )
+            for ex, text in zip(batch, self._decode(completion_ids), strict=True):
+                samples.append(
+                    {
+                        "prompt": ex.prompt,
+                        "completion": text,
+                        "answer": ex.answer,
+                        "correct": bool(self.task.is_correct(text, ex)),
+                        "score": float(self.task.score(text, ex)),
+                    }
+                )
+        count = max(len(samples), 1)
+        accuracy = sum(s["correct"] for s in samples) / count
+        mean_score = sum(s["score"] for s in samples) / count
+        return EvalResult(accuracy, mean_score, samples)
+
+    # ------------------------------------------------------------------ state
+    def save_state(self) -> TrainState:
+        """A deep snapshot of the whole training state; later training never alters it."""
+        weights = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        weights |= {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        opt_state = {}
+        for i, p in enumerate(self.params):
+            if p in self.optimizer.state and self.optimizer.state[p]:
+                opt_state[i] = {
+                    k: v.clone() if torch.is_tensor(v) else v
+                    for k, v in self.optimizer.state[p].items()
+                }
+        groups = [
+            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            for g in self.optimizer.param_groups
+        ]
+        rng = {
+            "sample": self.sample_generator.get_state(),
+            "cpu": self.cpu_generator.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return TrainState(
+            weights=weights,
+            optimizer={"state": opt_state, "param_groups": groups},
+            rng=rng,
+            cursors=dict(self.cursors),
+            step=self.step,
+            num_tokens=self.num_tokens,
+            history=[dict(m) for m in self.history],
+        )
+
+    @torch.no_grad()
+    def load_state(self, state: TrainState) -> None:
+        """Restore a snapshot by copying into this Trainer's tensors; `state` stays reusable."""
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        missing = set(tensors) ^ set(state.weights)
+        if missing:
+            raise ValueError(f"state does not match the model: {sorted(missing)[:5]}")
+        for name, tensor in tensors.items():
+            tensor.copy_(state.weights[name])
+        # Copy moments into the live optimizer tensors (never share them with the state:
+        # Optimizer.load_state_dict would, and two branches would then corrupt each other).
+        for i, p in enumerate(self.params):
+            saved = state.optimizer["state"].get(i)
+            if saved is None:
+                self.optimizer.state.pop(p, None)
+                continue
+            live = self.optimizer.state.get(p)
+            same = (
+                live
+                and live.keys() == saved.keys()
+                and all(
+                    not torch.is_tensor(v) or live[k].shape == v.shape for k, v in saved.items()
+                )
+            )
+            if same:
+                for k, v in saved.items():
+                    if torch.is_tensor(v):
+                        live[k].copy_(v)
+                    else:
+                        live[k] = v
+            else:
+                self.optimizer.state[p] = {k: _own_copy(v, p.device) for k, v in saved.items()}
+        saved_groups = state.optimizer["param_groups"]
+        for group, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+            group.update(copy.deepcopy(saved))
+        self.sample_generator.set_state(state.rng["sample"])
+        self.cpu_generator.set_state(state.rng["cpu"])
+        torch.set_rng_state(state.rng["torch"])
+        if "cuda" in state.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng["cuda"], self.device)
+        self.cursors = dict(state.cursors)
+        self.step = state.step
+        self.num_tokens = state.num_tokens
+        self.history = [dict(m) for m in state.history]
+
+    def save_state_to_disk(self, path: str | os.PathLike) -> None:
+        """Write the current state to directory `path` (atomically)."""
+        self.save_state().save(path)
+
+    def load_state_from_disk(self, path: str | os.PathLike) -> None:
+        """Restore a state written by save_state_to_disk."""
+        self.load_state(TrainState.load(path, device=str(self.device)))
