@@ -1,0 +1,186 @@
+"""The controller protocol, its result, and the helpers that several controllers share.
+
+A controller is anything with ``run(env, budget, seed) -> RunResult``; the budget is a number of
+trained stages, counted by the env. A user's controller, in full::
+
+    import controllers
+    from controllers.base import RunResult, Tracker
+
+    class Greedy:
+        name = "greedy-lr"
+
+        def run(self, env, budget, seed=0):
+            tracker = Tracker(env, budget, seed)          # resets, counts stages, keeps the best
+            space, path = env.unwrapped.hparams, []
+            hp = space.decode(space.default_action())
+            while tracker.remaining > 0:
+                dev, done = tracker.step(path + [hp])     # one stage, checked against the budget
+                path.append(hp)
+                hp = dict(hp, learning_rate=hp["learning_rate"] * 0.5)  # any rule you like
+                if done:
+                    break
+            return tracker.result(self.name)
+
+    controllers.register("greedy-lr", Greedy)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import gymnasium as gym
+import numpy as np
+
+
+class BudgetExceeded(RuntimeError):
+    """Raised when a controller asks for a stage its budget cannot pay for."""
+
+
+@dataclass
+class RunResult:
+    """What a controller hands to the harness: the chosen state, how it got there, what it cost."""
+
+    name: str
+    seed: int
+    final_state: Any                       # env state handle: env.unwrapped.load_state(it)
+    dev_score: float                       # dev score of final_state
+    schedule: list[dict[str, Any]]         # hyperparameters of each stage on final_state's path
+    base_dev_score: float = math.nan       # dev score of the root (the base model)
+    trials: list[dict[str, Any]] = field(default_factory=list)   # what was explored
+    tree: Any = None                       # tree-search controllers put their tree here
+    cost: dict[str, float] = field(default_factory=dict)  # stages, tokens, seconds, llm_tokens
+    anytime: list[tuple[int, float]] = field(default_factory=list)  # (stages spent, best dev)
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """Anything with a ``name`` and ``run``; budget in stages, deterministic for a seed."""
+
+    name: str
+
+    def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult: ...
+
+
+# ---- small helpers on the env's public surface --------------------------------------------------
+
+def counters(env: gym.Env) -> dict[str, float]:
+    """The env's cumulative cost counters as a plain dict (stages, tokens, seconds)."""
+    b = env.unwrapped.budget
+    raw = b if isinstance(b, dict) else vars(b)
+    return {k: float(raw.get(k, 0.0)) for k in ("stages", "tokens", "seconds")}
+
+
+def episode_stages(env: gym.Env) -> int:
+    """Number of stages in one episode of this env (the length of a full schedule)."""
+    return int(env.unwrapped.stages)
+
+
+def default_hparams(space: Any) -> dict[str, Any]:
+    """The task's default hyperparameters as a plain dict."""
+    return plain(space.decode(space.default_action()))
+
+
+def grid_of(space: Any, name: str) -> list[Any]:
+    """The grid of absolute values of one hyperparameter."""
+    return list(space.grids[name])
+
+
+def plain(hp: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters with numpy scalars turned into Python ones (JSON and Optuna storage)."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in hp.items()}
+
+
+# ---- the run tracker ----------------------------------------------------------------------------
+
+class Tracker:
+    """One controller run: resets the env, enforces the stage budget, keeps the best-dev state.
+
+    Every controller trains only through ``step``, so the budget is checked against the env's own
+    counter before each stage, and the best state seen on dev (the root included) is what
+    ``result`` returns: controllers select on dev, the harness scores the selection on test.
+    """
+
+    def __init__(self, env: gym.Env, budget: int, seed: int = 0) -> None:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0 stages, got {budget}")
+        self.env, self.budget, self.seed = env, int(budget), seed
+        self.space = env.unwrapped.hparams
+        _, info = env.reset(seed=seed)
+        self.start = counters(env)
+        self.root = env.unwrapped.save_state()
+        self.base_dev = float(info.get("dev_score", env.unwrapped.dev_score))
+        self.best_dev, self.best_state, self.best_schedule = self.base_dev, self.root, []
+        self.anytime: list[tuple[int, float]] = [(0, self.base_dev)]
+        self.trials: list[dict[str, Any]] = []
+        self.last_info: dict[str, Any] = info
+        # Stages and cost paid by earlier processes of a resumed search (see search.py).
+        self.prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
+
+    @property
+    def spent(self) -> int:
+        """Stages paid so far, earlier processes of a resumed run included."""
+        return int(counters(self.env)["stages"] - self.start["stages"] + self.prior["stages"])
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.spent
+
+    def load(self, state: Any) -> None:
+        self.env.unwrapped.load_state(state)
+
+    def step(self, schedule: Sequence[dict[str, Any]]) -> tuple[float, bool]:
+        """Train the stage ``schedule[-1]`` from the loaded state; return (dev score, episode over).
+
+        ``schedule`` is the whole path from the root, so a new best state knows its schedule.
+        """
+        if self.remaining < 1:
+            raise BudgetExceeded(f"budget of {self.budget} stages is spent")
+        action = self.space.encode(schedule[-1])
+        _, _, terminated, truncated, info = self.env.step(action)
+        self.last_info = info
+        dev = float(info["dev_score"])
+        if dev > self.best_dev:                    # strict: the earliest of equal states wins
+            self.best_dev = dev
+            self.best_state = self.env.unwrapped.save_state()
+            self.best_schedule = [plain(h) for h in schedule]
+        self.anytime.append((self.spent, self.best_dev))
+        return dev, bool(terminated or truncated)
+
+    def cost(self) -> dict[str, float]:
+        now = counters(self.env)
+        c = {k: now[k] - self.start[k] + self.prior[k] for k in now}
+        c["stages"] = int(c["stages"])
+        c["llm_tokens"] = 0
+        return c
+
+    def result(self, name: str, **extra: Any) -> RunResult:
+        """The run's RunResult; the env is left loaded with the chosen state."""
+        self.load(self.best_state)
+        return RunResult(name=name, seed=self.seed, final_state=self.best_state,
+                         dev_score=self.best_dev, schedule=list(self.best_schedule),
+                         base_dev_score=self.base_dev, trials=self.trials, cost=self.cost(),
+                         anytime=list(self.anytime), **extra)
+
+
+def run_schedule(tracker: Tracker, schedule: Sequence[dict[str, Any]],
+                 on_stage: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train ``schedule`` stage by stage from the root state; return the per-stage dev scores.
+
+    Stops early when the episode ends (divergence truncates it) or the budget runs out;
+    ``on_stage(i, dev)`` is called after each stage (search.py records progress with it).
+    """
+    tracker.load(tracker.root)
+    devs: list[float] = []
+    for i in range(len(schedule)):
+        if tracker.remaining < 1:
+            break
+        dev, done = tracker.step(schedule[: i + 1])
+        devs.append(dev)
+        if on_stage is not None:
+            on_stage(i, dev)
+        if done:
+            break
+    return devs
