@@ -1,0 +1,106 @@
+"""Population-based training over env states (Jaderberg et al. 2017), synchronous.
+
+Each round every member loads its own saved state and trains one stage. Between rounds, truncation
+selection: each of the bottom ``frac`` of members (by dev score) copies the state and
+hyperparameters of a random member of the top ``frac`` (exploit), then moves each hyperparameter to
+a neighbouring grid index with probability ``perturb_prob`` or resamples it with the small
+probability ``resample_prob`` (explore). The budget is total stages: ``population * rounds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from controllers.base import RunResult, Tracker, default_hparams, episode_stages
+
+
+@dataclass
+class Member:
+    """One population member: its saved env state, its next stage's hyperparameters, its path."""
+
+    state: Any
+    hparams: dict[str, Any]
+    schedule: list[dict[str, Any]] = field(default_factory=list)   # stages that made `state`
+    dev: float = float("-inf")
+    parent: int | None = None          # who it copied at the last exploit
+
+
+@dataclass
+class PBT:
+    """Synchronous PBT; ``population=None`` takes as many members as full episodes fit in budget."""
+
+    name: str = "pbt"
+    population: int | None = None
+    frac: float = 0.25
+    perturb_prob: float = 0.5
+    resample_prob: float = 0.05
+
+    def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
+        tracker = Tracker(env, budget, seed)
+        space, rng = tracker.space, np.random.default_rng(seed)
+        horizon = episode_stages(env)
+        n = self.population or max(2, budget // horizon)
+        n = max(1, min(n, budget))                 # at least one round whenever budget >= 1
+        rounds = min(horizon, budget // n)
+        # Member 0 starts from the task defaults, the others from random grid points.
+        members = [Member(tracker.root, default_hparams(space))]
+        members += [Member(tracker.root, _sample(space, rng)) for _ in range(n - 1)]
+
+        for r in range(rounds):
+            for i, m in enumerate(members):
+                tracker.load(m.state)
+                path = m.schedule + [dict(m.hparams)]
+                m.dev, _ = tracker.step(path)
+                m.state, m.schedule = env.unwrapped.save_state(), path
+                tracker.trials.append({"round": r, "member": i, "hparams": dict(m.hparams),
+                                       "dev": m.dev, "parent": m.parent})
+            if r < rounds - 1:
+                exploit(members, self.frac, rng)
+                for m in members:
+                    if m.parent is not None:
+                        m.hparams = explore(m.hparams, space, rng, self.perturb_prob,
+                                            self.resample_prob)
+        return tracker.result(self.name)
+
+
+def exploit(members: list[Member], frac: float, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Truncation selection: each bottom member copies a random top member; returns (child, parent).
+
+    Sharing the state handle is a copy: ``load_state`` restores from it and never trains it.
+    """
+    for m in members:
+        m.parent = None
+    k = max(1, int(len(members) * frac)) if len(members) >= 2 else 0
+    # Stable sort by dev (ties keep index order), so the ranking is deterministic.
+    order = sorted(range(len(members)), key=lambda i: -members[i].dev)
+    top, bottom = order[:k], order[len(members) - k:]
+    pairs = []
+    for child in bottom:
+        parent = top[int(rng.integers(len(top)))]
+        src, dst = members[parent], members[child]
+        dst.state, dst.hparams, dst.schedule = src.state, dict(src.hparams), list(src.schedule)
+        dst.dev, dst.parent = src.dev, parent
+        pairs.append((child, parent))
+    return pairs
+
+
+def explore(hparams: dict[str, Any], space: Any, rng: np.random.Generator,
+            perturb_prob: float = 0.5, resample_prob: float = 0.05) -> dict[str, Any]:
+    """Move each hyperparameter one grid index up or down, or rarely resample it from its grid."""
+    out = dict(hparams)
+    for p in space.names:
+        grid, u = list(space.grids[p]), rng.random()
+        if u < resample_prob:
+            out[p] = grid[int(rng.integers(len(grid)))]
+        elif u < resample_prob + perturb_prob:
+            i = space.index(p, out[p], snap=True) + int(rng.choice((-1, 1)))
+            out[p] = grid[min(max(i, 0), len(grid) - 1)]
+    return out
+
+
+def _sample(space: Any, rng: np.random.Generator) -> dict[str, Any]:
+    return {p: space.grids[p][int(rng.integers(len(space.grids[p])))] for p in space.names}
