@@ -1,0 +1,269 @@
+"""The action space: per-task grids of absolute hyperparameter values, and their encoding.
+
+One MultiDiscrete index per controlled hyperparameter selects a value from its grid. Grids are plain
+data (`DEFAULT_GRIDS[scale][task]`) that a user overrides per name with the env's `hparam_grid`;
+`"difficulty"` is the training-data difficulty level, every other name is a `GRPOConfig` field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from inner.config import GRPOConfig
+
+DIFFICULTY = "difficulty"  # the one controlled name that is not a GRPOConfig field
+CONFIG_NAMES = tuple(f.name for f in fields(GRPOConfig))
+ALLOWED_NAMES = (*CONFIG_NAMES, DIFFICULTY)
+
+# Shared embedded-scale grids. The tiny char-level models are very sensitive to the learning rate
+# (FACTS.md: one AdamW step at 1e-4 gives k3 KL ~0.27 on 3M params), so the grid spans 1e-5..1e-3.
+_EMBEDDED_COMMON: dict[str, tuple] = {
+    "learning_rate": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+    "beta": (0.0, 0.01, 0.04, 0.1),
+    "epsilon": (0.1, 0.2, 0.3),
+    "temperature": (0.7, 1.0, 1.3),
+    "num_generations": (4, 8, 16),
+}
+# Paper scale (Qwen3-0.6B..8B): the usual GRPO ranges, with completions measured in BPE tokens.
+_PAPER_COMMON: dict[str, tuple] = {
+    "learning_rate": (1e-7, 3e-7, 1e-6, 3e-6, 1e-5),
+    "beta": (0.0, 0.001, 0.01, 0.04),
+    "epsilon": (0.1, 0.2, 0.28),
+    "temperature": (0.6, 0.8, 1.0, 1.2),
+    "num_generations": (4, 8, 16),
+}
+
+# Completion lengths are in tokens: characters at the embedded scale, so they follow each task's
+# solution length. `difficulty: None` means "the task's own difficulty_levels".
+DEFAULT_GRIDS: dict[str, dict[str, dict[str, tuple | None]]] = {
+    "embedded": {
+        "gsm8k": _EMBEDDED_COMMON | {"max_completion_length": (32, 48, 64, 96), DIFFICULTY: None},
+        "math": _EMBEDDED_COMMON | {"max_completion_length": (16, 32, 48, 64), DIFFICULTY: None},
+        "countdown": _EMBEDDED_COMMON
+        | {"max_completion_length": (16, 32, 48, 64), DIFFICULTY: None},
+        "logic": _EMBEDDED_COMMON | {"max_completion_length": (32, 48, 64, 96), DIFFICULTY: None},
+    },
+    "paper": {
+        "gsm8k": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
+        "math": _PAPER_COMMON | {"max_completion_length": (512, 1024, 2048), DIFFICULTY: None},
+        "countdown": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
+        "logic": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
+    },
+}
+
+# Default value of each controlled name (what `default_action()` selects and `encode` fills in
+# before the first stage). Names absent here default to the GRPOConfig default.
+DEFAULT_VALUES: dict[str, dict[str, dict[str, Any]]] = {
+    "embedded": {
+        task: {
+            "learning_rate": 1e-4,
+            "beta": 0.04,
+            "epsilon": 0.2,
+            "temperature": 1.0,
+            "num_generations": 8,
+            "max_completion_length": 48,
+        }
+        for task in ("gsm8k", "math", "countdown", "logic")
+    },
+    "paper": {
+        task: {
+            "learning_rate": 1e-6,
+            "beta": 0.0,
+            "epsilon": 0.2,
+            "temperature": 1.0,
+            "num_generations": 8,
+            "max_completion_length": 1024 if task == "math" else 512,
+        }
+        for task in ("gsm8k", "math", "countdown", "logic")
+    },
+}
+# Hyperparameters that are not controlled but differ from GRPOConfig's defaults, per scale.
+DEFAULT_FIXED: dict[str, dict[str, Any]] = {
+    "embedded": {},
+    "paper": {"prompts_per_step": 16},
+}
+
+
+class InvalidAction(ValueError):
+    """An action or hyperparameter value outside the space; the message names the parameter."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Floats built by arithmetic (0.1 * 3e-4) must still match the grid value 3e-5.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) or a == b
+    return a == b
+
+
+def _distance(a: Any, b: Any) -> float:
+    # Log distance for positive grids (learning rates span decades), linear otherwise.
+    if a > 0 and b > 0:
+        return abs(math.log(a) - math.log(b))
+    return abs(a - b)
+
+
+@dataclass
+class HParamSpace:
+    """Controlled names, their grids and defaults; `current` holds the values of the last stage."""
+
+    grids: dict[str, tuple]
+    defaults: dict[str, Any]
+    current: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, grid in self.grids.items():
+            if len(grid) == 0:
+                raise ValueError(f"hyperparameter {name!r} has an empty grid")
+            self.index(name, self.defaults[name])  # every default must be on its grid
+        if not self.current:
+            self.current = dict(self.defaults)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.grids)
+
+    @property
+    def nvec(self) -> np.ndarray:
+        return np.array([len(g) for g in self.grids.values()], dtype=np.int64)
+
+    def space(self) -> spaces.MultiDiscrete:
+        """The gymnasium action space of this grid."""
+        return spaces.MultiDiscrete(self.nvec)
+
+    def index(self, name: str, value: Any, snap: bool = False) -> int:
+        """Grid index of `value` for `name`; raises naming both unless `snap` takes the nearest."""
+        if name not in self.grids:
+            raise InvalidAction(
+                f"unknown hyperparameter {name!r}; controlled names are {list(self.names)}"
+            )
+        grid = self.grids[name]
+        for i, v in enumerate(grid):
+            if _same(v, value):
+                return i
+        numeric = _is_numeric_grid(grid)
+        if snap and numeric and isinstance(value, int | float) and math.isfinite(value):
+            return grid.index(_nearest(grid, value))
+        raise InvalidAction(
+            f"{name}={value!r} is not on the grid; allowed values: {list(grid)}"
+            + (" (pass snap=True for the nearest)" if numeric and not snap else "")
+        )
+
+    def encode(self, values: Mapping[str, Any], snap: bool = False) -> np.ndarray:
+        """Action for `values`; missing names keep their current value (default before a stage)."""
+        unknown = [k for k in values if k not in self.grids]
+        if unknown:
+            raise InvalidAction(
+                f"unknown hyperparameter {unknown[0]!r}; controlled names are {list(self.names)}"
+            )
+        merged = {**self.current, **values}
+        return np.array([self.index(n, merged[n], snap) for n in self.names], dtype=np.int64)
+
+    def validate(self, action: Any) -> np.ndarray:
+        """Check an action against the grids; returns it as int64 or raises naming the parameter."""
+        arr = np.asarray(action)
+        if arr.shape != (len(self.grids),):
+            raise InvalidAction(
+                f"action must have shape ({len(self.grids)},), one index per {list(self.names)}; "
+                f"got shape {arr.shape}"
+            )
+        for i, (name, grid) in enumerate(self.grids.items()):
+            x = arr[i]
+            integral = np.issubdtype(arr.dtype, np.integer) or (
+                np.issubdtype(arr.dtype, np.floating) and np.isfinite(x) and float(x).is_integer()
+            )
+            if not integral or not 0 <= int(x) < len(grid):
+                raise InvalidAction(
+                    f"action[{i}] for {name!r} is {x.item()!r}; allowed indices 0..{len(grid) - 1} "
+                    f"for values {list(grid)}"
+                )
+        return arr.astype(np.int64)
+
+    def decode(self, action: Any) -> dict[str, Any]:
+        """The hyperparameter values an action selects."""
+        idx = self.validate(action)
+        return {n: self.grids[n][int(i)] for n, i in zip(self.names, idx, strict=True)}
+
+    def default_action(self) -> np.ndarray:
+        return np.array([self.index(n, self.defaults[n]) for n in self.names], dtype=np.int64)
+
+    def current_action(self) -> np.ndarray:
+        return np.array([self.index(n, self.current[n]) for n in self.names], dtype=np.int64)
+
+    def normalized(self, action: Any) -> np.ndarray:
+        """Each index divided by its grid's last index, in [0, 1] (0 for one-value grids)."""
+        idx = self.validate(action).astype(np.float32)
+        top = np.maximum(self.nvec - 1, 1).astype(np.float32)
+        return idx / top
+
+
+def build_hparam_space(
+    task: str,
+    scale: str = "embedded",
+    hparam_grid: Mapping[str, Sequence | None] | None = None,
+    fixed_hparams: Mapping[str, Any] | None = None,
+    difficulty_levels: Sequence[int] | None = None,
+    default_difficulty: int | None = None,
+) -> tuple[HParamSpace, dict[str, Any]]:
+    """The task's default grids with the user's overrides, and the fixed (uncontrolled) values.
+
+    `hparam_grid[name] = [values]` replaces or adds a grid, `None` removes the name from control
+    (it then keeps its default). Fixed values are GRPOConfig fields or `difficulty`.
+    """
+    if scale not in DEFAULT_GRIDS:
+        raise ValueError(f"scale must be one of {list(DEFAULT_GRIDS)}, got {scale!r}")
+    if task not in DEFAULT_GRIDS[scale]:
+        raise ValueError(f"task must be one of {list(DEFAULT_GRIDS[scale])}, got {task!r}")
+    hparam_grid = dict(hparam_grid or {})
+    fixed = dict(DEFAULT_FIXED[scale]) | dict(fixed_hparams or {})
+    for name in [*hparam_grid, *fixed]:
+        if name not in ALLOWED_NAMES:
+            raise ValueError(f"unknown hyperparameter {name!r}; allowed: {list(ALLOWED_NAMES)}")
+    both = set(hparam_grid) & set(fixed_hparams or {})
+    if both:
+        raise ValueError(f"{sorted(both)} are both in hparam_grid and fixed_hparams; choose one")
+
+    levels = tuple(difficulty_levels) if difficulty_levels is not None else None
+    config_defaults = GRPOConfig().to_dict()
+    task_defaults = DEFAULT_VALUES[scale][task]
+    grids: dict[str, tuple] = {}
+    defaults: dict[str, Any] = {}
+    for name, grid in (DEFAULT_GRIDS[scale][task] | hparam_grid).items():
+        if name in fixed or (name in hparam_grid and hparam_grid[name] is None):
+            continue
+        if name == DIFFICULTY:
+            grid = levels if grid is None else tuple(grid)
+            if grid is None:  # a task without difficulty levels: nothing to control
+                continue
+            if levels is not None and not set(grid) <= set(levels):
+                raise ValueError(f"difficulty grid {list(grid)} is not within the task's {levels}")
+            want = default_difficulty if default_difficulty is not None else grid[0]
+        else:
+            grid = tuple(grid)
+            want = task_defaults.get(name, config_defaults[name])
+        grids[name] = grid
+        defaults[name] = _nearest(grid, want)
+    if DIFFICULTY not in grids and DIFFICULTY not in fixed and default_difficulty is not None:
+        fixed[DIFFICULTY] = default_difficulty
+    return HParamSpace(grids, defaults), fixed
+
+
+def _is_numeric_grid(grid: Sequence) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in grid)
+
+
+def _nearest(grid: tuple, value: Any) -> Any:
+    """`value` if on the grid, else the nearest grid value (an override may lack the default)."""
+    for v in grid:
+        if _same(v, value):
+            return v
+    if _is_numeric_grid(grid) and isinstance(value, int | float) and math.isfinite(value):
+        return min(grid, key=lambda v: _distance(v, value))
+    return grid[0]
