@@ -1,0 +1,264 @@
+"""The leaderboard's HDF5 run log: every stage of every run, safe against kill -9.
+
+Each finished run is written to its own small HDF5 file (``runs/<task>__<controller>__seed<k>.h5``)
+through a temp file and ``os.replace``, so a run file is either complete or absent. The combined
+``leaderboard.h5`` is rebuilt from the run files the same way after every finished run. On restart
+the run files say which runs are done; nothing else is trusted.
+
+Layout of one run group (``/<task>/<controller>/seed_<k>`` in the combined file, the root of a
+run file):
+attributes hold the scalars (test_score, dev_score, base_dev_score, budget, stages_spent, tokens,
+seconds, wall_s, started_at, finished_at, settings and extra as JSON); ``stages/`` holds one row per
+stage the controller trained, in order (episode, stage, dev_score, reward, seconds, tokens,
+pathologies, ``hparams/<name>``); ``steps/`` one row per optimizer step (``stage_row`` points into
+``stages/``, ``metrics/<name>``); ``schedule/<name>`` the chosen path's hyperparameters;
+``anytime/`` the best dev score seen vs stages spent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+RUNS_DIR = "runs"
+COMBINED = "leaderboard.h5"
+STR = h5py.string_dtype()
+
+
+@dataclass
+class StageRecord:
+    """One trained stage as the env reported it."""
+
+    episode: int  # how many env.reset() calls preceded it, minus one
+    stage: int  # index of the stage within its episode
+    hparams: dict[str, Any]
+    dev_score: float
+    reward: float
+    metrics: list[dict[str, float]]  # one dict per optimizer step, TRL metric names
+    pathologies: list[str] = field(default_factory=list)
+    seconds: float = math.nan
+    tokens: float = math.nan
+
+
+@dataclass
+class RunRecord:
+    """One (task, controller, seed) run: the chosen state's scores, its schedule and every stage."""
+
+    task: str
+    controller: str
+    seed: int
+    test_score: float
+    dev_score: float
+    base_dev_score: float
+    budget: int
+    stages_spent: int
+    tokens: float = 0.0
+    seconds: float = 0.0  # the env's training + evaluation seconds
+    wall_s: float = 0.0  # the whole run, test evaluation included
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    schedule: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
+    anytime: list[tuple[int, float]] = field(default_factory=list)  # (stages spent, best dev)
+    settings: dict[str, Any] = field(default_factory=dict)  # env and controller arguments
+    extra: dict[str, Any] = field(default_factory=dict)  # controller-specific (LLM tokens, ...)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.task, self.controller, self.seed)
+
+
+def run_filename(task: str, controller: str, seed: int) -> str:
+    return f"{task}__{controller}__seed{seed}.h5"
+
+
+# ---- columns: lists of python values <-> HDF5 datasets ----------------------------------------
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float, np.integer, np.floating)))
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    """Numbers (None -> NaN) become float64; anything else becomes strings."""
+    if all(_is_number(v) for v in values):
+        return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def _write_column(group: h5py.Group, name: str, values: list[Any]) -> None:
+    data = _column(values)
+    # "/" is legal in metric names (clip_ratio/low_mean) but means a subgroup in HDF5.
+    name = name.replace("/", "|")
+    group.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
+
+
+def _read_columns(group: h5py.Group) -> dict[str, list[Any]]:
+    out = {}
+    for name, ds in group.items():
+        data = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+        out[name.replace("|", "/")] = [v.item() if isinstance(v, np.generic) else v for v in data]
+    return out
+
+
+def _rows(columns: dict[str, list[Any]], n: int) -> list[dict[str, Any]]:
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+def _table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows with possibly different keys -> columns over the union of keys, missing as None."""
+    names = sorted({k for r in rows for k in r})
+    return {k: [r.get(k) for r in rows] for k in names}
+
+
+# ---- one run <-> one HDF5 group -----------------------------------------------------------------
+
+_SCALARS = ("task", "controller", "seed", "test_score", "dev_score", "base_dev_score", "budget",
+            "stages_spent", "tokens", "seconds", "wall_s", "started_at", "finished_at")
+
+
+def write_run(group: h5py.Group, rec: RunRecord) -> None:
+    """Write a RunRecord into an (empty) HDF5 group."""
+    for name in _SCALARS:
+        group.attrs[name] = getattr(rec, name)
+    group.attrs["settings"] = json.dumps(rec.settings, default=str, sort_keys=True)
+    group.attrs["extra"] = json.dumps(rec.extra, default=str, sort_keys=True)
+
+    st = group.create_group("stages")
+    for name in ("episode", "stage", "dev_score", "reward", "seconds", "tokens"):
+        _write_column(st, name, [getattr(s, name) for s in rec.stages])
+    _write_column(st, "pathologies", [",".join(s.pathologies) for s in rec.stages])
+    hp = st.create_group("hparams")
+    for name, values in _table([s.hparams for s in rec.stages]).items():
+        _write_column(hp, name, values)
+
+    steps = group.create_group("steps")
+    step_rows = [(i, m) for i, s in enumerate(rec.stages) for m in s.metrics]
+    _write_column(steps, "stage_row", [i for i, _ in step_rows])
+    met = steps.create_group("metrics")
+    for name, values in _table([m for _, m in step_rows]).items():
+        _write_column(met, name, values)
+
+    sched = group.create_group("schedule")
+    sched.attrs["length"] = len(rec.schedule)
+    for name, values in _table(rec.schedule).items():
+        _write_column(sched, name, values)
+
+    any_ = group.create_group("anytime")
+    _write_column(any_, "stages", [a for a, _ in rec.anytime])
+    _write_column(any_, "best_dev", [b for _, b in rec.anytime])
+
+
+def read_run(group: h5py.Group) -> RunRecord:
+    """Read back what write_run wrote."""
+    a = {name: group.attrs[name] for name in _SCALARS}
+    a = {k: v.item() if isinstance(v, np.generic) else v for k, v in a.items()}
+    st = _read_columns(group["stages"])
+    hp = _read_columns(group["stages/hparams"])
+    n = len(st["episode"])
+    steps = _read_columns(group["steps"])
+    metrics = _rows(_read_columns(group["steps/metrics"]), len(steps["stage_row"]))
+    per_stage: list[list[dict]] = [[] for _ in range(n)]
+    for row, m in zip(steps["stage_row"], metrics, strict=True):
+        per_stage[int(row)].append(m)
+    stages = [
+        StageRecord(episode=int(st["episode"][i]), stage=int(st["stage"][i]),
+                    hparams={k: v[i] for k, v in hp.items()}, dev_score=st["dev_score"][i],
+                    reward=st["reward"][i], metrics=per_stage[i],
+                    pathologies=[p for p in st["pathologies"][i].split(",") if p],
+                    seconds=st["seconds"][i], tokens=st["tokens"][i])
+        for i in range(n)
+    ]
+    sched = group["schedule"]
+    any_ = _read_columns(group["anytime"])
+    return RunRecord(
+        **a,
+        schedule=_rows(_read_columns(sched), int(sched.attrs["length"])),
+        stages=stages,
+        anytime=[(int(s), float(b)) for s, b in zip(any_["stages"], any_["best_dev"], strict=True)],
+        settings=json.loads(group.attrs["settings"]),
+        extra=json.loads(group.attrs["extra"]),
+    )
+
+
+# ---- files: atomic writes, resume, the combined log ---------------------------------------------
+
+
+def _atomic_h5(path: Path, fill) -> None:
+    """Write an HDF5 file through a temp file in the same directory, fsync, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable, so a power cut cannot resurrect the old directory entry.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_run(out_dir: Path, rec: RunRecord) -> Path:
+    """Write one finished run to its own file atomically; returns the path."""
+    path = Path(out_dir) / RUNS_DIR / run_filename(rec.task, rec.controller, rec.seed)
+    _atomic_h5(path, lambda f: write_run(f, rec))
+    return path
+
+
+def load_runs(out_dir: Path) -> dict[tuple[str, str, int], RunRecord]:
+    """Every finished run under out_dir/runs, keyed by (task, controller, seed).
+
+    Temp files left by a killed writer are removed; they were never renamed, so no run is lost.
+    """
+    runs_dir = Path(out_dir) / RUNS_DIR
+    if not runs_dir.is_dir():
+        return {}
+    for tmp in runs_dir.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    out = {}
+    for path in sorted(runs_dir.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            rec = read_run(f)
+        out[rec.key] = rec
+    return out
+
+
+def write_combined(out_dir: Path, records: list[RunRecord]) -> Path:
+    """Rebuild out_dir/leaderboard.h5 (one group per run) atomically from the given records."""
+    path = Path(out_dir) / COMBINED
+
+    def fill(f: h5py.File) -> None:
+        f.attrs["layout"] = "/<task>/<controller>/seed_<k>; see benchmarks/runlog.py"
+        for rec in sorted(records, key=lambda r: r.key):
+            write_run(f.create_group(f"{rec.task}/{rec.controller}/seed_{rec.seed}"), rec)
+
+    for tmp in path.parent.glob(COMBINED + ".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    _atomic_h5(path, fill)
+    return path
+
+
+def read_combined(path: Path) -> list[RunRecord]:
+    """Every run in a combined leaderboard.h5."""
+    out = []
+    with h5py.File(path, "r") as f:
+        for task in f.values():
+            for ctrl in task.values():
+                out.extend(read_run(g) for g in ctrl.values())
+    return out
