@@ -1,0 +1,297 @@
+"""The leaderboard: every controller on every task under one stage budget, scored once on test.
+
+    python -m benchmarks.leaderboard --preset quick            # ~30 min on a 2-core CPU
+    python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
+
+Protocol (shared/DESIGN.md, "Evaluation protocol"): each controller spends the same budget of
+stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
+test split; the base model is scored once per task. Each finished run is saved to its own HDF5
+file atomically, so the script can be killed at any moment and rerun with the same arguments: it
+skips finished runs and re-runs only the one(s) in flight. The last line of output is
+``runs=<n> tasks=<n> controllers=<n> wall_s=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from benchmarks import report, runlog
+from benchmarks.executors import BASE, RunSpec, make_executor
+
+TASK_ENV_IDS = {
+    "gsm8k": "LLMZero-GSM8K-v0",
+    "math": "LLMZero-MATH-v0",
+    "countdown": "LLMZero-Countdown-v0",
+    "logic": "LLMZero-Logic-v0",
+}
+# The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
+LLM_ROW = "llmzero-llm"
+# Controllers that need nothing outside this machine, in the order the tables show them.
+OFFLINE_CONTROLLERS = ("fixed", "progressive", "grid", "random", "tpe", "pbt", "skills", "llmzero")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One leaderboard configuration; command-line flags override single fields."""
+
+    name: str
+    tasks: tuple[str, ...]
+    controllers: tuple[str, ...]
+    seeds: tuple[int, ...]
+    budget: int  # stages every controller may train on a task (all trials/branches together)
+    stages: int  # stages in one episode, i.e. the length of a schedule
+    steps_per_stage: int
+    dev_size: int
+    test_size: int
+    scale: str = "embedded"
+    model: str | None = None  # paper scale: a Hugging Face id or a local path
+    device: str = "auto"  # auto -> cuda when torch sees one
+    # Per-controller arguments for controllers.make, e.g. a smaller PBT population for a budget.
+    controller_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS = {
+    # Measured on the 2-core CPU (see the README): ~40 runs of ~40 s each fit in 30 minutes.
+    "quick": Preset(name="quick", tasks=tuple(TASK_ENV_IDS), controllers=OFFLINE_CONTROLLERS,
+                    seeds=(0,), budget=4, stages=2, steps_per_stage=4, dev_size=32,
+                    test_size=64),
+    # Paper-like: a Qwen3 model on GPUs, long episodes, a budget of 4 episodes, 5 seeds.
+    "full": Preset(name="full", tasks=tuple(TASK_ENV_IDS), controllers=OFFLINE_CONTROLLERS,
+                   seeds=(0, 1, 2, 3, 4), budget=32, stages=8, steps_per_stage=50,
+                   dev_size=256, test_size=500, scale="paper", model="Qwen/Qwen3-0.6B"),
+}
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    # Accept both "--tasks gsm8k math" and "--tasks gsm8k,math".
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.leaderboard",
+        description="Run controllers x tasks x seeds under one stage budget; score on test once.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--tasks", nargs="+", help=f"subset of {', '.join(TASK_ENV_IDS)}")
+    p.add_argument("--controllers", nargs="+", help="controller names (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds, e.g. --seeds 0 1 2")
+    p.add_argument("--budget", type=int, help="stages per run, the same for every controller")
+    p.add_argument("--stages", type=int, help="stages per episode (schedule length)")
+    p.add_argument("--steps-per-stage", type=int)
+    p.add_argument("--dev-size", type=int)
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--scale", choices=("embedded", "paper"))
+    p.add_argument("--model", help="paper scale: Hugging Face model id or local path")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the preset's; auto)")
+    p.add_argument("--out", default="results", help="output folder (default: results/)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--llm-base-url", default=os.environ.get("LLMZERO_BASE_URL"),
+                   help="OpenAI-compatible endpoint (env LLMZERO_BASE_URL); adds the "
+                        f"{LLM_ROW} row. The key is read from LLMZERO_API_KEY/OPENAI_API_KEY "
+                        "by the agent and never written anywhere")
+    p.add_argument("--llm-model", default=os.environ.get("LLMZERO_MODEL"),
+                   help="model name at that endpoint (env LLMZERO_MODEL; optional when the "
+                        "endpoint serves one model)")
+    p.add_argument("--no-report", action="store_true", help="skip tables and plots")
+    a = p.parse_args(argv)
+    a.tasks, a.controllers = _names(a.tasks), _names(a.controllers)
+    return a
+
+
+def valid_controllers() -> list[str]:
+    """Controller names controllers.make knows, plus the LLM row."""
+    import controllers
+
+    return sorted(set(controllers.REGISTRY) | {LLM_ROW})
+
+
+def resolve(a: argparse.Namespace) -> Preset:
+    """The preset with the command line's overrides; unknown names are a clear SystemExit."""
+    preset = PRESETS[a.preset]
+    over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
+                                       "test_size", "scale", "model", "device")
+            if getattr(a, k) is not None}
+    tasks = tuple(a.tasks or preset.tasks)
+    bad = [t for t in tasks if t not in TASK_ENV_IDS]
+    if bad:
+        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
+                         f"{', '.join(TASK_ENV_IDS)}")
+    known = valid_controllers()
+    ctrls = list(a.controllers or preset.controllers)
+    if not a.controllers:
+        # The preset names every offline controller; keep those this checkout has.
+        ctrls = [c for c in ctrls if c in known]
+        if a.llm_base_url:
+            ctrls.append(LLM_ROW)
+    bad = [c for c in ctrls if c not in known or c == BASE]
+    if bad:
+        raise SystemExit(f"unknown controller(s) {', '.join(bad)}; valid controllers: "
+                         f"{', '.join(c for c in known)}")
+    if LLM_ROW in ctrls and not a.llm_base_url:
+        raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
+    seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
+    return replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
+    """One base run per task (the test split does not depend on the seed), then every run."""
+    env_kwargs: dict[str, Any] = {
+        "stages": preset.stages, "steps_per_stage": preset.steps_per_stage,
+        "dev_size": preset.dev_size, "test_size": preset.test_size,
+        "device": _device(preset.device)}
+    if preset.scale != "embedded":
+        env_kwargs["scale"] = preset.scale
+    if preset.model:
+        env_kwargs["model"] = preset.model
+    specs = []
+    for task in preset.tasks:
+        env_id = TASK_ENV_IDS[task]
+        specs.append(RunSpec(task, BASE, preset.seeds[0], 0, env_id, env_kwargs,
+                             threads=a.threads))
+        for seed in preset.seeds:
+            for c in preset.controllers:
+                name, kwargs = c, dict(preset.controller_kwargs.get(c, {}))
+                if c == LLM_ROW:
+                    # Only the endpoint and model: the API key stays in the environment. The
+                    # prompts and replies are kept with the results.
+                    name = "llmzero"
+                    run_dir = Path(a.out) / "llm" / runlog.run_filename(task, c, seed)[:-3]
+                    kwargs |= {"proposer": "llm", "base_url": a.llm_base_url,
+                               "model": a.llm_model, "run_dir": str(run_dir)}
+                specs.append(RunSpec(task, c, seed, preset.budget, env_id, env_kwargs, name,
+                                     kwargs, threads=a.threads))
+    return specs
+
+
+def fingerprint(spec: RunSpec) -> str:
+    """What must match for a saved run to count as this run (the key alone is not enough)."""
+    return json.dumps({"env_id": spec.env_id, "env_kwargs": spec.env_kwargs,
+                       "budget": spec.budget, "controller": spec.make_name or spec.controller,
+                       "controller_kwargs": spec.make_kwargs}, sort_keys=True, default=str)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("stages"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    a = parse_args(argv)
+    preset = resolve(a)
+    out = Path(a.out)
+    console = Console(soft_wrap=True)
+    specs = build_specs(preset, a)
+
+    # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
+    # with the same settings; anything else runs (again).
+    done = runlog.load_runs(out)
+    todo = [s for s in specs
+            if s.key not in done or done[s.key].settings.get("fingerprint") != fingerprint(s)]
+    console.print(f"[bold]leaderboard[/] preset={preset.name} tasks={','.join(preset.tasks)} "
+                  f"controllers={','.join(preset.controllers)} seeds={list(preset.seeds)} "
+                  f"budget={preset.budget} stages/episode={preset.stages} "
+                  f"steps/stage={preset.steps_per_stage} -> {out}/")
+    console.print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; "
+                  f"{len(todo)} to run with the {a.executor} executor")
+
+    failures: list[str] = []
+    if todo:
+        kwargs = {"address": a.ray_address, "threads": a.threads} if a.executor == "ray" else {}
+        executor = make_executor(a.executor, **kwargs)
+        by_key = {s.key: s for s in todo}
+        with _progress(console) as bars:
+            total = bars.add_task("all runs", total=sum(max(s.budget, 1) for s in todo))
+            run_bars: dict[tuple, Any] = {}  # run key -> its bar
+            spent: dict[tuple, int] = {}  # run key -> stages it has reported
+
+            def on_stage(key: tuple[str, str, int], n: int) -> None:
+                # Per-run bar: stages spent of the budget, with an ETA from the stage rate.
+                if key not in run_bars:
+                    spec = by_key[key]
+                    run_bars[key] = bars.add_task(f"  {spec.label()}", total=max(spec.budget, 1))
+                n = min(n, max(by_key[key].budget, 1))
+                bars.update(run_bars[key], completed=n)
+                bars.advance(total, n - spent.get(key, 0))
+                spent[key] = n
+
+            for spec, rec, err in executor.map(todo, on_stage):
+                # A run may stop under its budget: the overall bar still counts its whole budget.
+                bars.advance(total, max(spec.budget, 1) - spent.pop(spec.key, 0))
+                if spec.key in run_bars:
+                    bars.remove_task(run_bars.pop(spec.key))
+                if rec is None:
+                    failures.append(spec.label())
+                    err_path = out / "errors" / (runlog.run_filename(*spec.key)[:-3] + ".txt")
+                    err_path.parent.mkdir(parents=True, exist_ok=True)
+                    err_path.write_text(err or "")
+                    last = (err or "").strip().splitlines()[-1:] or ["?"]
+                    bars.console.print(f"[red]FAILED[/] {spec.label()}: {last[0]} "
+                                       f"(traceback in {err_path})")
+                    continue
+                rec.settings["fingerprint"] = fingerprint(spec)
+                runlog.save_run(out, rec)
+                done[rec.key] = rec
+                runlog.write_combined(out, [done[s.key] for s in specs if s.key in done])
+                bars.console.print(
+                    f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
+                    f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
+        executor.close()
+
+    finished = [done[s.key] for s in specs if s.key in done]
+    runlog.write_combined(out, finished)
+    if not a.no_report and finished:
+        cmd = shlex.join(["python", "-m", "benchmarks.leaderboard",
+                          *(sys.argv[1:] if argv is None else argv)])
+        header = f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`."
+        paths = report.write_report(out, finished, header=header, order=preset.controllers)
+        console.print(f"wrote {paths['md']}, {paths['csv']}, {out / runlog.COMBINED}, "
+                      f"{paths['plots']}/")
+    if failures:
+        console.print(f"[red]{len(failures)} run(s) failed[/]: {', '.join(failures)}; "
+                      "rerun the same command to retry them")
+    runs = sum(1 for r in finished if r.controller != BASE)
+    # Machine-readable last line (plain print: no rich markup or wrapping).
+    print(f"runs={runs} tasks={len(preset.tasks)} controllers={len(preset.controllers)} "
+          f"wall_s={time.time() - t0:.1f}", flush=True)
+    return 1 if failures else 0
+
+
+def _settings(preset: Preset) -> dict[str, Any]:
+    d = asdict(preset)
+    return {k: v for k, v in d.items() if v not in (None, {}, ())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
