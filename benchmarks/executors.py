@@ -65,19 +65,19 @@ class StageRecorder(gym.Wrapper):
         return self.env.reset(**kwargs)
 
     def step(self, action: Any):
+        budget = self.env.unwrapped.budget
+        t0, tokens0 = time.perf_counter(), budget.tokens
         obs, reward, terminated, truncated, info = self.env.step(action)
-        cost = info.get("cost", {}) or {}
-        stage = getattr(self.env.unwrapped, "stage", None)  # depth of the state just trained
         self.stages.append(StageRecord(
             episode=max(self.resets - 1, 0),
-            stage=int(stage) - 1 if isinstance(stage, int) else len(self.stages),
-            hparams=_plain(info.get("hparams", {})),
+            stage=int(info.get("stage", len(self.stages) + 1)) - 1,  # its depth in the schedule
+            hparams=_plain(info.get("hparams", {})),  # the full GRPOConfig of the stage
             dev_score=float(info.get("dev_score", math.nan)),
             reward=float(reward),
             metrics=[_plain(m) for m in info.get("metrics", [])],
             pathologies=[str(p) for p in info.get("pathologies", [])],
-            seconds=float(cost.get("seconds", math.nan)),
-            tokens=float(cost.get("tokens", math.nan)),
+            seconds=time.perf_counter() - t0,
+            tokens=float(budget.tokens - tokens0),
         ))
         if self.on_stage is not None:
             self.on_stage(len(self.stages))
@@ -105,7 +105,10 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
     started = time.time()
-    env = gym.make(spec.env_id, **spec.env_kwargs)
+    env_kwargs = dict(spec.env_kwargs)
+    if spec.controller != BASE:
+        env_kwargs["max_stages"] = spec.budget  # the env itself refuses a stage over the budget
+    env = gym.make(spec.env_id, **env_kwargs)
     rec_env = StageRecorder(env, None if on_stage is None else lambda n: on_stage(spec.key, n))
     if on_stage is not None:
         on_stage(spec.key, 0)
@@ -205,10 +208,13 @@ class RayExecutor:
         if not ray.is_initialized():
             # The repo root on the workers' path, so `benchmarks`, `controllers`... import there
             # even when the project is not pip-installed.
-            root = str(Path(__file__).resolve().parents[1])
+            import os
+
+            path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                               os.environ.get("PYTHONPATH")) if p)
             ray.init(address=address, num_cpus=None if address else num_cpus,
                      include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": root}})
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
         gpus = ray.cluster_resources().get("GPU", 0)
         self.gpus = int(gpus)
         self.remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=threads)(_ray_run)

@@ -36,12 +36,7 @@ from rich.progress import (
 from benchmarks import report, runlog
 from benchmarks.executors import BASE, RunSpec, make_executor
 
-TASK_ENV_IDS = {
-    "gsm8k": "LLMZero-GSM8K-v0",
-    "math": "LLMZero-MATH-v0",
-    "countdown": "LLMZero-Countdown-v0",
-    "logic": "LLMZero-Logic-v0",
-}
+TASKS = ("gsm8k", "math", "countdown", "logic")
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
 LLM_ROW = "llmzero-llm"
 # Controllers that need nothing outside this machine, in the order the tables show them.
@@ -70,11 +65,11 @@ class Preset:
 
 PRESETS = {
     # Measured on the 2-core CPU (see the README): ~40 runs of ~40 s each fit in 30 minutes.
-    "quick": Preset(name="quick", tasks=tuple(TASK_ENV_IDS), controllers=OFFLINE_CONTROLLERS,
+    "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
                     seeds=(0,), budget=4, stages=2, steps_per_stage=4, dev_size=32,
                     test_size=64),
     # Paper-like: a Qwen3 model on GPUs, long episodes, a budget of 4 episodes, 5 seeds.
-    "full": Preset(name="full", tasks=tuple(TASK_ENV_IDS), controllers=OFFLINE_CONTROLLERS,
+    "full": Preset(name="full", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
                    seeds=(0, 1, 2, 3, 4), budget=32, stages=8, steps_per_stage=50,
                    dev_size=256, test_size=500, scale="paper", model="Qwen/Qwen3-0.6B"),
 }
@@ -92,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.leaderboard",
         description="Run controllers x tasks x seeds under one stage budget; score on test once.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--tasks", nargs="+", help=f"subset of {', '.join(TASK_ENV_IDS)}")
+    p.add_argument("--tasks", nargs="+", help=f"subset of {', '.join(TASKS)}")
     p.add_argument("--controllers", nargs="+", help="controller names (default: the preset's)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds, e.g. --seeds 0 1 2")
     p.add_argument("--budget", type=int, help="stages per run, the same for every controller")
@@ -133,11 +128,12 @@ def resolve(a: argparse.Namespace) -> Preset:
     over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
                                        "test_size", "scale", "model", "device")
             if getattr(a, k) is not None}
+    from metaenv import ENV_IDS
+
     tasks = tuple(a.tasks or preset.tasks)
-    bad = [t for t in tasks if t not in TASK_ENV_IDS]
+    bad = [t for t in tasks if t not in ENV_IDS]
     if bad:
-        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
-                         f"{', '.join(TASK_ENV_IDS)}")
+        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: {', '.join(ENV_IDS)}")
     known = valid_controllers()
     ctrls = list(a.controllers or preset.controllers)
     if not a.controllers:
@@ -173,9 +169,11 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
         env_kwargs["scale"] = preset.scale
     if preset.model:
         env_kwargs["model"] = preset.model
+    from metaenv import ENV_IDS
+
     specs = []
     for task in preset.tasks:
-        env_id = TASK_ENV_IDS[task]
+        env_id = ENV_IDS[task]
         specs.append(RunSpec(task, BASE, preset.seeds[0], 0, env_id, env_kwargs,
                              threads=a.threads))
         for seed in preset.seeds:

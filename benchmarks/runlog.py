@@ -104,6 +104,8 @@ def _write_column(group: h5py.Group, name: str, values: list[Any]) -> None:
 def _read_columns(group: h5py.Group) -> dict[str, list[Any]]:
     out = {}
     for name, ds in group.items():
+        if not isinstance(ds, h5py.Dataset):
+            continue  # a subgroup (stages/hparams) is read on its own
         data = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
         out[name.replace("|", "/")] = [v.item() if isinstance(v, np.generic) else v for v in data]
     return out
@@ -197,6 +199,9 @@ def _atomic_h5(path: Path, fill) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
     try:
         with h5py.File(tmp, "w") as f:
             fill(f)
