@@ -31,7 +31,7 @@ def approx_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def _message_text(message: dict) -> str:
+def message_text(message: dict) -> str:
     content = message.get("content") or ""
     if isinstance(content, str):
         return content
@@ -53,7 +53,10 @@ class OpenAIServer:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for it, and tests start many servers.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def base_url(self) -> str:
@@ -120,7 +123,7 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             if isinstance(item, Fail):
                 self._send(item.status, {"error": {"message": item.message, "type": "scripted"}})
                 return
-            prompt = "".join(_message_text(m) for m in body.get("messages", []))
+            prompt = "".join(message_text(m) for m in body.get("messages", []))
             p_tok, c_tok = approx_tokens(prompt), approx_tokens(item)
             usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok,
                      "total_tokens": p_tok + c_tok}
