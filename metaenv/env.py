@@ -1,0 +1,478 @@
+"""LLMZeroEnv: one episode = one GRPO post-training run; one step = one stage of it.
+
+The action picks each controlled hyperparameter from its grid (metaenv.hparams); the observation
+summarises the last stage (metaenv.observation); the reward is the stage's change in dev score, so
+an episode's return is final dev score - base dev score. `info` is a deterministic function of the
+seed and the actions (gymnasium's checker compares it across runs): wall-clock time is counted in
+`budget.seconds` and `last_stage_seconds`, not in `info`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from inner.config import GRPOConfig
+from inner.state import TrainState
+from inner.tasks import get_task
+from inner.trainer import EvalResult, Trainer
+from metaenv import observation as obs_layout
+from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
+from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
+from metaenv.render import training_curves_png, training_curves_rgb
+from metaenv.store import StateStore
+
+# Per-scale defaults. Embedded: a stage of 10 steps stays under ~20 s on 2 CPU cores.
+SCALE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "embedded": {"stages": 4, "steps_per_stage": 10, "dev_size": 64, "test_size": 256,
+                 "max_states_in_memory": 16},
+    # Large models: every saved state goes straight to disk (an AdamW state is 3x the weights).
+    "paper": {"stages": 8, "steps_per_stage": 25, "dev_size": 128, "test_size": 500,
+              "max_states_in_memory": 0, "model": "Qwen/Qwen3-0.6B"},
+}
+NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
+BASE_CACHE_SEEDS = 4  # seeds whose initial state is kept for cheap resets
+DEV_METRICS = ("accuracy", "mean_score")
+
+
+class BudgetExhausted(RuntimeError):
+    """step() was called after the env's `max_stages` budget was spent."""
+
+
+@dataclass
+class Budget:
+    """Cumulative cost of everything this env has trained; never rewound by reset or load_state."""
+
+    stages: int = 0
+    tokens: int = 0
+    seconds: float = 0.0  # training + dev evaluation wall time
+    test_evals: int = 0  # evaluate_test() calls, counted apart from the search's cost
+    test_seconds: float = 0.0
+    max_stages: int | None = None
+
+    @property
+    def remaining_stages(self) -> float:
+        return math.inf if self.max_stages is None else self.max_stages - self.stages
+
+
+@dataclass(frozen=True, eq=False)
+class EnvState:
+    """Handle returned by save_state: a key into the env's state store plus the env's own fields.
+
+    Immutable and cheap to keep; the weights and optimizer live in the store (memory, or disk when
+    over `max_states_in_memory`) and are freed when the last reference to the handle goes away.
+    """
+
+    key: int
+    seed: int
+    stage: int
+    done: bool  # terminated or truncated: step() needs a reset or another load_state
+    hparams: dict[str, Any]  # controlled values of the last stage (defaults before any)
+    dev_score: float
+    dev_scores: tuple[float, ...]  # base, then one per stage of this path
+    stage_ends: tuple[int, ...]  # trainer step count at the end of each stage
+    path_cost: dict[str, int]  # stages and tokens trained on this path since the base model
+    observation: np.ndarray
+    last: dict[str, Any]  # metrics, samples, pathologies, hparams, diverged of the last stage
+    store: StateStore = field(repr=False)
+
+    def __copy__(self) -> EnvState:
+        return self  # immutable: a copy may share the store entry
+
+    def __deepcopy__(self, memo: dict) -> EnvState:
+        return self
+
+    def __reduce__(self):
+        raise TypeError("an EnvState is a handle into one env's store and cannot be pickled")
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate" in msg)
+
+
+def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
+    # Wall-clock entries differ between identical runs; they are counted in the budget instead.
+    return {k: v for k, v in metrics.items() if not k.endswith("_time")}
+
+
+class LLMZeroEnv(gym.Env):
+    """GRPO post-training of a causal LM as a Gymnasium env (see DESIGN.md, "The environment")."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
+
+    def __init__(
+        self,
+        task: str = "gsm8k",
+        scale: str = "embedded",
+        model: str | None = None,
+        device: str = "cpu",
+        stages: int | None = None,
+        steps_per_stage: int | None = None,
+        hparam_grid: dict[str, list | None] | None = None,
+        fixed_hparams: dict[str, Any] | None = None,
+        difficulty: int | None = None,
+        dev_size: int | None = None,
+        test_size: int | None = None,
+        seed: int | None = None,
+        render_mode: str | None = None,
+        max_stages: int | None = None,
+        max_states_in_memory: int | None = None,
+        state_dir: str | None = None,
+        dev_metric: str = "accuracy",
+        eval_max_new_tokens: int | None = None,
+    ) -> None:
+        if scale not in SCALE_DEFAULTS:
+            raise ValueError(f"scale must be one of {list(SCALE_DEFAULTS)}, got {scale!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        if dev_metric not in DEV_METRICS:
+            raise ValueError(f"dev_metric must be one of {DEV_METRICS}, got {dev_metric!r}")
+        d = SCALE_DEFAULTS[scale]
+        self.task_name, self.scale, self.device = task, scale, device
+        self.model_name = model if model is not None else d.get("model")
+        self.stages = int(stages if stages is not None else d["stages"])
+        self.steps_per_stage = int(steps_per_stage if steps_per_stage is not None
+                                   else d["steps_per_stage"])
+        self.dev_size = int(dev_size if dev_size is not None else d["dev_size"])
+        self.test_size = int(test_size if test_size is not None else d["test_size"])
+        for name, value in (("stages", self.stages), ("steps_per_stage", self.steps_per_stage),
+                            ("dev_size", self.dev_size), ("test_size", self.test_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.dev_metric = dev_metric
+        self.render_mode = render_mode
+        self._seed = seed
+        self._eval_max_new_tokens = eval_max_new_tokens
+
+        # Dev/test are generated at the task's default difficulty whatever the training level.
+        self.task = get_task(task, scale, **self._split_sizes(task, scale))
+        levels = tuple(self.task.difficulty_levels)
+        if difficulty is not None and difficulty not in levels:
+            raise ValueError(f"difficulty must be one of {levels}, got {difficulty!r}")
+        self.difficulty = difficulty if difficulty is not None else self.task.default_difficulty
+        self.hparams: HParamSpace
+        self.hparams, self.fixed_hparams = build_hparam_space(
+            task, scale, hparam_grid, fixed_hparams, levels, self.difficulty
+        )
+        # Building every GRPOConfig now turns a bad grid value into an error at construction.
+        for name, grid in self.hparams.grids.items():
+            for value in grid:
+                self._config({**self.hparams.defaults, name: value})
+        self.action_space = self.hparams.space()
+        self.observation_space = obs_layout.observation_space(len(self.hparams.names))
+        self.observation_names = obs_layout.observation_names(self.hparams.names)
+
+        self.budget = Budget(max_stages=max_stages)
+        n_mem = d["max_states_in_memory"] if max_states_in_memory is None else max_states_in_memory
+        self._store = StateStore(
+            n_mem,
+            save=lambda state, path: state.save(path),
+            load=lambda path: TrainState.load(path, device=device),
+            directory=state_dir,
+        )
+        self._base_model: torch.nn.Module | None = None  # pristine base weights (never trained)
+        self._tokenizer: Any = None
+        self._base_eval: EvalResult | None = None  # greedy dev eval: the same for every seed
+        self._base_states: OrderedDict[int, EnvState] = OrderedDict()  # seed -> initial state
+        self.trainer: Trainer | None = None
+        self._trainer_seed: int | None = None
+        self._reset_episode_fields()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _split_sizes(self, task: str, scale: str) -> dict[str, int]:
+        # Ask the task for bigger dev/test splits only when needed: resizing dev changes test.
+        probe = get_task(task, scale)
+        sizes = {}
+        if probe.size["dev"] is not None and self.dev_size > probe.size["dev"]:
+            sizes["dev_size"] = self.dev_size
+        if probe.size["test"] is not None and self.test_size > probe.size["test"]:
+            sizes["test_size"] = self.test_size
+        return sizes
+
+    def _config(self, values: dict[str, Any]) -> tuple[GRPOConfig, int]:
+        """GRPOConfig and training difficulty for controlled `values` plus the fixed ones."""
+        merged = {**self.fixed_hparams, **values}
+        difficulty = merged.pop(DIFFICULTY, self.difficulty)
+        try:
+            return GRPOConfig(**merged), difficulty
+        except ValueError as err:
+            raise ValueError(f"invalid hyperparameters {merged}: {err}") from err
+
+    def _reset_episode_fields(self) -> None:
+        self.stage = 0
+        self.done = False
+        self.dev_score = math.nan
+        self.base_dev_score = math.nan
+        self.dev_scores: list[float] = []
+        self.stage_ends: list[int] = []
+        self.path_cost = {"stages": 0, "tokens": 0}
+        self.last_stage_seconds = 0.0
+        self._obs = np.zeros(self.observation_space.shape, np.float32)
+        self._last: dict[str, Any] = {}
+
+    def _load_base(self) -> None:
+        """Load the base model from disk once; later seeds copy these pristine weights."""
+        if self.model_name is None:
+            from inner.base_model import load_base_model
+
+            model, tokenizer = load_base_model(device=self.device)
+        else:
+            from inner.models import load_model
+
+            model, tokenizer = load_model(self.model_name, device=self.device)
+        self._base_model, self._tokenizer = model, tokenizer
+
+    def _make_trainer(self, seed: int) -> Trainer:
+        if self._base_model is None:
+            self._load_base()
+        # Paper scale: hand over the loaded model itself and reload from disk for another seed,
+        # rather than keep a second full copy of a large model.
+        if self.scale == "paper":
+            model, self._base_model = self._base_model, None
+        else:
+            model = copy.deepcopy(self._base_model)
+        kwargs = {}
+        if self._eval_max_new_tokens is not None:
+            kwargs["eval_max_new_tokens"] = self._eval_max_new_tokens
+        return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
+                       difficulty=self.difficulty, dev_size=self.dev_size, **kwargs)
+
+    def _score(self, result: EvalResult) -> float:
+        return float(getattr(result, self.dev_metric))
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Restore the base model (cached after the first time) and its dev score."""
+        if seed is None and self._np_random is None and self._seed is not None:
+            seed = self._seed
+        super().reset(seed=seed)
+        # An unseeded reset draws the next training seed from the env's RNG, as gymnasium expects.
+        inner_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
+        t0 = time.perf_counter()
+        base = self._base_states.get(inner_seed)
+        if base is None or self._trainer_seed != inner_seed:
+            self.trainer = None  # free the old trainer before building the next one
+            self.trainer = self._make_trainer(inner_seed)
+            self._trainer_seed = inner_seed
+        self._reset_episode_fields()
+        if base is not None:
+            self._base_states.move_to_end(inner_seed)
+            self._restore(base)
+        else:
+            if self._base_eval is None:
+                self._base_eval = self.trainer.evaluate("dev", n=self.dev_size)
+            score = self._score(self._base_eval)
+            self.dev_score = self.base_dev_score = score
+            self.dev_scores = [score]
+            self._last = {
+                "metrics": [], "pathologies": [], "diverged": None,
+                "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
+                "hparams": self._full_hparams(self.hparams.defaults),
+            }
+            self.hparams.current = dict(self.hparams.defaults)
+            self._obs = obs_layout.build_observation(
+                None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
+            )
+            self._base_states[inner_seed] = self.save_state()
+            while len(self._base_states) > BASE_CACHE_SEEDS:
+                self._base_states.popitem(last=False)
+        self.budget.seconds += time.perf_counter() - t0
+        return self._obs.copy(), self._info()
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Train one stage with the action's hyperparameters, then evaluate on dev."""
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        idx = self.hparams.validate(action)  # raises InvalidAction naming the parameter
+        if self.done:
+            raise RuntimeError(
+                "the episode is over (last stage reached, or truncated by divergence/OOM); "
+                "call reset() or load_state()"
+            )
+        if self.budget.remaining_stages < 1:
+            raise BudgetExhausted(
+                f"the budget of {self.budget.max_stages} stages is spent; "
+                "evaluate_test() and load_state() still work"
+            )
+        values = self.hparams.decode(idx)
+        config, difficulty = self._config(values)
+        dev_before = self.dev_score
+
+        t0 = time.perf_counter()
+        try:
+            result = self.trainer.train_stage(config, self.steps_per_stage, difficulty=difficulty)
+            diverged, metrics, tokens = result.diverged, result.metrics, result.num_tokens
+        except Exception as err:  # the trainer catches OOM itself; this guards its other paths
+            if not _is_oom(err):
+                raise
+            diverged, metrics, tokens = OUT_OF_MEMORY, [], 0
+        evaluation = None
+        if diverged is None:
+            try:
+                evaluation = self.trainer.evaluate("dev", n=self.dev_size)
+            except Exception as err:
+                if not _is_oom(err):
+                    raise
+                diverged = OUT_OF_MEMORY
+        self.last_stage_seconds = time.perf_counter() - t0
+        if diverged is not None and self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+        # Costs are paid whatever happened, and never rewound.
+        self.budget.stages += 1
+        self.budget.tokens += tokens
+        self.budget.seconds += self.last_stage_seconds
+        self.path_cost = {"stages": self.path_cost["stages"] + 1,
+                          "tokens": self.path_cost["tokens"] + tokens}
+
+        self.stage += 1
+        self.hparams.current = dict(values)
+        # A failed stage loses the model: it scores 0, so the episode's return is -base score.
+        self.dev_score = self._score(evaluation) if evaluation is not None else 0.0
+        self.dev_scores.append(self.dev_score)
+        self.stage_ends.append(self.trainer.step)
+        truncated = diverged is not None
+        terminated = not truncated and self.stage >= self.stages
+        self.done = terminated or truncated
+        pathologies = detect_pathologies(
+            metrics, self.trainer.history, self.dev_scores, diverged
+        )
+        if diverged == OUT_OF_MEMORY:
+            pathologies = [p for p in pathologies if p != DIVERGENCE] + [OUT_OF_MEMORY]
+        self._last = {
+            "metrics": [_deterministic(m) for m in metrics],
+            "pathologies": pathologies,
+            "diverged": diverged,
+            "samples": copy.deepcopy(evaluation.samples[:NUM_SAMPLES]) if evaluation else [],
+            "hparams": self._full_hparams(values),
+        }
+        diagnostics = obs_layout.stage_diagnostics(
+            metrics, config.max_completion_length, self.dev_score, dev_before
+        )
+        if truncated:  # nothing was measured on the lost model: read the failure at the bounds
+            diagnostics.update(kl=math.inf, grad_norm_squashed=1.0)
+        self._obs = obs_layout.build_observation(
+            diagnostics, self.dev_score, self.hparams.normalized(idx), self.stage / self.stages
+        )
+        reward = float(self.dev_score - dev_before)
+        return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _full_hparams(self, values: dict[str, Any]) -> dict[str, Any]:
+        config, difficulty = self._config(values)
+        return config.to_dict() | {DIFFICULTY: difficulty}
+
+    def _info(self) -> dict[str, Any]:
+        # Fresh objects on every call: callers keep infos, and gymnasium checks none are shared.
+        history = self.trainer.history if self.trainer is not None else []
+        return {
+            "dev_score": float(self.dev_score),
+            "base_dev_score": float(self.base_dev_score),
+            "stage": self.stage,
+            "metrics": [dict(m) for m in self._last.get("metrics", [])],
+            "history": [_deterministic(m) for m in history],
+            "dev_scores": list(self.dev_scores),
+            "samples": copy.deepcopy(self._last.get("samples", [])),
+            "pathologies": list(self._last.get("pathologies", [])),
+            "diverged": self._last.get("diverged"),
+            "cost": dict(self.path_cost),
+            "hparams": dict(self._last.get("hparams", {})),
+        }
+
+    def render(self) -> np.ndarray | None:
+        """HxWx3 uint8 training curves of the current path (render_mode "rgb_array")."""
+        if self.render_mode != "rgb_array":
+            return None
+        return training_curves_rgb(*self._curves())
+
+    def render_png(self) -> bytes:
+        """The same picture as render(), as PNG bytes (for an LLM agent), whatever render_mode."""
+        return training_curves_png(*self._curves())
+
+    def _curves(self) -> tuple[list[dict], list[int], list[float], str]:
+        history = self.trainer.history if self.trainer is not None else []
+        title = f"LLMZero {self.task_name} ({self.scale}): stage {self.stage}/{self.stages}"
+        return history, list(self.stage_ends), list(self.dev_scores), title
+
+    def close(self) -> None:
+        self.trainer = None
+        self._base_model = None
+        self._base_states.clear()
+        self._store.close()
+
+    # ------------------------------------------------------------------ fork / restore
+    def save_state(self) -> EnvState:
+        """Snapshot of the whole state (training + the env's episode fields); cheap to keep."""
+        if self.trainer is None:
+            raise RuntimeError("call reset() before save_state()")
+        key = self._store.put(self.trainer.save_state())
+        handle = EnvState(
+            key=key,
+            seed=self._trainer_seed,
+            stage=self.stage,
+            done=self.done,
+            hparams=dict(self.hparams.current),
+            dev_score=self.dev_score,
+            dev_scores=tuple(self.dev_scores),
+            stage_ends=tuple(self.stage_ends),
+            path_cost=dict(self.path_cost),
+            observation=self._obs.copy(),
+            last=copy.deepcopy(self._last),
+            store=self._store,
+        )
+        # Free the stored weights once nobody holds the handle any more.
+        weakref.finalize(handle, self._store.drop, key)
+        return handle
+
+    def load_state(self, state: EnvState) -> tuple[np.ndarray, dict[str, Any]]:
+        """Restore a saved state; the budget is not rewound. Returns (observation, info)."""
+        if not isinstance(state, EnvState):
+            raise TypeError(f"load_state expects an EnvState from save_state(), got {type(state)}")
+        if state.store is not self._store:
+            raise ValueError("this state was saved by another env; load it there")
+        if state.seed != self._trainer_seed:
+            # The data order is a function of the trainer's seed: rebuild it for this state.
+            self.trainer = None
+            self.trainer = self._make_trainer(state.seed)
+            self._trainer_seed = state.seed
+        self._restore(state)
+        return self._obs.copy(), self._info()
+
+    def _restore(self, state: EnvState) -> None:
+        self.trainer.load_state(self._store.get(state.key))
+        self.stage, self.done = state.stage, state.done
+        self.hparams.current = dict(state.hparams)
+        self.dev_score = state.dev_score
+        self.dev_scores = list(state.dev_scores)
+        self.base_dev_score = state.dev_scores[0]
+        self.stage_ends = list(state.stage_ends)
+        self.path_cost = dict(state.path_cost)
+        self._obs = state.observation.copy()
+        self._last = copy.deepcopy(state.last)
+
+    # ------------------------------------------------------------------ harness
+    def evaluate_test(self) -> float:
+        """Score of the current state on the held-out test split (harness only; counted apart)."""
+        if self.trainer is None:
+            raise RuntimeError("call reset() or load_state() before evaluate_test()")
+        t0 = time.perf_counter()
+        if self._last.get("diverged") is not None:
+            score = 0.0  # the model of a failed stage is lost, as on dev
+        else:
+            score = self._score(self.trainer.evaluate("test", n=self.test_size))
+        self.budget.test_evals += 1
+        self.budget.test_seconds += time.perf_counter() - t0
+        return score
