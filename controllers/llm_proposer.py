@@ -137,11 +137,29 @@ def extract_json(text: str) -> Any:
     raise ValueError(f"reply is not valid JSON ({error})")
 
 
+def _seconds(header: str | None) -> float:
+    try:
+        return max(0.0, float(header)) if header else 0.0
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return 0.0
+
+
+def _number(value: Any) -> Any:
+    # Models sometimes quote numbers ("3e-5"); the grid holds numbers.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
 def on_grid(hparams: dict, space: Any) -> dict:
     """The full hparam dict snapped through the grid; ValueError naming a bad parameter."""
     unknown = sorted(set(hparams) - set(space.names))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; allowed: {list(space.names)}")
+    hparams = {name: _number(value) for name, value in hparams.items()}
     try:
         return space.decode(space.encode(hparams))
     except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -326,7 +344,10 @@ class LLMProposer:
                     openai.InternalServerError) as e:
                 if attempt == self.network_retries:
                     raise
-                delay = min(self.backoff * 2**attempt, self.max_backoff)
+                delay = self.backoff * 2**attempt
+                if isinstance(e, openai.APIStatusError):  # a 429 may say how long to wait
+                    delay = max(delay, _seconds(e.response.headers.get("retry-after")))
+                delay = min(delay, self.max_backoff)
                 self.usage["network_retries"] += 1
                 self._log({"event": "network_error", "error": f"{type(e).__name__}: {e}",
                            "retry_in_s": delay})

@@ -20,6 +20,7 @@ class Fail:
 
     status: int = 500
     message: str = "scripted failure"
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "2"}
 
 
 # A scripted item is the assistant's content (str), a Fail, or a callable(request_json) -> either.
@@ -91,9 +92,11 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass
 
-        def _send(self, status: int, payload: dict) -> None:
+        def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -121,7 +124,8 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return
             item = server._next(body)
             if isinstance(item, Fail):
-                self._send(item.status, {"error": {"message": item.message, "type": "scripted"}})
+                error = {"error": {"message": item.message, "type": "scripted"}}
+                self._send(item.status, error, item.headers)
                 return
             prompt = "".join(message_text(m) for m in body.get("messages", []))
             p_tok, c_tok = approx_tokens(prompt), approx_tokens(item)

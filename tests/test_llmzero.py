@@ -158,7 +158,7 @@ def test_malformed_replies_are_retried_with_the_error_then_skills_take_over(spac
 def test_an_invalid_reply_then_a_good_one_is_accepted(space, tmp_path):
     ctx = make_context(space)
     with OpenAIServer() as server:
-        server.push(reply({"lr": 1e-4}), reply({"learning_rate": 1e-5}))
+        server.push(reply({"lr": 1e-4}), reply({"learning_rate": "1e-5"}))  # a quoted number
         llm = proposer(server, tmp_path)
         out = llm.propose(ctx, space, k=3)
         follow_up = server.chat_requests()[1]["messages"][-1]["content"]
@@ -172,13 +172,14 @@ def test_server_errors_back_off_and_retry(space, tmp_path, monkeypatch):
     slept: list[float] = []
     monkeypatch.setattr("controllers.llm_proposer.time.sleep", slept.append)
     with OpenAIServer() as server:
-        server.push(Fail(500), Fail(429, "rate limited"), Fail(503), reply({"beta": 0.01}))
+        server.push(Fail(500), Fail(429, "rate limited", {"Retry-After": "1.5"}), Fail(503),
+                    reply({"beta": 0.01}))
         llm = proposer(server, tmp_path, backoff=0.5, network_retries=4)
         out = llm.propose(ctx, space, k=1)
         n_requests = len(server.chat_requests())
     assert out == [ctx.hparams | {"beta": 0.01}]
     assert n_requests == 4
-    assert slept == [0.5, 1.0, 2.0]  # exponential backoff
+    assert slept == [0.5, 1.5, 2.0]  # exponential backoff; the 429's Retry-After is longer
     assert llm.usage["network_retries"] == 3 and llm.usage["requests"] == 1
     assert [e["event"] for e in transcript(tmp_path)][:3] == ["network_error"] * 3
 
