@@ -199,6 +199,13 @@ def summarize_metrics(metrics: list[dict]) -> str:
     return "; ".join(parts) or "no metrics"
 
 
+def _text(content: str | list) -> str:
+    """The text of a message's content (images left out)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
 def _changes(before: dict, after: dict) -> dict:
     return {k: v for k, v in after.items() if before.get(k) != v}
 
@@ -317,8 +324,10 @@ class LLMProposer:
         return served
 
     def _scrub(self, text: str) -> str:
+        # Servers may echo the key in an error message. Placeholder keys ("EMPTY", "x") are too
+        # short to be secrets, and replacing them would garble the transcript.
         key = self._client.api_key
-        return text.replace(key, "***") if key and key != "EMPTY" else text
+        return text.replace(key, "***") if key and len(key) >= 8 else text
 
     def _log(self, record: dict) -> None:
         if self.run_dir is None:
@@ -396,8 +405,7 @@ class LLMProposer:
         expansion = self.usage["expansions"]
         self.usage["expansions"] += 1
         messages = self._messages(ctx, space, k)
-        prompt_chars = sum(len(json.dumps(m["content"])) for m in messages)
-        self.usage["prompt_chars"] += prompt_chars
+        self.usage["prompt_chars"] += sum(len(_text(m["content"])) for m in messages)
         base = {"expansion": expansion, "node": ctx.node_id}
         reason = ""
         for attempt in range(self.max_retries + 1):

@@ -196,6 +196,17 @@ def test_network_failure_after_retries_falls_back_to_skills(space, tmp_path, mon
     assert "InternalServerError" in transcript(tmp_path)[-1]["reason"]
 
 
+def test_a_server_error_echoing_the_key_is_not_written(space, tmp_path):
+    ctx = make_context(space)
+    with OpenAIServer() as server:
+        server.push(Fail(400, f"Incorrect API key provided: {FAKE_KEY}"))  # not retried
+        llm = proposer(server, tmp_path)
+        out = llm.propose(ctx, space, k=1)
+    assert out == SkillProposer().propose(ctx, space, 1)
+    assert "BadRequestError" in transcript(tmp_path)[-1]["reason"]
+    assert_key_nowhere(tmp_path)
+
+
 def test_unreachable_endpoint_is_a_clear_error_naming_the_url(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
