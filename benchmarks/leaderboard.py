@@ -40,7 +40,8 @@ TASKS = ("gsm8k", "math", "countdown", "logic")
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
 LLM_ROW = "llmzero-llm"
 # Controllers that need nothing outside this machine, in the order the tables show them.
-OFFLINE_CONTROLLERS = ("fixed", "progressive", "grid", "random", "tpe", "pbt", "skills", "llmzero")
+OFFLINE_CONTROLLERS = ("fixed", "progressive", "grid", "random", "tpe", "pbt", "skills", "llmzero",
+                       "sb3")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Preset:
     scale: str = "embedded"
     model: str | None = None  # paper scale: a Hugging Face id or a local path
     device: str = "auto"  # auto -> cuda when torch sees one
+    # Any other LLMZeroEnv arguments (hparam_grid, fixed_hparams, eval_max_new_tokens, ...).
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Per-controller arguments for controllers.make, e.g. a smaller PBT population for a budget.
     controller_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -68,10 +71,11 @@ PRESETS = {
     "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
                     seeds=(0,), budget=4, stages=2, steps_per_stage=4, dev_size=32,
                     test_size=64),
-    # Paper-like: a Qwen3 model on GPUs, long episodes, a budget of 4 episodes, 5 seeds.
+    # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
+    # budget of 3 episodes' worth of stages, 5 seeds.
     "full": Preset(name="full", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
-                   seeds=(0, 1, 2, 3, 4), budget=32, stages=8, steps_per_stage=50,
-                   dev_size=256, test_size=500, scale="paper", model="Qwen/Qwen3-0.6B"),
+                   seeds=(0, 1, 2, 3, 4), budget=24, stages=8, steps_per_stage=25,
+                   dev_size=128, test_size=500, scale="paper", model="Qwen/Qwen3-0.6B"),
 }
 
 
@@ -87,17 +91,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.leaderboard",
         description="Run controllers x tasks x seeds under one stage budget; score on test once.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--tasks", nargs="+", help=f"subset of {', '.join(TASKS)}")
-    p.add_argument("--controllers", nargs="+", help="controller names (default: the preset's)")
-    p.add_argument("--seeds", nargs="+", type=int, help="seeds, e.g. --seeds 0 1 2")
-    p.add_argument("--budget", type=int, help="stages per run, the same for every controller")
-    p.add_argument("--stages", type=int, help="stages per episode (schedule length)")
-    p.add_argument("--steps-per-stage", type=int)
-    p.add_argument("--dev-size", type=int)
-    p.add_argument("--test-size", type=int)
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help=f"subset of {', '.join(TASKS)}")
+    p.add_argument("--controllers", nargs="+", metavar="NAME",
+                   help="controller names (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="e.g. --seeds 0 1 2")
+    p.add_argument("--budget", type=int, metavar="N",
+                   help="stages per run, the same for every controller")
+    p.add_argument("--stages", type=int, metavar="N", help="stages per episode (schedule length)")
+    p.add_argument("--steps-per-stage", type=int, metavar="N", help="GRPO steps per stage")
+    p.add_argument("--dev-size", type=int, metavar="N", help="dev examples (controllers select)")
+    p.add_argument("--test-size", type=int, metavar="N", help="test examples (scored once)")
     p.add_argument("--scale", choices=("embedded", "paper"))
     p.add_argument("--model", help="paper scale: Hugging Face model id or local path")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the preset's; auto)")
+    p.add_argument("--env-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help='more LLMZeroEnv arguments, e.g. \'{"fixed_hparams": '
+                        '{"prompts_per_step": 4}}\' (merged over the preset\'s)')
     p.add_argument("--out", default="results", help="output folder (default: results/)")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
@@ -128,6 +137,8 @@ def resolve(a: argparse.Namespace) -> Preset:
     over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
                                        "test_size", "scale", "model", "device")
             if getattr(a, k) is not None}
+    if a.env_kwargs:
+        over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
     from metaenv import ENV_IDS
 
     tasks = tuple(a.tasks or preset.tasks)
@@ -138,6 +149,9 @@ def resolve(a: argparse.Namespace) -> Preset:
     ctrls = list(a.controllers or preset.controllers)
     if not a.controllers:
         # The preset names every offline controller; keep those this checkout has.
+        missing = [c for c in ctrls if c not in known]
+        if missing:
+            print(f"note: controllers not available here, left out: {', '.join(missing)}")
         ctrls = [c for c in ctrls if c in known]
         if a.llm_base_url:
             ctrls.append(LLM_ROW)
@@ -160,8 +174,13 @@ def _device(name: str) -> str:
 
 
 def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
-    """One base run per task (the test split does not depend on the seed), then every run."""
+    """One base run per task, then every run.
+
+    The base model's test score does not depend on the seed (greedy decoding of fixed test
+    examples), so it is computed once per task, under seed 0.
+    """
     env_kwargs: dict[str, Any] = {
+        **preset.env_kwargs,
         "stages": preset.stages, "steps_per_stage": preset.steps_per_stage,
         "dev_size": preset.dev_size, "test_size": preset.test_size,
         "device": _device(preset.device)}
@@ -174,8 +193,7 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
     specs = []
     for task in preset.tasks:
         env_id = ENV_IDS[task]
-        specs.append(RunSpec(task, BASE, preset.seeds[0], 0, env_id, env_kwargs,
-                             threads=a.threads))
+        specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=a.threads))
         for seed in preset.seeds:
             for c in preset.controllers:
                 name, kwargs = c, dict(preset.controller_kwargs.get(c, {}))
