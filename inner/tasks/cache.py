@@ -1,0 +1,62 @@
+"""On-disk cache of generated embedded examples (reasoning-gym's countdown costs ~6 ms an item).
+
+The key hashes everything the examples depend on: the caller's parameters, the reasoning-gym
+version and the source of the task modules, so an edited generator never reads stale data.
+The folder is $LLMZERO_CACHE or ~/.cache/llmzero_gym; LLMZERO_CACHE=off disables the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import reasoning_gym
+
+from inner.tasks import Example
+
+_SOURCES = Path(__file__).parent
+
+
+def cache_dir() -> Path | None:
+    """The cache folder, or None when caching is off."""
+    value = os.environ.get("LLMZERO_CACHE", str(Path.home() / ".cache" / "llmzero_gym"))
+    return None if value.lower() in ("", "0", "off", "none") else Path(value) / "tasks"
+
+
+def _code_hash() -> str:
+    digest = hashlib.sha1(reasoning_gym.__version__.encode())
+    for f in sorted(_SOURCES.glob("*.py")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached(name: str, params: dict, build: Callable[[], Iterable[Example]]) -> list[Example]:
+    """`list(build())`, read from / written to the cache under a key of `name` and `params`."""
+    folder = cache_dir()
+    if folder is None:
+        return list(build())
+    key = hashlib.sha1(json.dumps([params, _code_hash()], sort_keys=True).encode()).hexdigest()
+    path = folder / f"{name}-{key[:20]}.json"
+    if path.exists():
+        try:
+            return [Example(**row) for row in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            pass  # a damaged file: rebuild and overwrite it
+    examples = list(build())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [
+            dict(prompt=e.prompt, answer=e.answer, solution=e.solution, meta=e.meta)
+            for e in examples
+        ]
+        # Write then rename, so that concurrent processes never read a half-written file.
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+            json.dump(rows, f)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only home: run without the cache
+    return examples

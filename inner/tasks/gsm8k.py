@@ -1,0 +1,84 @@
+"""GSM8K: grade-school arithmetic word problems; the final answer is the number after "####".
+
+Embedded scale: reasoning-gym's `chain_sum` (multi-step integer + and -), not `gsm_symbolic`,
+whose long word problems are too long and too hard for a tiny char-level model. The prompt is
+the bare expression and the worked solution computes it left to right, one step per line, then
+"#### <number>" as in GSM8K, so that the checker is the same as at the paper scale.
+
+Difficulty levels (embedded): 1 = 2-3 one-digit terms, 2 = 3 terms of up to two digits
+(default), 3 = 4 terms of two digits, 4 = 5 terms of up to three digits.
+Paper scale: openai/gsm8k "main"; levels 0 = all, 1 = at most 2 calculation steps, 2 = 3-4,
+3 = 5 or more (steps counted by the solution's <<...>> annotations); dev is carved from train.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import reasoning_gym
+
+from inner.tasks import Example, Task, arith, sources
+from inner.tasks.answers import hash_answer, math_equal
+
+CHAIN_SUM = {
+    1: dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1),
+    2: dict(min_terms=3, max_terms=3, min_digits=1, max_digits=2),
+    3: dict(min_terms=4, max_terms=4, min_digits=2, max_digits=2),
+    4: dict(min_terms=5, max_terms=5, min_digits=2, max_digits=3),
+}
+HUB = {
+    "train": sources.HubSplit("openai/gsm8k", "main", "train"),
+    "test": sources.HubSplit("openai/gsm8k", "main", "test"),
+}
+INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+
+
+def worked_solution(expression: str) -> tuple[str, str]:
+    """(solution, answer) for a +/- chain: one "a+b=c" line per step, then "#### answer"."""
+    tree = arith.parse(expression.replace(" ", ""))
+    answer = arith.fmt(arith.evaluate(tree))
+    return "\n".join([*arith.steps(tree), f"#### {answer}"]), answer
+
+
+def paper_level(solution: str) -> int:
+    """Difficulty level of a GSM8K solution from its number of calculator annotations."""
+    n = solution.count("<<")
+    return 1 if n <= 2 else 2 if n <= 4 else 3
+
+
+class GSM8KTask(Task):
+    name = "gsm8k"
+    levels = {"embedded": ((1, 2, 3, 4), 2), "paper": ((0, 1, 2, 3), 0)}
+
+    def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
+        data = reasoning_gym.create_dataset("chain_sum", seed=seed, size=n, **CHAIN_SUM[difficulty])
+        for item in data:
+            expression = item["metadata"]["expression"].replace(" ", "")
+            solution, answer = worked_solution(expression)
+            yield Example(
+                prompt=f"What is {expression}?\n",
+                answer=answer,
+                solution=solution,
+                meta={"difficulty": difficulty, "expression": expression},
+            )
+
+    def load(self, split: str, difficulty: int) -> Iterable[Example]:
+        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+            answer = hash_answer(row["answer"])
+            level = paper_level(row["answer"])
+            if answer is None or (split == "train" and difficulty not in (0, level)):
+                continue
+            yield Example(
+                prompt=f"{row['question'].strip()}\n{INSTRUCTION}",
+                answer=answer,
+                # The dataset's calculator annotations <<48/2=24>> are not part of the text.
+                solution=re.sub(r"<<[^>]*>>", "", row["answer"]).strip(),
+                meta={"difficulty": level},
+            )
+
+    def extract(self, completion: str) -> str | None:
+        return hash_answer(completion)
+
+    def check(self, answer: str, example: Example) -> bool:
+        return math_equal(answer, example.answer)

@@ -1,0 +1,199 @@
+"""MATH: competition mathematics; the final answer is the last \\boxed{...}, checked by math-verify.
+
+(Named math_task.py so that no module of the package is called `math`.)
+
+Embedded scale: two reasoning-gym generators, alternating: `simple_equations` (algebra: a linear
+equation in one variable, solved in one step per line) and `fraction_simplification` (number
+theory: reduce p/q via its gcd). Answers are integers or "p/q" in \\boxed{}, as in MATH.
+Difficulty levels (embedded) grow the number of terms and the size of the values:
+1 = one-operation equations and small fractions, 2 = up to three terms (default), 3 and 4 larger.
+Paper scale: train from DigitalLearningGmbH/MATH-lighteval (MATH train, 7500 problems), test
+MATH-500 (HuggingFaceH4/MATH-500); dev is carved from train. Levels 0 = all, 1-5 = MATH level.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from fractions import Fraction
+from math import gcd
+
+import reasoning_gym
+import sympy
+
+from inner.tasks import Example, Task, arith, sources
+from inner.tasks.answers import boxed_answer, math_equal, math_parse
+
+EQUATIONS = {
+    1: dict(min_terms=2, max_terms=2, min_value=1, max_value=9),
+    2: dict(min_terms=2, max_terms=3, min_value=1, max_value=9),
+    3: dict(min_terms=3, max_terms=3, min_value=1, max_value=20),
+    4: dict(min_terms=3, max_terms=4, min_value=1, max_value=50),
+}
+FRACTIONS = {
+    1: dict(min_value=1, max_value=9, min_factor=2, max_factor=9),
+    2: dict(min_value=1, max_value=20, min_factor=2, max_factor=12),
+    3: dict(min_value=1, max_value=30, min_factor=2, max_factor=20),
+    4: dict(min_value=1, max_value=50, min_factor=2, max_factor=50),
+}
+HUB = {
+    "train": sources.HubSplit("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
+    "test": sources.HubSplit("HuggingFaceH4/MATH-500", None, "test"),
+}
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def linear_form(side: str, var: str) -> tuple[Fraction, Fraction] | None:
+    """(a, b) with side == a*var + b, for a linear +-* expression in `var`; None otherwise."""
+    tokens = re.findall(r"[0-9]+|[a-z]|[-+*()]", side.replace(" ", ""))
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take() -> str:
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def expr() -> tuple[Fraction, Fraction]:
+        sign = 1
+        if peek() == "-":  # sympy writes "-4*t + 6" with a leading minus
+            take()
+            sign = -1
+        a, b = term()
+        a, b = sign * a, sign * b
+        while peek() in ("+", "-"):
+            s = 1 if take() == "+" else -1
+            c, d = term()
+            a, b = a + s * c, b + s * d
+        return a, b
+
+    def term() -> tuple[Fraction, Fraction]:
+        a, b = factor()
+        while peek() == "*":
+            take()
+            c, d = factor()
+            if a and c:
+                raise ValueError("not linear")
+            a, b = a * d + c * b, b * d
+        return a, b
+
+    def factor() -> tuple[Fraction, Fraction]:
+        tok = take() if peek() is not None else None
+        if tok == "(":
+            value = expr()
+            if take() != ")":
+                raise ValueError("unbalanced")
+            return value
+        if tok == var:
+            return Fraction(1), Fraction(0)
+        if tok is not None and tok.isdigit():
+            return Fraction(0), Fraction(int(tok))
+        raise ValueError(f"unexpected {tok!r}")
+
+    try:
+        result = expr()
+    except (ValueError, IndexError):
+        return None
+    return result if pos == len(tokens) else None
+
+
+def _linear_text(a: Fraction, b: Fraction, var: str) -> str:
+    """a*var+b written compactly: "3*x+2", "-x", "x-4"."""
+    head = {1: var, -1: f"-{var}"}.get(a, f"{arith.fmt(a)}*{var}")
+    return head if b == 0 else f"{head}{'+' if b > 0 else '-'}{arith.fmt(abs(b))}"
+
+
+def equation_solution(equation: str, var: str) -> tuple[str, str] | None:
+    """(worked solution, answer) for a linear equation: expand, isolate, divide, \\boxed{}."""
+    left, _, right = equation.replace(" ", "").partition("=")
+    lhs, rhs = linear_form(left, var), linear_form(right, var)
+    if lhs is None or rhs is None or lhs[0] == 0 or rhs[0] != 0:
+        return None
+    (a, b), c = lhs, rhs[1]
+    lines = []
+    # Brackets or several constant terms: show the collected form a*x+b first.
+    if "(" in left or len(re.findall(r"(?<=[0-9a-z)])[-+]", left)) > 1:
+        lines.append(f"{_linear_text(a, b, var)}={arith.fmt(c)}")
+    if b != 0:
+        lines.append(f"{_linear_text(a, Fraction(0), var)}={arith.fmt(c - b)}")
+    answer = arith.fmt((c - b) / a)
+    if a != 1:
+        lines.append(f"{var}={answer}")
+    return "\n".join([*lines, f"\\boxed{{{answer}}}"]), answer
+
+
+def fraction_solution(p: int, q: int) -> tuple[str, str]:
+    """(worked solution, answer) for reducing p/q: the gcd, then \\boxed{p'/q'}."""
+    g = gcd(p, q)
+    answer = arith.fmt(Fraction(p, q))
+    return f"gcd({p},{q})={g}\n\\boxed{{{answer}}}", answer
+
+
+def paper_level(level: object) -> int:
+    """MATH level 1-5 from "Level 3" or 3; 0 when unknown."""
+    m = re.search(r"[1-5]", str(level))
+    return int(m.group(0)) if m else 0
+
+
+class MathTask(Task):
+    name = "math"
+    levels = {"embedded": ((1, 2, 3, 4), 2), "paper": ((0, 1, 2, 3, 4, 5), 0)}
+
+    def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
+        half = (n + 1) // 2
+        eqs = reasoning_gym.create_dataset(
+            "simple_equations", seed=seed, size=half, **EQUATIONS[difficulty]
+        )
+        fracs = reasoning_gym.create_dataset(
+            "fraction_simplification",
+            seed=seed,
+            size=half,
+            styles=("plain",),
+            **FRACTIONS[difficulty],
+        )
+        for eq, fr in zip(eqs, fracs, strict=True):
+            var, equation = eq["metadata"]["variable"], eq["metadata"]["equation"].replace(" ", "")
+            worked = equation_solution(equation, var)
+            if worked is not None:
+                yield Example(
+                    prompt=f"Solve {equation}.\n",
+                    answer=worked[1],
+                    solution=worked[0],
+                    meta={"difficulty": difficulty, "subject": "algebra"},
+                )
+            p, q = fr["metadata"]["numerator"], fr["metadata"]["denominator"]
+            solution, answer = fraction_solution(p, q)
+            yield Example(
+                prompt=f"Simplify {p}/{q}.\n",
+                answer=answer,
+                solution=solution,
+                meta={"difficulty": difficulty, "subject": "number_theory"},
+            )
+
+    def load(self, split: str, difficulty: int) -> Iterable[Example]:
+        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+            # MATH-500 has an answer column; MATH train has only the solution's last \boxed{}.
+            answer = row.get("answer") or boxed_answer(row["solution"])
+            level = paper_level(row.get("level"))
+            if not answer or (split == "train" and difficulty not in (0, level)):
+                continue
+            yield Example(
+                prompt=f"{row['problem'].strip()}\n{INSTRUCTION}",
+                answer=answer,
+                solution=row["solution"].strip(),
+                meta={"difficulty": level, "subject": row.get("subject") or row.get("type")},
+            )
+
+    def extract(self, completion: str) -> str | None:
+        return boxed_answer(completion)
+
+    def check(self, answer: str, example: Example) -> bool:
+        return math_equal(answer, example.answer)
+
+    def well_formatted(self, answer: str, example: Example) -> bool:
+        # math-verify returns only the raw string for what it cannot read as mathematics;
+        # zoo and nan come from dividing by zero.
+        parsed = [x for x in math_parse(answer) if not isinstance(x, str)]
+        return any(not (hasattr(x, "has") and x.has(sympy.zoo, sympy.nan)) for x in parsed)

@@ -1,0 +1,198 @@
+"""The four embedded tasks: API, splits, difficulty, rewards and answer checkers."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import inner.tasks as tasks
+from inner.tasks import TASK_NAMES, Example, arith, get_task
+from inner.tasks.answers import boxed_answer, hash_answer, math_equal, tagged_answer
+from inner.tasks.countdown import solve
+from inner.tasks.logic import parse_assignment
+from inner.tasks.math_task import equation_solution
+
+SMALL = dict(train_size=200, dev_size=40, test_size=60)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache(tmp_path_factory):
+    """This module builds its data afresh, once, with a private on-disk cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMZERO_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(tasks, "_CACHE", {})
+        yield
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_api_and_disjoint_splits(name):
+    task = get_task(name, **SMALL)
+    assert task.name == name and task.scale == "embedded"
+    assert task.default_difficulty in task.difficulty_levels
+    splits = {s: task.examples(s) for s in ("train", "dev", "test")}
+    assert len(splits["dev"]) == 40 and len(splits["test"]) == 60
+    assert 150 <= len(splits["train"]) <= 200  # train drops the prompts of dev and test
+    prompts = {s: {e.prompt for e in ex} for s, ex in splits.items()}
+    assert not prompts["train"] & prompts["dev"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["dev"] & prompts["test"]
+    assert len(prompts["dev"]) == 40 and len(prompts["test"]) == 60  # no duplicates
+    for ex in splits["dev"] + splits["test"]:
+        assert isinstance(ex, Example) and ex.meta["difficulty"] == task.default_difficulty
+    assert task.examples("dev") is splits["dev"]  # cached
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_solutions_earn_full_reward_and_wrong_answers_do_not(name):
+    task = get_task(name, **SMALL)
+    for ex in task.examples("dev") + task.examples("train")[:50]:
+        assert task.score(ex.solution, ex) == 1.0 and task.is_correct(ex.solution, ex)
+    # Another example's solution is well formatted but (almost always) wrong: 0.1.
+    dev = task.examples("dev")
+    wrong = [task.score(dev[i + 1].solution, dev[i]) for i in range(len(dev) - 1)]
+    assert statistics.mean(wrong) < 0.5
+    assert all(w in (0.1, 1.0) for w in wrong)
+    assert task.score("I do not know", dev[0]) == 0.0
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_difficulty_controls_train_only(name):
+    task = get_task(name, **{**SMALL, "train_size": 60})
+    levels = task.difficulty_levels
+    assert len(levels) >= 3
+    lengths = []
+    for level in levels:
+        train = task.examples("train", level)
+        assert {e.meta["difficulty"] for e in train} == {level}
+        assert not {e.prompt for e in train} & {e.prompt for e in task.examples("test")}
+        lengths.append(statistics.mean(len(e.solution) for e in train))
+    # Harder levels need longer (or equal) worked solutions, so completion length matters.
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
+    with pytest.raises(ValueError, match="fixed"):
+        task.examples("dev", levels[-1])
+    with pytest.raises(ValueError):
+        task.examples("train", 99)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_embedded_prompts_and_solutions_are_compact(name):
+    dev = get_task(name, **SMALL).examples("dev")
+    assert max(len(e.prompt) for e in dev) <= 100
+    assert max(len(e.solution) for e in dev) <= 48  # fits the default max_completion_length
+    assert all(e.prompt.isascii() and e.solution.isascii() for e in dev)
+
+
+def test_seeded_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMZERO_CACHE", str(tmp_path))
+    monkeypatch.setattr(tasks, "_CACHE", {})
+    first = get_task("countdown", train_size=10, dev_size=10, test_size=10).examples("dev")
+    assert list((tmp_path / "tasks").glob("countdown-*.json"))
+    monkeypatch.setattr(tasks, "_CACHE", {})
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("should have been read from the disk cache")
+
+    monkeypatch.setattr(type(get_task("countdown")), "generate", no_generation)
+    again = get_task("countdown", train_size=10, dev_size=10, test_size=10).examples("dev")
+    assert [(e.prompt, e.answer, e.solution, e.meta) for e in again] == [
+        (e.prompt, e.answer, e.solution, e.meta) for e in first
+    ]
+    monkeypatch.undo()
+    monkeypatch.setenv("LLMZERO_CACHE", "off")
+    other = get_task("countdown", seed=1, train_size=10, dev_size=10, test_size=10).examples("dev")
+    assert {e.prompt for e in other} != {e.prompt for e in first}
+
+
+def test_get_task_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("chess")
+    with pytest.raises(ValueError, match="scale"):
+        get_task("gsm8k", scale="huge")
+
+
+# ----- checkers -----
+
+
+def test_gsm8k_answer_extraction():
+    assert hash_answer("5+5=10\n#### 10") == "10"
+    assert hash_answer("#### 1,000") == "1000" and hash_answer("#### $12.") == "12"
+    assert hash_answer("#### 3\n#### 4") == "4"  # the last one counts
+    assert hash_answer("#### 9**9") is None and hash_answer("#### ٥") is None
+    assert hash_answer("no answer") is None
+    assert math_equal("1000", "1000") and math_equal("1000.0", "1000")
+    assert not math_equal("999", "1000")
+
+
+def test_math_answer_extraction_and_equivalence():
+    assert boxed_answer("so \\boxed{\\frac{2}{3}} done") == "\\frac{2}{3}"
+    assert boxed_answer("\\boxed{1} then \\boxed{2}") == "2"
+    assert boxed_answer("\\boxed{unclosed") is None and boxed_answer("\\boxed{}") is None
+    assert math_equal("\\frac{2}{3}", "2/3") and math_equal("4/6", "2/3")
+    assert math_equal("0.5", "\\frac{1}{2}")
+    assert not math_equal("3/2", "2/3")
+    assert equation_solution("7*(8*l+5)=315", "l") == (
+        "56*l+35=315\n56*l=280\nl=5\n\\boxed{5}",
+        "5",
+    )
+    assert equation_solution("8-o=6", "o") == ("-o=-2\no=2\n\\boxed{2}", "2")
+    assert equation_solution("x*x=4", "x") is None  # not linear
+
+
+def test_countdown_checker():
+    task = get_task("countdown", **SMALL)
+    ex = Example("Use 3,5,7 to make 22.\n", "3*5+7", "", {"numbers": [3, 5, 7], "target": 22})
+    assert task.score("<answer>3*5+7</answer>", ex) == 1.0
+    assert task.score("<answer> 7 + 5 * 3 = 22 </answer>", ex) == 1.0
+    assert task.score("<answer>(3*5)+7</answer>", ex) == 1.0
+    assert task.score("<answer>3*5+7+0</answer>", ex) == 0.1  # 0 is not a given number
+    assert task.score("<answer>3*5+5+2</answer>", ex) == 0.1  # 5 used twice, 7 never
+    assert task.score("<answer>15+7</answer>", ex) == 0.1
+    assert task.score("<answer>3*5-7</answer>", ex) == 0.1
+    assert task.score("<answer>3/(5-5)+7</answer>", ex) == 0.0  # division by zero: not valid
+    assert task.score("<answer>3 x 5 + 7</answer>", ex) == 0.0
+    assert task.score("3*5+7", ex) == 0.0  # no tags
+    fractions = Example("", "", "", {"numbers": [8, 3, 3], "target": 8})
+    assert task.is_correct("<answer>8/3*3</answer>", fractions)  # exact, not float
+    tree = solve([4, 7, 2, 9], 46)
+    assert tree is not None and arith.evaluate(tree) == 46
+    assert sorted(arith.leaves(tree)) == [2, 4, 7, 9]
+    assert solve([1, 1, 1], 100) is None
+
+
+def test_arith_parser_bounds():
+    assert arith.evaluate(arith.parse("2*(3+4)-10/5")) == 12
+    assert arith.to_text(arith.parse("(1+2)*(3-(4-5))")) == "(1+2)*(3-(4-5))"
+    assert arith.to_text(arith.parse("((1+2))+3")) == "1+2+3"
+    for bad in [
+        "",
+        "-1",
+        "1.5",
+        "2**3",
+        "1+",
+        "(1",
+        "1)",
+        "a",
+        "1e5",
+        "٣",
+        "(" * 13 + "1" + ")" * 13,
+    ]:
+        assert arith.parse(bad) is None, bad
+    assert arith.parse("(" * 12 + "1" + ")" * 12) is not None
+
+
+def test_logic_checker():
+    task = get_task("logic", **SMALL)
+    ex = Example("", "A=knight,B=knave", "", {"names": ["A", "B"], "solution": [True, False]})
+    assert task.score("<answer>A=knight,B=knave</answer>", ex) == 1.0
+    assert task.score("<answer>(1) A is a knight\n(2) B is a knave</answer>", ex) == 1.0
+    assert task.score("<answer>B=knave, A=Knight</answer>", ex) == 1.0
+    assert task.score("<answer>A=knave,B=knave</answer>", ex) == 0.1
+    assert task.score("<answer>A=knight</answer>", ex) == 0.0  # incomplete
+    assert task.score("<answer>A=knight,A=knave,B=knave</answer>", ex) == 0.0  # contradictory
+    assert task.score("<answer>A=knight,B=knave,C=knight</answer>", ex) == 0.0  # not these people
+    assert parse_assignment("(1) Zoey is a knave (2) Oliver is a knight") == {
+        "zoey": False,
+        "oliver": True,
+    }
+    assert tagged_answer("<answer>x</answer> <answer>y</answer>") == "y"
