@@ -211,9 +211,10 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
 
 def fingerprint(spec: RunSpec) -> str:
     """What must match for a saved run to count as this run (the key alone is not enough)."""
+    kwargs = {k: v for k, v in spec.make_kwargs.items() if k != "run_dir"}  # where, not what
     return json.dumps({"env_id": spec.env_id, "env_kwargs": spec.env_kwargs,
                        "budget": spec.budget, "controller": spec.make_name or spec.controller,
-                       "controller_kwargs": spec.make_kwargs}, sort_keys=True, default=str)
+                       "controller_kwargs": kwargs}, sort_keys=True, default=str)
 
 
 def _progress(console: Console) -> Progress:
@@ -267,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 bars.advance(total, max(spec.budget, 1) - spent.pop(spec.key, 0))
                 if spec.key in run_bars:
                     bars.remove_task(run_bars.pop(spec.key))
+                err_path = out / "errors" / (runlog.run_filename(*spec.key)[:-3] + ".txt")
                 if rec is None:
                     failures.append(spec.label())
-                    err_path = out / "errors" / (runlog.run_filename(*spec.key)[:-3] + ".txt")
                     err_path.parent.mkdir(parents=True, exist_ok=True)
                     err_path.write_text(err or "")
                     last = (err or "").strip().splitlines()[-1:] or ["?"]
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 rec.settings["fingerprint"] = fingerprint(spec)
                 runlog.save_run(out, rec)
+                err_path.unlink(missing_ok=True)  # an earlier attempt's failure is history
                 done[rec.key] = rec
                 runlog.write_combined(out, [done[s.key] for s in specs if s.key in done])
                 bars.console.print(
