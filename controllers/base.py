@@ -146,7 +146,8 @@ class Tracker:
             self.best_dev = dev
             self.best_state = self.env.unwrapped.save_state()
             self.best_schedule = [plain(h) for h in schedule]
-        self.anytime.append((self.spent, self.best_dev))
+        # max: a resumed search's curve already holds the best of its earlier processes.
+        self.anytime.append((self.spent, max(self.best_dev, self.anytime[-1][1])))
         return dev, bool(terminated or truncated)
 
     def cost(self) -> dict[str, float]:

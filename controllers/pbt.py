@@ -27,6 +27,7 @@ class Member:
     schedule: list[dict[str, Any]] = field(default_factory=list)   # stages that made `state`
     dev: float = float("-inf")
     parent: int | None = None          # who it copied at the last exploit
+    dead: bool = False                 # its last stage diverged: the env cannot train it further
 
 
 @dataclass
@@ -52,10 +53,13 @@ class PBT:
 
         for r in range(rounds):
             for i, m in enumerate(members):
+                if m.dead:                     # only when every member has diverged
+                    continue
                 tracker.load(m.state)
                 path = m.schedule + [dict(m.hparams)]
-                m.dev, _ = tracker.step(path)
+                m.dev, done = tracker.step(path)
                 m.state, m.schedule = env.unwrapped.save_state(), path
+                m.dead = done and r < horizon - 1      # truncated before the episode's end
                 tracker.trials.append({"round": r, "member": i, "hparams": dict(m.hparams),
                                        "dev": m.dev, "parent": m.parent})
             if r < rounds - 1:
@@ -77,13 +81,16 @@ def exploit(members: list[Member], frac: float, rng: np.random.Generator) -> lis
     k = max(1, int(len(members) * frac)) if len(members) >= 2 else 0
     # Stable sort by dev (ties keep index order), so the ranking is deterministic.
     order = sorted(range(len(members)), key=lambda i: -members[i].dev)
-    top, bottom = order[:k], order[len(members) - k:]
+    top = [i for i in order if not members[i].dead][:k]
+    # Diverged members are always replaced, whatever their rank.
+    bottom = sorted(set(order[len(members) - k:]) | {i for i in order if members[i].dead})
+    bottom = [i for i in bottom if i not in top] if top else []
     pairs = []
     for child in bottom:
         parent = top[int(rng.integers(len(top)))]
         src, dst = members[parent], members[child]
         dst.state, dst.hparams, dst.schedule = src.state, dict(src.hparams), list(src.schedule)
-        dst.dev, dst.parent = src.dev, parent
+        dst.dev, dst.parent, dst.dead = src.dev, parent, False
         pairs.append((child, parent))
     return pairs
 

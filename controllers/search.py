@@ -5,23 +5,24 @@ value is the best dev score on its path. Trials run only while a *full* trial fi
 remaining budget, so every trial is comparable and Optuna never learns from a truncated one; the
 remainder (budget mod stages) is left unspent and the RunResult's cost says so.
 
-Studies are ask-and-tell over any Optuna storage. With ``storage="path.journal"`` a
-JournalFileBackend keeps the trials and a ``.best.pt`` file beside it keeps the best state, so a
-search that was interrupted resumes: finished trials are not re-run, their stages count against
-the budget, and a trial killed mid-way (left RUNNING) is marked FAIL and its parameters are
-enqueued to run again first. One worker per study.
+Studies are ask-and-tell over any Optuna storage; ``storage="path.journal"`` uses a
+JournalFileBackend, so an interrupted search resumes: finished trials are not re-run and their
+stages count against the budget (the budget is the whole study's), and a trial killed mid-way
+(left RUNNING) is marked FAIL, its paid stages counted, and its parameters enqueued to run first.
+Env states cannot be pickled, so when the best state belongs to an earlier process it is rebuilt
+at the end by replaying that trial's schedule up to its best stage from the root (deterministic
+on CPU); those stages are reserved from the budget while that trial is the best. One worker per
+study.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import optuna
-import torch
 from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -63,14 +64,16 @@ class OptunaSearch:
         storage = None if self.storage is None else JournalStorage(JournalFileBackend(self.storage))
         study = optuna.create_study(storage=storage, sampler=self.sampler(tracker.space, seed),
                                     study_name=name, direction="maximize", load_if_exists=True)
-        best_file = None if self.storage is None else f"{self.storage}.{name}.best.pt"
-        _resume(study, tracker, best_file)
+        replay = _resume(study, tracker)       # (dev, schedule prefix) of an earlier best state
 
-        while tracker.remaining >= n_stages and not self.exhausted(study):
+        def reserve() -> int:
+            return len(replay[1]) if replay and replay[0] > tracker.best_dev else 0
+
+        while tracker.remaining - reserve() >= n_stages and not self.exhausted(study):
             trial = study.ask()
             schedule = self.suggest(trial, tracker.space, n_stages)
             trial.set_user_attr("schedule", schedule)
-            start, best_before = counters(env), tracker.best_dev
+            start = counters(env)
 
             def progress(i: int, dev: float, trial=trial, start=start) -> None:
                 # Written after every stage, so stages of a trial killed mid-way are still paid.
@@ -81,9 +84,10 @@ class OptunaSearch:
             trial.set_user_attr("dev_scores", devs)
             _tell(study, trial.number, max(devs))
             tracker.trials.append(_record(study.trials[trial.number]))
-            if best_file is not None and tracker.best_dev > best_before:
-                torch.save({"state": tracker.best_state, "dev": tracker.best_dev,
-                            "schedule": tracker.best_schedule}, best_file)
+        if reserve() and tracker.remaining >= reserve():
+            devs = run_schedule(tracker, replay[1])
+            tracker.trials.append({"replay": True, "schedule": replay[1], "dev_scores": devs,
+                                   "stages": len(devs)})
         return tracker.result(self.name)
 
 
@@ -183,8 +187,9 @@ def _record(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "stages": int(t.user_attrs.get("cost", {}).get("stages", 0))}
 
 
-def _resume(study: optuna.Study, tracker: Tracker, best_file: str | None) -> None:
-    """Account for the trials earlier processes ran, and restore their best state."""
+def _resume(study: optuna.Study, tracker: Tracker) -> tuple[float, list[dict]] | None:
+    """Count the trials of earlier processes; return the best earlier (dev, schedule prefix)."""
+    best: tuple[float, list[dict]] | None = None
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING:
             # Killed mid-trial: its training is lost with that process, so it runs again.
@@ -197,14 +202,12 @@ def _resume(study: optuna.Study, tracker: Tracker, best_file: str | None) -> Non
         rec = _record(study.trials[t.number])
         rec["resumed"] = True
         tracker.trials.append(rec)
-        before, best = int(tracker.prior["stages"]) - rec["stages"], tracker.anytime[-1][1]
+        before, curve = int(tracker.prior["stages"]) - rec["stages"], tracker.anytime[-1][1]
         for i, dev in enumerate(rec["dev_scores"]):
-            best = max(best, dev)
-            tracker.anytime.append((before + i + 1, best))
+            if dev > curve:      # curve starts at the base dev score: strictly better states only
+                best = (dev, rec["schedule"][: i + 1])
+            curve = max(curve, dev)
+            tracker.anytime.append((before + i + 1, curve))
         if not rec["dev_scores"] and rec["stages"]:    # a killed trial: paid for, nothing kept
-            tracker.anytime.append((int(tracker.prior["stages"]), best))
-    if best_file is not None and os.path.exists(best_file):
-        saved = torch.load(best_file, weights_only=False)
-        if saved["dev"] > tracker.best_dev:
-            tracker.best_dev, tracker.best_state = saved["dev"], saved["state"]
-            tracker.best_schedule = saved["schedule"]
+            tracker.anytime.append((int(tracker.prior["stages"]), curve))
+    return best

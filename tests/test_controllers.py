@@ -1,0 +1,251 @@
+"""Controllers on the real env, tiny: budgets, results, determinism, resume, PBT copies."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import controllers
+import metaenv  # noqa: F401  (registers the env ids)
+from controllers.base import RunResult
+from controllers.pbt import Member, exploit
+from controllers.skills import Skill, SkillLibrary, StateSummary, moves, propose
+from inner.models import tiny_gpt2
+from inner.sft import sft
+from inner.tasks import get_task
+from inner.tokenizer import build_char_tokenizer
+from metaenv import pathologies as P
+from metaenv.hparams import build_hparam_space
+
+STAGES = 2
+# 2 prompts x 4 generations of <= 24 chars, 8 dev examples, 1 step a stage: ~0.2 s a stage.
+# lr 3e-2 wrecks the model and 1e-3 helps it, so dev scores differ between schedules.
+GRID = {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0],
+        "epsilon": [0.2], "num_generations": [4], "max_completion_length": [16, 24]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A ~40k-parameter GPT-2 with 80 SFT steps: it writes '#### n', so mean scores move."""
+    path = tmp_path_factory.mktemp("sft-tiny")
+    tokenizer = build_char_tokenizer()
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=256, seed=0)
+    pairs = [(e.prompt, e.solution) for e in get_task("gsm8k").examples("train")[:512]]
+    sft(model, tokenizer, pairs, steps=80, lr=3e-3, batch_size=32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_env(model_dir: str) -> gym.Env:
+    return gym.make("LLMZero-GSM8K-v0", model=model_dir, stages=STAGES, steps_per_stage=1,
+                    dev_size=8, test_size=4, eval_max_new_tokens=24, dev_metric="mean_score",
+                    fixed_hparams={"prompts_per_step": 2}, hparam_grid=GRID)
+
+
+def stages_of(env: gym.Env) -> int:
+    return env.unwrapped.budget.stages
+
+
+def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> None:
+    space = env.unwrapped.hparams
+    assert isinstance(result, RunResult)
+    assert spent <= budget and result.cost["stages"] == spent
+    assert set(result.cost) >= {"stages", "tokens", "seconds", "llm_tokens"}
+    assert len(result.schedule) <= STAGES
+    for hp in result.schedule:
+        space.encode(hp)  # every stage of the chosen path is on the grid
+    # The chosen state is the best dev state seen, the root included, and the anytime curve ends
+    # there; the env is left loaded with it and the harness can load it again and test it.
+    xs, ys = zip(*result.anytime, strict=True)
+    assert xs[0] == 0 and list(xs) == sorted(xs) and xs[-1] == spent
+    assert list(ys) == sorted(ys) and ys[-1] == result.dev_score >= result.base_dev_score
+    assert env.unwrapped.dev_score == result.dev_score
+    env.unwrapped.load_state(result.final_state)
+    assert env.unwrapped.dev_score == result.dev_score
+    assert env.unwrapped.stage == len(result.schedule)
+
+
+# Exact spends for budget 5 with 2-stage episodes, as each controller documents.
+EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 4, "random": 4, "tpe": 4, "pbt": 4,
+                  "skills": 4}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SPEND))
+def test_controller_spends_within_budget_and_is_deterministic(model_dir, name):
+    env, budget, runs = make_env(model_dir), 5, []
+    for _ in range(2):
+        before = stages_of(env)
+        result = controllers.make(name).run(env, budget, seed=3)
+        spent = stages_of(env) - before
+        check_result(env, result, budget, spent)
+        assert spent == EXPECTED_SPEND[name] and result.name == name and result.seed == 3
+        runs.append(result)
+    a, b = runs
+    assert a.schedule == b.schedule and a.dev_score == b.dev_score and a.anytime == b.anytime
+    assert a.trials == b.trials
+    if name == "progressive":  # lengths grow along the grid, the rest at the defaults
+        assert [t["max_completion_length"] for t in a.trials[0]["schedule"]] == [16, 24]
+    env.close()
+
+
+def test_harness_scores_the_chosen_state_on_test(model_dir):
+    env = make_env(model_dir)
+    result = controllers.make("fixed").run(env, 4, seed=0)
+    env.unwrapped.load_state(result.final_state)
+    assert 0.0 <= env.unwrapped.evaluate_test() <= 1.0
+    env.close()
+
+
+def test_make_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        controllers.make("nope")
+    for name in EXPECTED_SPEND:
+        assert name in str(err.value)
+    assert isinstance(controllers.make("tpe", n_startup_trials=2), controllers.Controller)
+
+
+def test_grid_stops_when_exhausted(model_dir):
+    env = make_env(model_dir)
+    grid = controllers.make("grid")
+    coarse = grid.coarse(env.unwrapped.hparams)
+    assert coarse == {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0]}
+    result = grid.run(env, 100, seed=0)
+    configs = {tuple(t["schedule"][0][p] for p in coarse) for t in result.trials}
+    assert len(result.trials) == len(configs) == 4 and result.cost["stages"] == 4 * STAGES
+    env.close()
+
+
+class Interrupt(gym.Wrapper):
+    """The real env, interrupted (as by Ctrl-C) before its `at`-th step."""
+
+    def __init__(self, env: gym.Env, at: int) -> None:
+        super().__init__(env)
+        self.at, self.calls = at, 0
+
+    def step(self, action):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("name", ["tpe", "grid"])
+def test_interrupted_optuna_search_resumes_without_repeating_trials(model_dir, tmp_path, name):
+    storage = str(tmp_path / "study.journal")
+    # First process: trial 0 finishes (2 stages), trial 1 is interrupted after its first stage.
+    env = Interrupt(make_env(model_dir), at=4)
+    with pytest.raises(KeyboardInterrupt):
+        controllers.make(name, storage=storage).run(env, 8, seed=1)
+    assert stages_of(env) == 3
+    study = optuna.load_study(study_name=f"{name}-seed1",
+                              storage=optuna.storages.JournalStorage(
+                                  optuna.storages.journal.JournalFileBackend(storage)))
+    first = study.trials
+    assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
+
+    # Second process, same storage, bigger budget: the budget is the whole study's.
+    env2 = make_env(model_dir)
+    result = controllers.make(name, storage=storage).run(env2, 9, seed=1)
+    resumed = [t for t in result.trials if t.get("resumed")]
+    new = [t for t in result.trials if not t.get("resumed") and not t.get("replay")]
+    replay = [t for t in result.trials if t.get("replay")]
+    assert [t["number"] for t in resumed] == [0, 1]
+    assert resumed[0]["schedule"] == first[0].user_attrs["schedule"]
+    assert resumed[1]["state"] == "FAIL" and resumed[1]["stages"] == 1
+    # Trial 0 is never run again; the interrupted trial's parameters run first, as trial 2.
+    assert [t["number"] for t in new] == list(range(2, 2 + len(new))) and new
+    assert new[0]["schedule"] == first[1].user_attrs["schedule"]
+    spent2 = stages_of(env2)
+    assert spent2 == sum(t["stages"] for t in new) + sum(t["stages"] for t in replay)
+    assert result.cost["stages"] == 3 + spent2 <= 9
+    best_seen = max(d for t in result.trials if not t.get("replay") for d in t["dev_scores"])
+    assert result.dev_score == max(best_seen, result.base_dev_score)
+    env2.unwrapped.load_state(result.final_state)
+    assert env2.unwrapped.dev_score == result.dev_score
+    env2.close()
+
+
+def test_pbt_exploit_copies_the_parents_state(model_dir):
+    env = make_env(model_dir)
+    u = env.unwrapped
+    env.reset(seed=0)
+    root = u.save_state()
+    members = []
+    for lr in (1e-3, 3e-2):
+        u.load_state(root)
+        hp = {**u.hparams.decode(u.hparams.default_action()), "learning_rate": lr}
+        _, _, _, _, info = env.step(u.hparams.encode(hp))
+        members.append(Member(u.save_state(), hp, [hp], info["dev_score"]))
+
+    def weights(state):
+        u.load_state(state)
+        return {k: v.clone() for k, v in u.trainer.model.state_dict().items()}
+
+    before = [weights(m.state) for m in members]
+    assert any(not torch.equal(before[0][k], before[1][k]) for k in before[0])
+    pairs = exploit(members, 0.5, np.random.default_rng(0))
+    assert len(pairs) == 1
+    child, parent = pairs[0]
+    assert members[parent].dev >= members[child].dev
+    assert members[child].hparams == members[parent].hparams
+    copied = weights(members[child].state)
+    assert all(torch.equal(before[parent][k], copied[k]) for k in copied)
+    # Training the child from the copy leaves the parent's state untouched.
+    u.load_state(members[child].state)
+    env.step(u.hparams.encode(members[child].hparams))
+    trained = u.trainer.model.state_dict()
+    assert any(not torch.equal(before[parent][k], trained[k]) for k in trained)
+    assert all(torch.equal(before[parent][k], v) for k, v in weights(members[parent].state).items())
+    env.close()
+
+
+# ---- the skills library (the real action space, no training) ------------------------------------
+
+SPACE, _ = build_hparam_space("gsm8k", difficulty_levels=(1, 2, 3), default_difficulty=2)
+DEFAULTS = SPACE.decode(SPACE.default_action())
+
+
+def test_propose_returns_k_distinct_on_grid_candidates_ranked_by_priority():
+    summary = StateSummary(DEFAULTS, metrics=[{"kl": 2.0, "entropy": 1.0}], dev_scores=(0.3, 0.31))
+    assert summary.pathologies == (P.KL_BLOWUP,)     # detected from the metrics when not given
+    out = propose(summary, SPACE, 5)
+    assert len(out) == 5 and all(a != b for i, a in enumerate(out) for b in out[i + 1:])
+    for hp in out:
+        SPACE.encode(hp)
+    top = out[0]  # kl blow-up: beta up, lr down, epsilon tighter, all at once
+    assert (top["beta"], top["learning_rate"], top["epsilon"]) == (0.1, 3e-5, 0.1)
+    assert out[1] == DEFAULTS                        # then "keep", then exploration moves
+
+
+def test_skills_fire_on_their_diagnoses():
+    def first(**kw):
+        return SkillLibrary().proposals(StateSummary(DEFAULTS, **kw), SPACE, 1)[0]
+
+    assert first(pathologies=[P.DIVERGENCE]).skill == "divergence"
+    assert first(pathologies=[P.ENTROPY_COLLAPSE]).hparams["temperature"] == 1.3
+    assert first(pathologies=[P.HIGH_TRUNCATION]).hparams["max_completion_length"] == 64
+    zero = [{"frac_reward_zero_std": 1.0, "reward": 0.0}]
+    assert first(metrics=zero, pathologies=[P.ZERO_VARIANCE_GROUPS]).hparams["difficulty"] == 1
+    saturated = [{"frac_reward_zero_std": 1.0, "reward": 1.0}]
+    assert first(metrics=saturated, pathologies=[P.ZERO_VARIANCE_GROUPS]).hparams[
+        "difficulty"] == 3
+    assert first(dev_scores=(0.5, 0.4), pathologies=[]).skill == "regression"
+    assert first(pathologies=[]).skill == "keep"      # healthy: keep course
+    # A remedy blocked at the grid's edge is skipped: at the longest length, truncation yields.
+    longest = {**DEFAULTS, "max_completion_length": 96}
+    got = propose({"hparams": longest, "pathologies": [P.HIGH_TRUNCATION]}, SPACE, 1)
+    assert got == [longest]
+
+
+def test_users_can_add_skills():
+    lower_temp = Skill("cool_down", lambda s: s.mean("entropy") > 3.0,
+                       moves(("temperature", -1)), priority=200)
+    lib = SkillLibrary(extra=[lower_temp])
+    hot = StateSummary(DEFAULTS, metrics=[{"entropy": 4.0}], pathologies=[])
+    assert lib.proposals(hot, SPACE, 1)[0].skill == "cool_down"
+    assert propose(hot, SPACE, 1, library=lib)[0]["temperature"] == 0.7
+    assert "cool_down" not in [s.name for s in controllers.skills.DEFAULT_LIBRARY.skills]
