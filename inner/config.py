@@ -14,6 +14,9 @@ class GRPOConfig:
 
     learning_rate: float = 1e-4
     beta: float = 0.04  # k3 KL coefficient; the reference model is always kept, so 0 -> >0 works
+    # TRL 1.16 default: weight the per-token KL by the (differentiable) policy ratio, which makes
+    # its gradient the unbiased reverse-KL gradient; it changes the gradient even on-policy.
+    use_bias_correction_kl: bool = True
     epsilon: float = 0.2  # lower clip of the policy ratio
     epsilon_high: float | None = None  # upper clip; None -> epsilon
     temperature: float = 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
 
 def group_advantages(
@@ -41,23 +42,53 @@ def completion_logps(
     num_completion_tokens: int,
     temperature: float = 1.0,
     compute_entropy: bool = False,
+    num_generations: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (and entropies) of the last num_completion_tokens of each row.
 
     Logits are divided by the sampling temperature, as TRL does. Position ids come from the
-    attention mask so left-padded rows see the positions they were sampled with.
+    attention mask so left-padded rows see the positions they were sampled with. With
+    num_generations > 1, consecutive groups of rows share one prompt: it is run once per group and
+    its KV cache is shared by the group's completions (same function, and the gradient still
+    flows through the shared prompt; fewer FLOPs than recomputing it for every row).
     """
+    n = num_completion_tokens
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    # Only the completion's logits are needed: logits_to_keep skips the LM head on the prompt.
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=False,
-        logits_to_keep=num_completion_tokens + 1,
-    ).logits[:, :-1]
-    logps_all = (logits.float() / temperature).log_softmax(-1)
-    targets = input_ids[:, -num_completion_tokens:]
+    if num_generations == 1:
+        # Only the completion's logits are needed: logits_to_keep skips the LM head on the prompt.
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=n + 1,
+        ).logits[:, :-1]
+    else:
+        prompt_len = input_ids.size(1) - n
+        cache = DynamicCache(config=model.config)
+        prefix = model(
+            input_ids=input_ids[::num_generations, :prompt_len],
+            attention_mask=attention_mask[::num_generations, :prompt_len],
+            position_ids=positions[::num_generations, :prompt_len],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the last prompt position predicts the first completion token
+        )
+        cache.batch_repeat_interleave(num_generations)
+        rest = model(
+            input_ids=input_ids[:, prompt_len:-1] if n > 1 else input_ids[:, prompt_len:prompt_len],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, prompt_len:-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        first = prefix.logits[:, -1:].repeat_interleave(num_generations, dim=0)
+        logits = torch.cat([first, rest.logits], dim=1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps_all = logits.log_softmax(-1)
+    targets = input_ids[:, -n:]
     logps = logps_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if compute_entropy:
@@ -79,6 +110,7 @@ def grpo_loss(
     epsilon_high: float,
     loss_type: str,
     max_completion_length: int,
+    use_bias_correction_kl: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-ratio GRPO loss with optional k3 KL; returns (loss, detached per-batch statistics).
 
@@ -96,6 +128,8 @@ def grpo_loss(
     if beta != 0.0:
         # k3 estimator of KL(policy || reference), per token.
         per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * ratio
         per_token_loss = per_token_loss + beta * per_token_kl
 
     if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences

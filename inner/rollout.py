@@ -1,9 +1,73 @@
-"""Batched sampling with a KV cache, driven token by token in plain PyTorch over any causal LM."""
+"""Batched sampling with our own KV cache, token by token in plain PyTorch, over any causal LM."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache, written in place into a buffer sized for the whole rollout.
+
+    transformers' DynamicLayer concatenates (a full copy of the cache) on every token; here each
+    token is one slice assignment and attention reads a view of the filled part.
+    """
+
+    def __init__(self, max_len: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_empty(batch, heads, self.max_len, dim)
+        self.value_buffer = value_states.new_empty(
+            batch, heads, self.max_len, value_states.size(-1)
+        )
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.size(-2)
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.length = end
+        self.keys = self.key_buffer[:, :, :end]
+        self.values = self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Expand each row `repeats` times (a prompt prefilled once, then sampled G times)."""
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+def make_cache(model: torch.nn.Module, max_len: int) -> DynamicCache:
+    """The model's cache layout, its plain full-attention layers replaced by preallocated ones."""
+    cache = DynamicCache(config=model.config)
+    if not cache.layers:  # no layer types in the config: one full-attention layer per block
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() for _ in range(model.config.num_hidden_layers)]
+    cache.layers = [
+        PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -24,7 +88,11 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Exponential race: argmax(p / E), E ~ Exp(1), is an exact categorical sample. Unlike
+    # torch.multinomial it never raises on NaN probabilities (a diverged model), so the trainer can
+    # report the divergence from the loss instead of crashing inside the sampler.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
 
 
 @torch.no_grad()
@@ -39,13 +107,16 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    num_return_sequences: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Complete left-padded prompts; return (completion_ids, completion_mask), both (B, <=max_new).
+    """Complete left-padded prompts; return (completion_ids, completion_mask), (B * n, <=max_new).
 
-    The mask is 1 up to and including the first EOS; ids after it are pad_token_id. The loop stops
-    as soon as every row has produced EOS. eos_token_id=None never stops early.
+    Each prompt is prefilled once and sampled num_return_sequences times (rows prompt-major, as
+    repeat_interleave). The mask is 1 up to and including the first EOS; ids after it are
+    pad_token_id. The loop stops once every row has produced EOS; eos_token_id=None never stops.
     """
-    batch, prompt_len = prompt_ids.shape
+    unique, prompt_len = prompt_ids.shape
+    batch = unique * num_return_sequences
     device = prompt_ids.device
     # Never run past the model's position table (absolute-position models would index out of range).
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -55,25 +126,26 @@ def generate(
     # Preallocate everything the loop writes so each step is a few tensor ops, no Python per row.
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     attn = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
-    attn[:, :prompt_len] = prompt_mask
-    next_pos = prompt_mask.long().sum(-1, keepdim=True)  # position id of the first new token
+    attn[:, :prompt_len] = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
+    next_pos = attn[:, :prompt_len].sum(-1, keepdim=True)  # position id of the first new token
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = make_cache(model, prompt_len + max_new_tokens)
     was_training = model.training
     model.eval()
-    past = None
-    inputs = prompt_ids
-    positions = positions_from_mask(prompt_mask)
+    # Prefill the distinct prompts once, then copy their cache to every sample of the group.
+    output = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions_from_mask(prompt_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = output.logits[:, -1].repeat_interleave(num_return_sequences, dim=0)
+    if num_return_sequences > 1:
+        cache.batch_repeat_interleave(num_return_sequences)
     steps = 0
     for t in range(max_new_tokens):
-        output = model(
-            input_ids=inputs,
-            attention_mask=attn[:, : prompt_len + t],
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = output.past_key_values
-        logits = output.logits[:, -1]
         if greedy:
             token = logits.argmax(-1)
         else:
@@ -85,8 +157,16 @@ def generate(
             done |= token == eos_token_id
             if bool(done.all()):
                 break
-        inputs = token.unsqueeze(-1)
-        positions = next_pos + t
+        if t + 1 == max_new_tokens:
+            break  # the last token needs no forward pass
+        output = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=attn[:, : prompt_len + t + 1],
+            position_ids=next_pos + t,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = output.logits[:, -1]
     model.train(was_training)
     completion_ids = out[:, :steps]
     if eos_token_id is None:

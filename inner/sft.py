@@ -6,27 +6,22 @@ import torch
 from torch import Tensor
 
 
-def sft_batch(
-    tokenizer, pairs: list[tuple[str, str]], device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor, Tensor]:
+def sft_tensors(tokenizer, pairs: list[tuple[str, str]]) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded prompt+completion+EOS ids, attention mask, labels (-100 but completion+EOS)."""
     eos = tokenizer.eos_token_id
-    rows, labels = [], []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-        rows.append(p + c)
-        labels.append([-100] * len(p) + c)
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, width - len(r) :] = torch.tensor(r)  # left padding, as the sampler sees prompts
-        mask[i, width - len(r) :] = 1
-        lab[i, width - len(r) :] = torch.tensor(lb)
-    return ids.to(device), mask.to(device), lab.to(device)
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(c) + 1 for p, c in zip(prompts, completions, strict=True))
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        row = p + c + [eos]
+        ids[i, width - len(row) :] = torch.tensor(row)  # left padding, as the sampler sees prompts
+        mask[i, width - len(row) :] = 1
+        labels[i, width - len(c) - 1 :] = torch.tensor(c + [eos])
+    return ids, mask, labels
 
 
 def sft(
@@ -44,18 +39,19 @@ def sft(
     Batches are drawn in a seeded shuffled order (a private generator: global RNG untouched).
     """
     device = next(model.parameters()).device
+    all_ids, all_mask, all_labels = (t.to(device) for t in sft_tensors(tokenizer, pairs))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    order = torch.randperm(len(pairs), generator=generator).tolist()
-    cursor, losses = 0, []
+    order, cursor, losses = torch.randperm(len(pairs), generator=generator), 0, []
     for _ in range(steps):
-        if cursor + batch_size > len(order):
-            order = torch.randperm(len(pairs), generator=generator).tolist()
-            cursor = 0
-        batch = [pairs[i] for i in order[cursor : cursor + batch_size]]
+        if cursor + batch_size > len(order):  # new epoch, new order
+            order, cursor = torch.randperm(len(pairs), generator=generator), 0
+        rows = order[cursor : cursor + batch_size].to(device)
         cursor += batch_size
-        ids, mask, labels = sft_batch(tokenizer, batch, device)
+        mask = all_mask[rows]
+        start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
+        ids, mask, labels = all_ids[rows, start:], mask[:, start:], all_labels[rows, start:]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         loss = torch.nn.functional.cross_entropy(
@@ -65,5 +61,5 @@ def sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses

@@ -190,9 +190,6 @@ class Trainer:
         group = config.num_generations
         examples = self._next_examples(config.prompts_per_step, difficulty)
         prompt_ids, prompt_mask = self._encode([ex.prompt for ex in examples])
-        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-
         completion_ids, completion_mask = generate(
             self.model,
             prompt_ids,
@@ -203,7 +200,10 @@ class Trainer:
             temperature=config.temperature,
             top_p=config.top_p,
             generator=self.sample_generator,
+            num_return_sequences=group,
         )
+        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
         texts = self._decode(completion_ids)
         rewards = torch.tensor(
             [self.task.score(text, examples[i // group]) for i, text in enumerate(texts)],
@@ -221,12 +221,22 @@ class Trainer:
             ref_logps = None
             if config.beta != 0.0:  # skipped when beta == 0: the KL term is then exactly zero
                 ref_logps, _ = completion_logps(
-                    self.ref_model, input_ids, attention_mask, n_completion, config.temperature
+                    self.ref_model,
+                    input_ids,
+                    attention_mask,
+                    n_completion,
+                    config.temperature,
+                    num_generations=group,
                 )
             old_logps = None
             if config.num_iterations > 1:  # with one update, old == current: exp(0) ratio
                 old_logps, _ = completion_logps(
-                    self.model, input_ids, attention_mask, n_completion, config.temperature
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    n_completion,
+                    config.temperature,
+                    num_generations=group,
                 )
 
         self.model.train()
@@ -240,6 +250,7 @@ class Trainer:
                 n_completion,
                 config.temperature,
                 compute_entropy=True,
+                num_generations=group,
             )
             loss, stats = grpo_loss(
                 logps,
@@ -252,6 +263,7 @@ class Trainer:
                 epsilon_high=config.epsilon_upper,
                 loss_type=config.loss_type,
                 max_completion_length=config.max_completion_length,
+                use_bias_correction_kl=config.use_bias_correction_kl,
             )
             if not torch.isfinite(loss):
                 return {}, "divergence: non-finite loss"

@@ -1,0 +1,198 @@
+"""GRPO step throughput: our Trainer vs TRL's GRPOTrainer doing the same work, in one run.
+
+Same 0.5M-parameter GPT-2 (char tokenizer) and initial weights, same prompts (8 per step, 32
+tokens each), num_generations=8 (64 sequences), exactly max_completion_length=48 new tokens for
+every sequence (EOS disabled for both: its id is set to one the model can never sample), same beta,
+num_iterations=1, temperature 1, top_p 1, top_k off, fp32, AdamW, grad clipping 1.0. Warm-up steps
+are excluded; the per-step wall time (sampling + reward + reference + loss + backward + update) is
+the median over the timed steps. tokens/s counts generated completion tokens.
+
+    python -m benchmarks.throughput   # last line: speedup_vs_trl=<x> ours_tok_s=<y> trl_tok_s=<z>
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from inner.config import GRPOConfig
+from inner.models import tiny_gpt2
+from inner.tokenizer import build_char_tokenizer
+from inner.trainer import Trainer
+
+PROMPT_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str = ""
+    solution: str = ""
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def make_prompts(n: int) -> list[str]:
+    """n distinct prompts of exactly PROMPT_CHARS characters (= tokens, no padding)."""
+    prompts = [
+        f"Q{i:05d}: add {(i * 7919) % 1000:>3} and {(i * 31) % 1000:>3}; answer=" for i in range(n)
+    ]
+    assert all(len(p) == PROMPT_CHARS for p in prompts)
+    return prompts
+
+
+def parity_reward(completion: str) -> float:
+    """A cheap verifiable reward that varies within groups, so advantages are non-zero."""
+    return float(sum(ch.isdigit() for ch in completion) % 2)
+
+
+class BenchTask:
+    """Just enough of the Task protocol for the Trainer: train prompts and the reward."""
+
+    name, scale, difficulty_levels, default_difficulty = "bench", "embedded", (1,), 1
+
+    def __init__(self, prompts: list[str]):
+        self.train = [Example(p) for p in prompts]
+
+    def examples(self, split: str, difficulty: int | None = None) -> list[Example]:
+        return self.train
+
+    def score(self, completion: str, example: Example) -> float:
+        return parity_reward(completion)
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        return parity_reward(completion) == 1.0
+
+
+def time_ours(args, prompts: list[str], beta: float) -> list[float]:
+    tokenizer = build_char_tokenizer()
+    model = tiny_gpt2(tokenizer, seed=0)
+    trainer = Trainer(model, tokenizer, BenchTask(prompts), seed=0)
+    trainer.eos_token_id = None  # EOS disabled: every completion is exactly 48 tokens, as for TRL
+    config = GRPOConfig(
+        learning_rate=1e-4,
+        beta=beta,
+        num_generations=8,
+        prompts_per_step=8,
+        max_completion_length=args.max_completion_length,
+        loss_type="grpo",
+        num_iterations=1,
+    )
+    trainer.train_stage(config, args.warmup)
+    result = trainer.train_stage(config, args.steps)
+    assert result.diverged is None
+    assert all(m["completions/mean_length"] == args.max_completion_length for m in result.metrics)
+    return [m["step_time"] for m in result.metrics]
+
+
+def time_trl(args, prompts: list[str], beta: float) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    tokenizer = build_char_tokenizer()
+    never = len(tokenizer)  # an id outside the vocabulary: sampling can never produce it
+    with tempfile.TemporaryDirectory() as tmp:
+        # TRL rebuilds its reference model from the model's path, so save the same init there.
+        tiny_gpt2(tokenizer, seed=0).save_pretrained(f"{tmp}/model")
+        model = AutoModelForCausalLM.from_pretrained(f"{tmp}/model")
+        config = TRLConfig(
+            output_dir=f"{tmp}/out",
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            activation_checkpointing=False,
+            per_device_train_batch_size=64,
+            num_generations=8,
+            max_completion_length=args.max_completion_length,
+            beta=beta,
+            loss_type="grpo",
+            learning_rate=1e-4,
+            lr_scheduler_type="constant",
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            num_iterations=1,
+            max_grad_norm=1.0,
+            max_steps=args.warmup + args.steps,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+            generation_kwargs={"eos_token_id": never},
+        )
+        timer = StepTimer()
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=lambda completions, **kw: [parity_reward(c) for c in completions],
+            args=config,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
+        trainer.eos_token_ids = [never]  # TRL's post-generation EOS masking uses this list
+        trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
+        trainer.train()
+    lengths = trainer._metrics["train"]["completions/mean_length"]
+    assert all(x == args.max_completion_length for x in lengths), lengths
+    return timer.times[args.warmup :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate ours/TRL to share noise")
+    parser.add_argument("--max-completion-length", type=int, default=48)
+    parser.add_argument("--betas", default="0.04,0.0", help="first one is the headline")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    prompts = make_prompts(8 * (args.warmup + args.steps) * 2)
+    tokens_per_step = 64 * args.max_completion_length
+
+    summary = {}
+    for beta in [float(b) for b in args.betas.split(",")]:
+        ours, trl = [], []
+        for _ in range(args.rounds):
+            ours += time_ours(args, prompts, beta)
+            trl += time_trl(args, prompts, beta)
+        ours_s, trl_s = statistics.median(ours), statistics.median(trl)
+        summary[beta] = (tokens_per_step / ours_s, tokens_per_step / trl_s)
+        print(
+            f"beta={beta}: ours {ours_s:.3f} s/step ({summary[beta][0]:.0f} tok/s), "
+            f"TRL {trl_s:.3f} s/step ({summary[beta][1]:.0f} tok/s), speedup {trl_s / ours_s:.2f}x"
+            f"  [{len(ours)} + {len(trl)} timed steps, threads={args.threads}]",
+            flush=True,
+        )
+    extra = " ".join(
+        f"speedup_beta{beta:g}={ours / trl:.2f}" for beta, (ours, trl) in list(summary.items())[1:]
+    )
+    ours, trl = next(iter(summary.values()))
+    print(
+        f"speedup_vs_trl={ours / trl:.2f} ours_tok_s={ours:.0f} trl_tok_s={trl:.0f} {extra}".strip()
+    )
+
+
+if __name__ == "__main__":
+    main()
