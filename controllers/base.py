@@ -4,24 +4,24 @@ A controller is anything with ``run(env, budget, seed) -> RunResult``; the budge
 trained stages, counted by the env. A user's controller, in full::
 
     import controllers
-    from controllers.base import RunResult, Tracker
+    from controllers.base import Tracker, default_hparams
 
-    class Greedy:
-        name = "greedy-lr"
-
+    class HalvingLR:
+        name = "halving-lr"
         def run(self, env, budget, seed=0):
-            tracker = Tracker(env, budget, seed)          # resets, counts stages, keeps the best
-            space, path = env.unwrapped.hparams, []
-            hp = space.decode(space.default_action())
+            tracker = Tracker(env, budget, seed)   # resets; counts stages; keeps the best dev state
+            space, path = tracker.space, []
+            hp = default_hparams(space)
             while tracker.remaining > 0:
-                dev, done = tracker.step(path + [hp])     # one stage, checked against the budget
+                dev, done = tracker.step(path + [hp])   # trains one stage, inside the budget
                 path.append(hp)
-                hp = dict(hp, learning_rate=hp["learning_rate"] * 0.5)  # any rule you like
+                lower = {**hp, "learning_rate": hp["learning_rate"] / 2}
+                hp = space.decode(space.encode(lower, snap=True))   # nearest grid values
                 if done:
                     break
             return tracker.result(self.name)
 
-    controllers.register("greedy-lr", Greedy)
+    controllers.register("halving-lr", HalvingLR)   # controllers.make("halving-lr").run(env, 8)
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ def episode_stages(env: gym.Env) -> int:
 def default_hparams(space: Any) -> dict[str, Any]:
     """The task's default hyperparameters as a plain dict."""
     return plain(space.decode(space.default_action()))
-
-
-def grid_of(space: Any, name: str) -> list[Any]:
-    """The grid of absolute values of one hyperparameter."""
-    return list(space.grids[name])
 
 
 def plain(hp: dict[str, Any]) -> dict[str, Any]:

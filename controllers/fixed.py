@@ -13,7 +13,6 @@ from controllers.base import (
     Tracker,
     default_hparams,
     episode_stages,
-    grid_of,
     run_schedule,
 )
 
@@ -52,7 +51,7 @@ class Progressive(Fixed):
     def schedule(self, space: Any, stages: int) -> list[dict[str, Any]]:
         if self.param not in space.names:
             raise ValueError(f"progressive needs {self.param!r} in the action space {space.names}")
-        grid = grid_of(space, self.param)
+        grid = list(space.grids[self.param])
         # Evenly spread grid indices, non-decreasing, first stage shortest, last stage longest.
         idx = np.rint(np.linspace(0, len(grid) - 1, max(stages, 1))).astype(int)[:stages]
         base = super().schedule(space, stages)

@@ -41,9 +41,18 @@ def model_dir(tmp_path_factory):
 
 
 def make_env(model_dir: str) -> gym.Env:
+    """A fresh env (a new process would build one); most tests share the module's ``env``."""
     return gym.make("LLMZero-GSM8K-v0", model=model_dir, stages=STAGES, steps_per_stage=1,
                     dev_size=8, test_size=4, eval_max_new_tokens=24, dev_metric="mean_score",
                     fixed_hparams={"prompts_per_step": 2}, hparam_grid=GRID)
+
+
+@pytest.fixture(scope="module")
+def env(model_dir):
+    """One env for the module: every controller resets it, as the harness reuses an env."""
+    env = make_env(model_dir)
+    yield env
+    env.close()
 
 
 def stages_of(env: gym.Env) -> int:
@@ -75,8 +84,8 @@ EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 4, "random": 4, "tpe": 4
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SPEND))
-def test_controller_spends_within_budget_and_is_deterministic(model_dir, name):
-    env, budget, runs = make_env(model_dir), 5, []
+def test_controller_spends_within_budget_and_is_deterministic(env, name):
+    budget, runs = 5, []
     for _ in range(2):
         before = stages_of(env)
         result = controllers.make(name).run(env, budget, seed=3)
@@ -89,15 +98,20 @@ def test_controller_spends_within_budget_and_is_deterministic(model_dir, name):
     assert a.trials == b.trials
     if name == "progressive":  # lengths grow along the grid, the rest at the defaults
         assert [t["max_completion_length"] for t in a.trials[0]["schedule"]] == [16, 24]
-    env.close()
 
 
-def test_harness_scores_the_chosen_state_on_test(model_dir):
-    env = make_env(model_dir)
+def test_harness_scores_the_chosen_state_on_test(env):
     result = controllers.make("fixed").run(env, 4, seed=0)
     env.unwrapped.load_state(result.final_state)
     assert 0.0 <= env.unwrapped.evaluate_test() <= 1.0
-    env.close()
+
+
+def test_same_seed_same_result_on_a_fresh_env(env, model_dir):
+    fresh = make_env(model_dir)
+    a = controllers.make("skills").run(env, 3, seed=5)
+    b = controllers.make("skills").run(fresh, 3, seed=5)
+    assert (a.schedule, a.dev_score, a.trials) == (b.schedule, b.dev_score, b.trials)
+    fresh.close()
 
 
 def test_make_unknown_name_lists_valid_names():
@@ -108,15 +122,13 @@ def test_make_unknown_name_lists_valid_names():
     assert isinstance(controllers.make("tpe", n_startup_trials=2), controllers.Controller)
 
 
-def test_grid_stops_when_exhausted(model_dir):
-    env = make_env(model_dir)
+def test_grid_stops_when_exhausted(env):
     grid = controllers.make("grid")
     coarse = grid.coarse(env.unwrapped.hparams)
     assert coarse == {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0]}
     result = grid.run(env, 100, seed=0)
     configs = {tuple(t["schedule"][0][p] for p in coarse) for t in result.trials}
     assert len(result.trials) == len(configs) == 4 and result.cost["stages"] == 4 * STAGES
-    env.close()
 
 
 class Interrupt(gym.Wrapper):
@@ -146,6 +158,7 @@ def test_interrupted_optuna_search_resumes_without_repeating_trials(model_dir, t
                                   optuna.storages.journal.JournalFileBackend(storage)))
     first = study.trials
     assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
+    env.close()
 
     # Second process, same storage, bigger budget: the budget is the whole study's.
     env2 = make_env(model_dir)
@@ -169,8 +182,7 @@ def test_interrupted_optuna_search_resumes_without_repeating_trials(model_dir, t
     env2.close()
 
 
-def test_pbt_exploit_copies_the_parents_state(model_dir):
-    env = make_env(model_dir)
+def test_pbt_exploit_copies_the_parents_state(env):
     u = env.unwrapped
     env.reset(seed=0)
     root = u.save_state()
@@ -200,7 +212,6 @@ def test_pbt_exploit_copies_the_parents_state(model_dir):
     trained = u.trainer.model.state_dict()
     assert any(not torch.equal(before[parent][k], trained[k]) for k in trained)
     assert all(torch.equal(before[parent][k], v) for k, v in weights(members[parent].state).items())
-    env.close()
 
 
 # ---- the skills library (the real action space, no training) ------------------------------------
