@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from controllers.base import BudgetExceeded, Controller, RunResult, Tracker
 from controllers.fixed import Fixed, Progressive
+from controllers.llmzero import LLMZero
 from controllers.pbt import PBT
 from controllers.search import TPE, Grid, Random
 from controllers.skills import SkillAgent, SkillLibrary, propose, register_skill
@@ -27,7 +28,8 @@ def make(name: str, **kwargs) -> Controller:
 
 
 for _name, _factory in {"fixed": Fixed, "progressive": Progressive, "grid": Grid,
-                        "random": Random, "tpe": TPE, "pbt": PBT, "skills": SkillAgent}.items():
+                        "random": Random, "tpe": TPE, "pbt": PBT, "skills": SkillAgent,
+                        "llmzero": LLMZero}.items():
     register(_name, _factory)
 
 __all__ = ["REGISTRY", "BudgetExceeded", "Controller", "RunResult", "SkillLibrary", "Tracker",
