@@ -39,48 +39,47 @@ _PAPER_COMMON: dict[str, tuple] = {
     "num_generations": (4, 8, 16),
 }
 
-# Completion lengths are in tokens: characters at the embedded scale, so they follow each task's
-# solution length. `difficulty: None` means "the task's own difficulty_levels".
+# Completion lengths are in tokens: characters at the embedded scale, so each task's grid brackets
+# its worked solutions (default-level p95: gsm8k 29, math 27, countdown 43, logic 43 chars; the
+# hardest level: 64, 30, 60, 52) with one value that truncates them. `difficulty: None` means the
+# task's own difficulty_levels.
+EMBEDDED_LENGTHS = {
+    "gsm8k": (16, 32, 48, 72),
+    "math": (16, 24, 32, 48),
+    "countdown": (32, 48, 64, 80),
+    "logic": (32, 48, 64),
+}
+PAPER_LENGTHS = {
+    "gsm8k": (256, 512, 1024),
+    "math": (512, 1024, 2048),
+    "countdown": (256, 512, 1024),
+    "logic": (256, 512, 1024),
+}
+TASKS = tuple(EMBEDDED_LENGTHS)
 DEFAULT_GRIDS: dict[str, dict[str, dict[str, tuple | None]]] = {
     "embedded": {
-        "gsm8k": _EMBEDDED_COMMON | {"max_completion_length": (32, 48, 64, 96), DIFFICULTY: None},
-        "math": _EMBEDDED_COMMON | {"max_completion_length": (16, 32, 48, 64), DIFFICULTY: None},
-        "countdown": _EMBEDDED_COMMON
-        | {"max_completion_length": (16, 32, 48, 64), DIFFICULTY: None},
-        "logic": _EMBEDDED_COMMON | {"max_completion_length": (32, 48, 64, 96), DIFFICULTY: None},
+        t: _EMBEDDED_COMMON | {"max_completion_length": EMBEDDED_LENGTHS[t], DIFFICULTY: None}
+        for t in TASKS
     },
     "paper": {
-        "gsm8k": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
-        "math": _PAPER_COMMON | {"max_completion_length": (512, 1024, 2048), DIFFICULTY: None},
-        "countdown": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
-        "logic": _PAPER_COMMON | {"max_completion_length": (256, 512, 1024), DIFFICULTY: None},
+        t: _PAPER_COMMON | {"max_completion_length": PAPER_LENGTHS[t], DIFFICULTY: None}
+        for t in TASKS
     },
 }
 
 # Default value of each controlled name (what `default_action()` selects and `encode` fills in
 # before the first stage). Names absent here default to the GRPOConfig default.
+_EMBEDDED_DEFAULT_LENGTH = {"gsm8k": 48, "math": 32, "countdown": 48, "logic": 48}
 DEFAULT_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "embedded": {
-        task: {
-            "learning_rate": 1e-4,
-            "beta": 0.04,
-            "epsilon": 0.2,
-            "temperature": 1.0,
-            "num_generations": 8,
-            "max_completion_length": 48,
-        }
-        for task in ("gsm8k", "math", "countdown", "logic")
+        t: {"learning_rate": 1e-4, "beta": 0.04, "epsilon": 0.2, "temperature": 1.0,
+            "num_generations": 8, "max_completion_length": _EMBEDDED_DEFAULT_LENGTH[t]}
+        for t in TASKS
     },
     "paper": {
-        task: {
-            "learning_rate": 1e-6,
-            "beta": 0.0,
-            "epsilon": 0.2,
-            "temperature": 1.0,
-            "num_generations": 8,
-            "max_completion_length": 1024 if task == "math" else 512,
-        }
-        for task in ("gsm8k", "math", "countdown", "logic")
+        t: {"learning_rate": 1e-6, "beta": 0.0, "epsilon": 0.2, "temperature": 1.0,
+            "num_generations": 8, "max_completion_length": 1024 if t == "math" else 512}
+        for t in TASKS
     },
 }
 # Hyperparameters that are not controlled but differ from GRPOConfig's defaults, per scale.
