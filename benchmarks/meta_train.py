@@ -1,0 +1,307 @@
+"""Meta-train the ``sb3`` controller: PPO over several tasks and seeds, on surrogates or real envs.
+
+    python -m benchmarks.meta_train --collect-episodes 4   # surrogate from logs + 4 random
+                                                            # real episodes per task
+    python -m benchmarks.meta_train --logs results        # surrogate from leaderboard logs only
+    python -m benchmarks.meta_train --real --timesteps 64  # PPO on the real embedded envs (slow)
+
+By default the policy is trained on surrogate envs (benchmarks/surrogate.py) fitted per task to
+real stages: those of the leaderboard's HDF5 logs (``--logs``) made with the same env settings,
+and random episodes collected here (saved under ``<out>/data`` and reused by a rerun). Every real
+stage behind the data counts in the policy's cost. The env settings default to the leaderboard's
+quick preset, so the policy sees the episodes it is evaluated on. Writes ``<out>/policy.zip``,
+``<out>/policy.json`` (what it was trained on and what that cost) and ``<out>/surrogate.npz``; the
+last line of output is ``timesteps=<n> wall_s=<x> real_stages=<n> ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from benchmarks import runlog
+from benchmarks.leaderboard import PRESETS, TASKS
+from benchmarks.surrogate import (
+    COLLECTOR,
+    SurrogateEnv,
+    SurrogateModel,
+    collect_random,
+    dynamics_key,
+    fit,
+    read_records,
+    save_models,
+    transitions_from_record,
+)
+from controllers.sb3 import CommonActions, fit_action
+from metaenv import ENV_IDS, LLMZeroEnv
+
+QUICK = PRESETS["quick"]
+SKIP_CONTROLLERS = ("base", "sb3")  # no stages; and never learn from the policy's own runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.meta_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--logs", nargs="*", default=None, metavar="PATH",
+                   help="leaderboard outputs (a folder or .h5) to fit the surrogate to "
+                        "(default: results/ when it exists)")
+    p.add_argument("--collect-episodes", type=int, default=0, metavar="N",
+                   help="random real-env episodes per task to add to the surrogate's data")
+    p.add_argument("--real", action="store_true",
+                   help="train PPO on the real envs instead of surrogates (every step a stage)")
+    p.add_argument("--timesteps", type=int, default=None,
+                   help="PPO env steps (default: 20000 on surrogates, 8 per env on real envs)")
+    p.add_argument("--envs-per-task", type=int, default=2,
+                   help="vectorised envs per task, each with its own seed")
+    p.add_argument("--n-steps", type=int, default=None,
+                   help="PPO rollout steps per env (default: 32 episodes' worth on surrogates, "
+                        "one episode on real envs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", type=int, default=QUICK.stages)
+    p.add_argument("--steps-per-stage", type=int, default=QUICK.steps_per_stage)
+    p.add_argument("--dev-size", type=int, default=QUICK.dev_size)
+    p.add_argument("--test-size", type=int, default=QUICK.test_size)
+    p.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="more LLMZeroEnv arguments, as the leaderboard's --env-kwargs")
+    p.add_argument("--eval-episodes", type=int, default=200,
+                   help="surrogate episodes per task to compare the policy with random actions")
+    p.add_argument("--out", default="results/sb3")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    return p.parse_args(argv)
+
+
+def env_kwargs_of(a: argparse.Namespace) -> dict[str, Any]:
+    """The env arguments the policy is trained for, spelled as the leaderboard records them."""
+    return {**a.env_kwargs, "stages": a.stages, "steps_per_stage": a.steps_per_stage,
+            "dev_size": a.dev_size, "test_size": a.test_size,
+            "device": a.env_kwargs.get("device", "cpu")}
+
+
+def ppo_settings(a: argparse.Namespace, n_envs: int) -> dict[str, Any]:
+    """PPO hyperparameters; episodes are only `stages` steps long, so rollouts hold many."""
+    n_steps = a.n_steps or (a.stages if a.real else 32 * a.stages)
+    return {"n_steps": n_steps, "batch_size": min(128, n_steps * n_envs), "n_epochs": 10,
+            "learning_rate": 3e-4, "gamma": 1.0,  # the return is final dev - base dev
+            "gae_lambda": 0.95, "ent_coef": 0.01, "clip_range": 0.2,
+            "policy_kwargs": {"net_arch": [64, 64]}}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
+                   out: Path) -> tuple[list[runlog.RunRecord], dict[str, Any]]:
+    """Runs made with these env settings: the given logs, then random episodes (new or reused)."""
+    key = dynamics_key(env_kwargs)
+    paths = a.logs if a.logs is not None else (["results"] if Path("results").is_dir() else [])
+    found = read_records(paths) if paths else []
+    used = [r for r in found if r.task in a.tasks and r.controller not in SKIP_CONTROLLERS
+            and dynamics_key(r.settings.get("env_kwargs", {})) == key]
+    collected_new = 0
+    if a.collect_episodes > 0:
+        data = out / "data"
+        saved = {r.key: r for r in read_records([data])} if (data / runlog.RUNS_DIR).is_dir() \
+            else {}
+        for task in a.tasks:
+            old = saved.get((task, COLLECTOR, a.seed))
+            if (old is not None and dynamics_key(old.settings.get("env_kwargs", {})) == key
+                    and old.settings.get("episodes", 0) >= a.collect_episodes):
+                used.append(old)  # collected by an earlier run with these settings: reuse it
+                continue
+            env = gym.make(ENV_IDS[task], **env_kwargs)
+            rec = collect_random(env, a.collect_episodes, a.seed, ENV_IDS[task], env_kwargs)
+            env.close()
+            runlog.save_run(data, rec)
+            collected_new += len(rec.stages)
+            used.append(rec)
+            print(f"collected {task}: {len(rec.stages)} stages in {rec.wall_s:.0f}s "
+                  f"(base dev {rec.base_dev_score:.3f}, best dev {rec.dev_score:.3f})", flush=True)
+    by_ctrl = Counter()
+    for r in used:
+        by_ctrl[r.controller] += len(r.stages)
+    info = {"paths": [str(p) for p in paths], "runs_found": len(found), "runs_used": len(used),
+            "stages_by_controller": dict(by_ctrl), "collected_stages": collected_new}
+    return used, info
+
+
+def fit_surrogates(records: list[runlog.RunRecord], spaces_: dict[str, LLMZeroEnv],
+                   seed: int) -> dict[str, SurrogateModel]:
+    """One SurrogateModel per task from the stages of its runs."""
+    models = {}
+    for task, env in spaces_.items():
+        mine = [r for r in records if r.task == task]
+        if not mine:
+            raise SystemExit(f"no logged stages for {task} with these env settings; add "
+                             "--collect-episodes N or --logs PATH")
+        transitions = [t for r in mine
+                       for t in transitions_from_record(r, env.hparams, env.stages)]
+        models[task] = fit(transitions, task, env.hparams, env.stages,
+                           base_dev=mine[0].base_dev_score, seed=seed)
+    return models
+
+
+# ---- envs and evaluation ------------------------------------------------------------------------
+
+
+def make_vec_env(thunks: list[Callable[[], gym.Env]]) -> Any:
+    """A DummyVecEnv of Monitor-wrapped envs (episode returns for SB3's logs)."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    return DummyVecEnv([lambda t=t: Monitor(t()) for t in thunks])
+
+
+def evaluate(act: Callable[[np.ndarray, np.random.Generator], np.ndarray], env: gym.Env,
+             episodes: int, seed: int = 10_000) -> float:
+    """Mean return of ``act(obs, rng)`` over seeded episodes of ``env``."""
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        rng = np.random.default_rng(seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, r, terminated, truncated, _ = env.step(act(obs, rng))
+            total += r
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns))
+
+
+def policy_act(model: Any, nvec: np.ndarray) -> Callable[[np.ndarray, np.random.Generator],
+                                                         np.ndarray]:
+    """The policy's deterministic action, clipped to a task's grids."""
+    return lambda obs, rng: fit_action(model.predict(obs, deterministic=True)[0], nvec)
+
+
+def random_act(nvec: np.ndarray) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """Uniform random grid indices."""
+    return lambda obs, rng: rng.integers(nvec)
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    a = parse_args(argv)
+    import stable_baselines3
+    import torch
+    from stable_baselines3 import PPO
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env_kwargs = env_kwargs_of(a)
+    # Built without reset: grids, spaces and episode length, no model loaded.
+    spaces_ = {t: LLMZeroEnv(task=t, **env_kwargs) for t in a.tasks}
+    names = {tuple(e.hparams.names) for e in spaces_.values()}
+    if len(names) != 1:
+        raise SystemExit(f"the tasks control different hyperparameters {sorted(names)}; "
+                         "one policy needs one action layout")
+    common = np.max([e.hparams.nvec for e in spaces_.values()], axis=0)
+
+    surrogate: dict[str, Any] = {}
+    logs: dict[str, Any] = {}
+    if a.real:
+        thunks = [lambda t=t: CommonActions(gym.make(ENV_IDS[t], **env_kwargs), common)
+                  for t in a.tasks for _ in range(a.envs_per_task)]
+    else:
+        records, logs = gather_records(a, env_kwargs, out)
+        models = fit_surrogates(records, spaces_, a.seed)
+        save_models(out / "surrogate.npz", models)
+        surrogate = {t: {"transitions": m.n_transitions, "ridge": m.ridge,
+                         "cv_r2_dev_delta": m.cv_r2} for t, m in models.items()}
+        for t, s in surrogate.items():
+            print(f"surrogate {t}: {s['transitions']} transitions, ridge {s['ridge']}, "
+                  f"out-of-fold R2 of the dev change {s['cv_r2_dev_delta']:.2f}", flush=True)
+        thunks = [lambda t=t: CommonActions(SurrogateEnv(models[t]), common)
+                  for t in a.tasks for _ in range(a.envs_per_task)]
+    vec = make_vec_env(thunks)
+    n_envs = len(thunks)
+    settings = ppo_settings(a, n_envs)
+    timesteps = a.timesteps or (8 * n_envs if a.real else 20_000)
+
+    if not a.real:
+        # A 64x64 MLP gains nothing from threads, and on a busy 2-core machine two threads ran
+        # PPO 10x slower than one (measured); real envs keep theirs for GRPO.
+        torch.set_num_threads(1)
+    t_ppo = time.time()
+    model = PPO("MlpPolicy", vec, seed=a.seed, device="cpu", verbose=0, **settings)
+    model.learn(total_timesteps=timesteps)
+    ppo_wall = time.time() - t_ppo
+
+    if a.real:
+        budgets = [e.unwrapped.budget for e in vec.envs]
+        real_stages = int(sum(b.stages for b in budgets))
+        real_seconds = float(sum(b.seconds for b in budgets))
+    else:
+        real_stages = sum(len(r.stages) for r in records)
+        real_seconds = float(np.nansum([s.seconds for r in records for s in r.stages]))
+    vec.close()
+
+    evaluation: dict[str, Any] = {}
+    if not a.real and a.eval_episodes > 0:
+        ppo_r, rand_r = [], []
+        for t in a.tasks:
+            env = SurrogateEnv(models[t])
+            ppo_r.append(evaluate(policy_act(model, env.action_space.nvec), env, a.eval_episodes))
+            rand_r.append(evaluate(random_act(env.action_space.nvec), env, a.eval_episodes))
+        evaluation = {"episodes_per_task": a.eval_episodes,
+                      "surrogate_return_ppo": float(np.mean(ppo_r)),
+                      "surrogate_return_random": float(np.mean(rand_r)),
+                      "by_task": {t: {"ppo": p, "random": r}
+                                  for t, p, r in zip(a.tasks, ppo_r, rand_r, strict=True)}}
+
+    policy_path = out / "policy.zip"
+    model.save(policy_path)
+    wall = time.time() - t0
+    meta = {
+        "policy": policy_path.name,
+        "trained_on": "real" if a.real else "surrogate",
+        "tasks": list(a.tasks),
+        "envs_per_task": a.envs_per_task,
+        "env_kwargs": env_kwargs,
+        "hparam_names": list(next(iter(names))),
+        "nvec": {t: e.hparams.nvec.tolist() for t, e in spaces_.items()},
+        "policy_nvec": common.tolist(),
+        "timesteps": int(model.num_timesteps),
+        "wall_s": round(wall, 1),
+        "ppo_wall_s": round(ppo_wall, 1),
+        "real_stages": real_stages,
+        "real_stage_seconds": round(real_seconds, 1),
+        "logs": logs,
+        "surrogate": surrogate,
+        "ppo": settings,
+        "seed": a.seed,
+        "eval": evaluation,
+        "command": shlex.join(["python", "-m", "benchmarks.meta_train",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"stable_baselines3": stable_baselines3.__version__,
+                     "torch": torch.__version__, "gymnasium": gym.__version__},
+    }
+    (out / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {policy_path} and {out / 'policy.json'}")
+    tail = ""
+    if evaluation:
+        tail = (f" surrogate_return_ppo={evaluation['surrogate_return_ppo']:.4f}"
+                f" surrogate_return_random={evaluation['surrogate_return_random']:.4f}")
+    print(f"timesteps={model.num_timesteps} wall_s={wall:.1f} real_stages={real_stages} "
+          f"tasks={len(a.tasks)} trained_on={meta['trained_on']}{tail}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
