@@ -119,6 +119,28 @@ def test_logged_stages_rebuild_the_real_observations(logged):
         assert t.reward == pytest.approx(float(nxt[10]), abs=1e-6)  # the dev change
 
 
+def test_a_forked_stage_continues_the_state_it_was_trained_from(logged):
+    # Tree search and PBT restore states: rows of the log need not follow their parents.
+    u = logged["env"].unwrapped
+    hp = u.hparams.decode(u.hparams.default_action()) | {"max_completion_length": 16}
+    metrics = [{"reward": 0.5, "kl": 0.1, "grad_norm": 1.0, "completions/mean_length": 8.0}]
+
+    def row(stage: int, dev: float, reward: float, lr: float) -> runlog.StageRecord:
+        return runlog.StageRecord(episode=0, stage=stage, hparams=hp | {"learning_rate": lr},
+                                  dev_score=dev, reward=reward, metrics=metrics)
+
+    rows = [row(0, 0.3, 0.2, 1e-3), row(0, 0.05, -0.05, 3e-2),  # two children of the root
+            row(1, 0.4, 0.1, 3e-2),  # the child of the first (it started from dev 0.3)
+            row(1, 0.9, 0.5, 1e-3)]  # started from dev 0.4 at depth 0: no such state, skipped
+    rec = runlog.RunRecord(task="gsm8k", controller="x", seed=0, test_score=0.0, dev_score=0.4,
+                           base_dev_score=0.1, budget=4, stages_spent=4, stages=rows)
+    a, b, c = transitions_from_record(rec, u.hparams, u.stages)
+    np.testing.assert_array_equal(a.obs, b.obs)  # both from the root
+    np.testing.assert_array_equal(c.obs, a.next_obs)
+    assert c.obs[9] == pytest.approx(0.3) and c.next_obs[9] == pytest.approx(0.4)
+    assert c.obs[-1] == 0.5 and c.next_obs[-1] == 1.0  # progress
+
+
 def test_surrogate_env_has_the_real_spaces_and_passes_the_checkers(logged):
     model = surrogate_of(logged)
     real = logged["env"]
