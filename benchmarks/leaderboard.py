@@ -14,6 +14,7 @@ skips finished runs and re-runs only the one(s) in flight. The last line of outp
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -228,6 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     preset = resolve(a)
     out = Path(a.out)
+    # One leaderboard per output folder: a lock on the folder itself (no stray lock file to
+    # commit), which the OS drops when the process dies, even by kill -9, so a rerun is never
+    # locked out by the run it resumes.
+    out.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another leaderboard is writing to {out}/; wait for it or use "
+                             "another --out") from None
+        return run(a, preset, out, argv, t0)
+    finally:
+        os.close(lock_fd)
+
+
+def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None,
+        t0: float) -> int:
+    """Run what is not finished yet, save each run as it ends, then write the report."""
+    runlog.remove_temp_files(out)
     console = Console(soft_wrap=True)
     specs = build_specs(preset, a)
 

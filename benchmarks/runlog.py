@@ -227,21 +227,29 @@ def save_run(out_dir: Path, rec: RunRecord) -> Path:
 
 
 def load_runs(out_dir: Path) -> dict[tuple[str, str, int], RunRecord]:
-    """Every finished run under out_dir/runs, keyed by (task, controller, seed).
-
-    Temp files left by a killed writer are removed; they were never renamed, so no run is lost.
-    """
+    """Every finished run under out_dir/runs, keyed by (task, controller, seed); read only."""
     runs_dir = Path(out_dir) / RUNS_DIR
     if not runs_dir.is_dir():
         return {}
-    for tmp in runs_dir.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
     out = {}
     for path in sorted(runs_dir.glob("*.h5")):
         with h5py.File(path, "r") as f:
             rec = read_run(f)
         out[rec.key] = rec
     return out
+
+
+def remove_temp_files(out_dir: Path) -> int:
+    """Delete temp files a killed writer left (never renamed, so no run is lost); returns how many.
+
+    Only for the process that owns out_dir (the leaderboard holds its lock): a live writer's temp
+    file looks the same.
+    """
+    out_dir = Path(out_dir)
+    temps = [*out_dir.glob(f"{RUNS_DIR}/*.tmp"), *out_dir.glob(COMBINED + ".*.tmp")]
+    for tmp in temps:
+        tmp.unlink(missing_ok=True)
+    return len(temps)
 
 
 def write_combined(out_dir: Path, records: list[RunRecord]) -> Path:
@@ -253,8 +261,6 @@ def write_combined(out_dir: Path, records: list[RunRecord]) -> Path:
         for rec in sorted(records, key=lambda r: r.key):
             write_run(f.create_group(f"{rec.task}/{rec.controller}/seed_{rec.seed}"), rec)
 
-    for tmp in path.parent.glob(COMBINED + ".*.tmp"):
-        tmp.unlink(missing_ok=True)
     _atomic_h5(path, fill)
     return path
 
