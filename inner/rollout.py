@@ -144,6 +144,7 @@ def generate(
     logits = output.logits[:, -1].repeat_interleave(num_return_sequences, dim=0)
     if num_return_sequences > 1:
         cache.batch_repeat_interleave(num_return_sequences)
+    check_every = 1 if device.type == "cpu" else 8
     steps = 0
     for t in range(max_new_tokens):
         if greedy:
@@ -155,7 +156,8 @@ def generate(
         steps = t + 1
         if eos_token_id is not None:
             done |= token == eos_token_id
-            if bool(done.all()):
+            # Reading `done` syncs with an accelerator, so there check it only every few tokens.
+            if (t + 1) % check_every == 0 and bool(done.all()):
                 break
         if t + 1 == max_new_tokens:
             break  # the last token needs no forward pass
@@ -176,4 +178,6 @@ def generate(
         # Tokens strictly after the first EOS are masked: count EOS seen before each position.
         seen_before = is_eos.long().cumsum(-1) - is_eos.long()
         completion_mask = (seen_before == 0).long()
+        longest = int(completion_mask.sum(-1).max())  # drop columns decoded after all were done
+        completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]
     return completion_ids, completion_mask

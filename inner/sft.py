@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,10 +35,14 @@ def sft(
     batch_size: int = 32,
     seed: int = 0,
     weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    cosine: bool = False,
 ) -> list[float]:
     """Train `steps` AdamW steps of next-token loss on completion (+EOS) only; return losses.
 
-    Batches are drawn in a seeded shuffled order (a private generator: global RNG untouched).
+    The learning rate warms up linearly, then stays constant (or, with cosine=True, decays to
+    zero). Batches are drawn in a seeded shuffled order (a private generator: the global RNG is
+    untouched).
     """
     device = next(model.parameters()).device
     all_ids, all_mask, all_labels = (t.to(device) for t in sft_tensors(tokenizer, pairs))
@@ -44,7 +50,17 @@ def sft(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     order, cursor, losses = torch.randperm(len(pairs), generator=generator), 0, []
-    for _ in range(steps):
+    for step in range(steps):
+        if step < warmup_steps:
+            scale = (step + 1) / warmup_steps
+        elif not cosine:
+            scale = 1.0
+        else:
+            scale = 0.5 * (
+                1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps))
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
         if cursor + batch_size > len(order):  # new epoch, new order
             order, cursor = torch.randperm(len(pairs), generator=generator), 0
         rows = order[cursor : cursor + batch_size].to(device)

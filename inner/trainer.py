@@ -1,4 +1,16 @@
-"""The stage runner: GRPO training in stages whose hyperparameters may all change between stages."""
+"""The stage runner: GRPO training in stages whose hyperparameters may all change between stages.
+
+Per-step metrics use TRL's names and meanings, with these conventions:
+  * a step is one batch of prompts_per_step * num_generations completions followed by
+    num_iterations optimizer updates; loss, kl, entropy, clip_ratio/* and grad_norm are averaged
+    over those updates;
+  * kl is 0.0 when beta == 0 (the reference pass is skipped; TRL omits the key);
+  * num_tokens is cumulative over the Trainer's life (prompt + completion tokens, TRL's
+    num_input_tokens_seen) and is restored by load_state; StageResult.num_tokens is per stage;
+  * frac_reward_zero_std is the fraction of groups whose rewards are all equal;
+  * completions/clipped_ratio is the fraction of completions that hit max_completion_length
+    without EOS; step_time is wall-clock seconds (the only non-deterministic metric).
+"""
 
 from __future__ import annotations
 

@@ -80,6 +80,12 @@ def task():
 
 
 @pytest.fixture
+def task_factory():
+    """AdditionTask itself, for tests that need other split sizes."""
+    return AdditionTask
+
+
+@pytest.fixture
 def tiny_model(tokenizer):
     """A ~50k-parameter GPT-2: enough to exercise every code path in milliseconds."""
     return tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=128, seed=0)
