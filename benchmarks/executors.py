@@ -212,9 +212,18 @@ class RayExecutor:
 
             path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                os.environ.get("PYTHONPATH")) if p)
-            ray.init(address=address, num_cpus=None if address else num_cpus,
-                     include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            for attempt in range(3):
+                try:
+                    ray.init(address=address, num_cpus=None if address else num_cpus,
+                             include_dashboard=False, log_to_driver=False,
+                             runtime_env={"env_vars": {"PYTHONPATH": path}})
+                    break
+                except Exception as e:
+                    # A local node that misses Ray's fixed 30 s start-up window on a loaded
+                    # machine ("timed out during startup") usually starts on a second try.
+                    if address or "timed out" not in str(e) or attempt == 2:
+                        raise
+                    ray.shutdown()
         gpus = ray.cluster_resources().get("GPU", 0)
         self.gpus = int(gpus)
         self.remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=threads)(_ray_run)

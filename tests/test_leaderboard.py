@@ -1,0 +1,312 @@
+"""The leaderboard harness: statistics, HDF5 run log, kill -9 resume, names, Ray executor."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from benchmarks import report, runlog
+from benchmarks.executors import RAY_MISSING, RunSpec, make_executor
+from benchmarks.leaderboard import main
+from benchmarks.runlog import RunRecord, StageRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiniest real configuration: one-stage episodes of one step, 2 prompts x 2 completions of at
+# most 8 tokens, 4 dev/test examples. The harness is under test here, not the learning.
+TINY_ENV = {"eval_max_new_tokens": 8, "fixed_hparams": {"prompts_per_step": 2},
+            "hparam_grid": {"learning_rate": [1e-4, 1e-3], "num_generations": [2],
+                            "temperature": [1.0], "max_completion_length": [4, 8],
+                            "beta": [0.0, 0.04], "epsilon": [0.2]}}
+TINY = ["--tasks", "countdown", "--controllers", "fixed", "grid", "--budget", "2", "--stages", "1",
+        "--steps-per-stage", "1", "--dev-size", "4", "--test-size", "4", "--threads", "1",
+        "--env-kwargs", json.dumps(TINY_ENV)]
+
+
+# ---- statistics on hand-made data ----------------------------------------------------------------
+
+
+def _binomial_quantile(n: int, p: float, q: float) -> float:
+    """Smallest k/n with P(Binomial(n, p) <= k) >= q, from the exact pmf."""
+    cdf = 0.0
+    for k in range(n + 1):
+        cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if cdf >= q:
+            return k / n
+    return 1.0
+
+
+def test_bootstrap_ci_matches_the_exact_binomial_quantiles():
+    # The bootstrap mean of 0/1 data is Binomial(n, p)/n exactly, so its 2.5% and 97.5% quantiles
+    # are known in closed form. n=7, p=3/7 keeps both quantiles away from a CDF jump.
+    values = [0, 0, 0, 0, 1, 1, 1]
+    mean, lo, hi = report.bootstrap_ci(values, n_boot=40_000, seed=1)
+    assert mean == pytest.approx(3 / 7)
+    assert lo == pytest.approx(_binomial_quantile(7, 3 / 7, 0.025))
+    assert hi == pytest.approx(_binomial_quantile(7, 3 / 7, 0.975))
+    assert lo < mean < hi
+
+
+def test_bootstrap_ci_degenerate_cases_and_determinism():
+    assert report.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4, 0.4))
+    assert report.bootstrap_ci([0.25]) == pytest.approx((0.25, 0.25, 0.25))
+    assert all(math.isnan(x) for x in report.bootstrap_ci([]))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=12)
+    assert report.bootstrap_ci(x, seed=3) == report.bootstrap_ci(x, seed=3)
+    # Normal data: the percentile CI is close to mean +- 1.96 s/sqrt(n) (within bootstrap noise).
+    x = rng.normal(loc=2.0, scale=1.0, size=400)
+    mean, lo, hi = report.bootstrap_ci(x)
+    half = 1.96 * x.std() / math.sqrt(x.size)
+    assert lo == pytest.approx(mean - half, abs=0.1 * half)
+    assert hi == pytest.approx(mean + half, abs=0.1 * half)
+
+
+def _turning_points(values):
+    """Independent count of direction changes: collapse repeats, count strict local extrema."""
+    v = [x for i, x in enumerate(values) if i == 0 or x != values[i - 1]]
+    return sum(1 for i in range(1, len(v) - 1) if (v[i] > v[i - 1]) != (v[i + 1] > v[i]))
+
+
+def _share_not_down(values):
+    pairs = list(zip(values, values[1:], strict=False))
+    return sum(b >= a for a, b in pairs) / len(pairs)
+
+
+def test_structural_statistic_on_hand_made_schedules():
+    lr = [1e-4, 3e-5, 1e-4, 1e-4, 3e-5, 3e-5]  # down, up, flat, down: turns at 3e-5 and 1e-4
+    length = [32, 48, 48, 64, 32, 96]  # five transitions, one of them down
+    schedule = [{"learning_rate": a, "max_completion_length": b, "loss_type": "grpo"}
+                for a, b in zip(lr, length, strict=True)]
+    s = report.schedule_structure(schedule)
+    assert set(s) == {"learning_rate", "max_completion_length"}  # strings are not structured
+    assert s["learning_rate"] == _turning_points(lr) == 2
+    assert s["max_completion_length"] == pytest.approx(_share_not_down(length))
+    assert _share_not_down(length) == pytest.approx(4 / 5)
+    assert math.isnan(report.nondecreasing_fraction([64]))
+    assert report.direction_changes([0.1]) == 0
+    # Random schedules on small grids (many repeats): both formulations agree.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        v = list(rng.choice([0.0, 0.01, 0.04, 0.1], size=rng.integers(2, 9)))
+        assert report.direction_changes(v) == _turning_points(v)
+        assert report.nondecreasing_fraction(v) == pytest.approx(_share_not_down(v))
+
+
+def test_summary_relative_improvements_follow_their_definitions():
+    def rec(ctrl, seed, test):
+        return RunRecord(task="t", controller=ctrl, seed=seed, test_score=test, dev_score=test,
+                         base_dev_score=0.2, budget=4, stages_spent=4)
+
+    records = [rec("base", 0, 0.2), rec("grid", 0, 0.3), rec("grid", 1, 0.5),
+               rec("tpe", 0, 0.45), rec("tpe", 1, 0.35)]
+    rows = {r["controller"]: r for r in report.summarize(records, order=["tpe", "grid"])}
+    assert list(rows) == ["base", "tpe", "grid"]
+    assert rows["grid"]["test_mean"] == pytest.approx(0.4)
+    assert rows["tpe"]["rel_vs_base"] == pytest.approx((0.4 - 0.2) / 0.2)
+    assert rows["tpe"]["rel_vs_grid"] == pytest.approx(0.0)
+    assert rows["base"]["rel_vs_grid"] == pytest.approx((0.2 - 0.4) / 0.4)
+    assert rows["tpe"]["test_ci_low"] <= 0.4 <= rows["tpe"]["test_ci_high"]
+
+
+# ---- the HDF5 run log ----------------------------------------------------------------------------
+
+
+def _record(controller: str = "tpe", seed: int = 0) -> RunRecord:
+    stages = [StageRecord(episode=0, stage=i, hparams={"learning_rate": lr, "loss_type": "grpo",
+                                                       "epsilon_high": None},
+                          dev_score=0.1 * i, reward=0.1, pathologies=["plateau"] if i else [],
+                          metrics=[{"reward": 0.5 + j, "clip_ratio/low_mean": 0.0}
+                                   for j in range(2)],
+                          seconds=1.5, tokens=100.0)
+              for i, lr in enumerate([1e-4, 3e-5])]
+    return RunRecord(task="countdown", controller=controller, seed=seed, test_score=0.25,
+                     dev_score=0.1, base_dev_score=0.0, budget=2, stages_spent=2, tokens=200.0,
+                     seconds=3.0, wall_s=4.0, started_at=1.0, finished_at=5.0,
+                     schedule=[{"learning_rate": 1e-4}, {"learning_rate": 3e-5}], stages=stages,
+                     anytime=[(0, 0.0), (1, 0.0), (2, 0.1)], settings={"fingerprint": "x"},
+                     extra={"llm_tokens": 0})
+
+
+def test_runlog_round_trip_and_resume_listing(tmp_path):
+    a, b = _record("tpe", 0), _record("grid", 1)
+    runlog.save_run(tmp_path, a)
+    runlog.save_run(tmp_path, b)
+    (tmp_path / "runs" / "x.h5.123.tmp").write_bytes(b"half a file")  # a killed writer's leftover
+    loaded = runlog.load_runs(tmp_path)
+    assert set(loaded) == {a.key, b.key}
+    assert runlog.remove_temp_files(tmp_path) == 1
+    assert not list((tmp_path / "runs").glob("*.tmp"))
+    got = loaded[a.key]
+    hp = dict(got.stages[1].hparams)
+    assert math.isnan(hp.pop("epsilon_high"))  # None is stored as NaN in a numeric column
+    assert hp == {"learning_rate": 3e-5, "loss_type": "grpo"}
+    assert got.stages[1].metrics == a.stages[1].metrics  # "/" in metric names survives
+    assert got.stages[1].pathologies == ["plateau"] and got.stages[0].pathologies == []
+    assert got.schedule == a.schedule and got.anytime == a.anytime
+    assert (got.test_score, got.settings, got.finished_at) == (0.25, {"fingerprint": "x"}, 5.0)
+
+    path = runlog.write_combined(tmp_path, list(loaded.values()))
+    assert {r.key for r in runlog.read_combined(path)} == {a.key, b.key}
+
+
+def test_combined_file_survives_a_writer_that_dies_midway(tmp_path):
+    path = runlog.write_combined(tmp_path, [_record("tpe")])
+
+    class Killed(Exception):
+        pass
+
+    def dying_fill(f):
+        f.create_group("countdown/partial")
+        raise Killed  # stands in for a kill while the new file is being written
+
+    with pytest.raises(Killed):
+        runlog._atomic_h5(path, dying_fill)
+    assert [r.key for r in runlog.read_combined(path)] == [("countdown", "tpe", 0)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--tasks", "gsm8k", "chess", "--out", str(tmp_path)])
+    msg = str(e.value)
+    assert "chess" in msg and all(t in msg for t in ("gsm8k", "math", "countdown", "logic"))
+    with pytest.raises(SystemExit) as e:
+        main(["--controllers", "fixed,alphazero", "--out", str(tmp_path)])
+    msg = str(e.value)
+    assert "alphazero" in msg
+    assert all(c in msg for c in ("fixed", "progressive", "grid", "random", "tpe", "pbt"))
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_a_second_leaderboard_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    held = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running leaderboard holds it
+        with pytest.raises(SystemExit, match="another leaderboard is writing"):
+            main(["--tasks", "countdown", "--controllers", "fixed", "--out", str(tmp_path)])
+    finally:
+        os.close(held)
+
+
+def _run_files(out: Path) -> dict[str, tuple[int, float]]:
+    """Each run file -> (mtime_ns, finished_at written inside it)."""
+    out_files = {}
+    for p in sorted((out / "runs").glob("*.h5")):
+        with h5py.File(p, "r") as f:
+            out_files[p.name] = (p.stat().st_mtime_ns, float(f.attrs["finished_at"]))
+    return out_files
+
+
+def test_end_to_end_killed_with_sigkill_then_resumed(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.leaderboard", *TINY, "--out", str(out)]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while (not list((out / "runs").glob("*.h5")) and proc.poll() is None
+               and time.time() < deadline):
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()  # still running: the kill lands mid-way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = _run_files(out)
+    assert 1 <= len(before) < 3, "the kill should land after the first run and before the last"
+    for p in [*(out / "runs").glob("*.h5"), *out.glob("*.h5")]:
+        with h5py.File(p, "r"):  # never a corrupt file, whenever the kill landed
+            pass
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert f"{len(before)} of 3 runs already finished" in done.stdout
+    assert re.fullmatch(r"runs=2 tasks=1 controllers=2 wall_s=\d+\.\d", lines[-1])
+
+    after = _run_files(out)
+    assert set(after) == {"countdown__base__seed0.h5", "countdown__fixed__seed0.h5",
+                          "countdown__grid__seed0.h5"}
+    for name, stamp in before.items():
+        assert after[name] == stamp, f"{name} was run again"
+
+    # The combined log holds every stage of every run.
+    records = {r.key: r for r in runlog.read_combined(out / "leaderboard.h5")}
+    assert set(records) == {("countdown", c, 0) for c in ("base", "fixed", "grid")}
+    for key in [("countdown", "fixed", 0), ("countdown", "grid", 0)]:
+        r = records[key]
+        assert 1 <= r.stages_spent <= 2 and len(r.stages) == r.stages_spent
+        assert all(len(s.metrics) == 1 and "reward" in s.metrics[0] for s in r.stages)
+        assert all("learning_rate" in s.hparams for s in r.stages)
+        assert 0.0 <= r.test_score <= 1.0 and r.anytime[0] == (0, r.base_dev_score)
+        # The chosen state is one stage deep unless no stage beat the base model on dev.
+        assert len(r.schedule) == (1 if r.dev_score > r.base_dev_score else 0)
+    assert records[("countdown", "grid", 0)].stages_spent == 2  # two one-stage trials
+
+    # Tables and plots with the right rows.
+    csv_rows = (out / "leaderboard.csv").read_text().strip().splitlines()
+    assert [r.split(",")[:2] for r in csv_rows[1:]] == [["countdown", c]
+                                                        for c in ("base", "fixed", "grid")]
+    md = (out / "leaderboard.md").read_text()
+    assert "## countdown" in md and "| fixed |" in md and "| grid |" in md
+    assert "--steps-per-stage 1" in md  # the command that made it
+    for name in ("anytime_countdown", "schedule_countdown", "improvement"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+# ---- executors -----------------------------------------------------------------------------------
+
+
+def test_ray_missing_gives_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(SystemExit) as e:
+        make_executor("ray")
+    assert str(e.value) == RAY_MISSING and 'pip install "llmzero-gym[distributed]"' in RAY_MISSING
+
+
+def test_ray_executor_runs_two_runs_in_parallel():
+    import ray  # a test dependency (the `test` extra), never skipped
+
+    env_kwargs = {**TINY_ENV, "stages": 1, "steps_per_stage": 1, "dev_size": 4, "test_size": 4,
+                  "device": "cpu"}
+    specs = [RunSpec("countdown", "fixed", seed, 1, "LLMZero-Countdown-v0", env_kwargs,
+                     threads=1) for seed in (0, 1)]
+    executor = make_executor("ray", num_cpus=2, threads=1)
+    try:
+        seen: list[tuple] = []
+        outcomes = list(executor.map(specs, on_stage=lambda key, n: seen.append((key, n))))
+    finally:
+        executor.close()
+    assert not ray.is_initialized()
+    assert sorted(s.seed for s, _, _ in outcomes) == [0, 1]
+    for spec, rec, err in outcomes:
+        assert err is None, err
+        assert rec.key == spec.key and rec.stages_spent == 1 and len(rec.stages) == 1
+    # Stage progress came back from the workers through the queue.
+    assert {(k, n) for k, n in seen} >= {(s.key, 1) for s in specs}
+
+
+def test_presets_are_complete():
+    from benchmarks.leaderboard import OFFLINE_CONTROLLERS, PRESETS
+
+    quick, full = PRESETS["quick"], PRESETS["full"]
+    assert set(quick.tasks) == set(full.tasks) == {"gsm8k", "math", "countdown", "logic"}
+    assert quick.controllers == OFFLINE_CONTROLLERS and len(quick.seeds) == 1
+    assert len(full.seeds) >= 5 and full.budget > quick.budget
+    assert all(p.budget >= p.stages for p in (quick, full))
