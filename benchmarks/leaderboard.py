@@ -132,6 +132,16 @@ def valid_controllers() -> list[str]:
     return sorted(set(controllers.REGISTRY) | {LLM_ROW})
 
 
+def unavailable(name: str, kwargs: dict[str, Any]) -> str | None:
+    """Why a preset's controller cannot run in this checkout, or None."""
+    if name == "sb3" and "policy_path" not in kwargs:
+        from controllers.sb3 import POLICY
+
+        if not POLICY.is_file():
+            return f"no meta-trained policy at {POLICY} (python -m benchmarks.meta_train)"
+    return None
+
+
 def resolve(a: argparse.Namespace) -> Preset:
     """The preset with the command line's overrides; unknown names are a clear SystemExit."""
     preset = PRESETS[a.preset]
@@ -150,10 +160,12 @@ def resolve(a: argparse.Namespace) -> Preset:
     ctrls = list(a.controllers or preset.controllers)
     if not a.controllers:
         # The preset names every offline controller; keep those this checkout has.
-        missing = [c for c in ctrls if c not in known]
-        if missing:
-            print(f"note: controllers not available here, left out: {', '.join(missing)}")
-        ctrls = [c for c in ctrls if c in known]
+        why = {c: "not registered" if c not in known
+               else unavailable(c, preset.controller_kwargs.get(c, {})) for c in ctrls}
+        for c, reason in why.items():
+            if reason:
+                print(f"note: {c} left out of the preset: {reason}")
+        ctrls = [c for c in ctrls if not why[c]]
         if a.llm_base_url:
             ctrls.append(LLM_ROW)
     bad = [c for c in ctrls if c not in known or c == BASE]
