@@ -106,6 +106,8 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
     started = time.time()
     env_kwargs = dict(spec.env_kwargs)
+    if env_kwargs.get("device", "auto") == "auto":
+        env_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.controller != BASE:
         env_kwargs["max_stages"] = spec.budget  # the env itself refuses a stage over the budget
     env = gym.make(spec.env_id, **env_kwargs)
@@ -122,7 +124,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
                              dev_score=base_dev, base_dev_score=base_dev, budget=0,
                              stages_spent=0, wall_s=time.time() - started, started_at=started,
                              finished_at=time.time(), anytime=[(0, base_dev)],
-                             settings={"env_id": spec.env_id, "env_kwargs": spec.env_kwargs})
+                             settings={"env_id": spec.env_id, "env_kwargs": env_kwargs})
         ctrl = controllers.make(spec.make_name or spec.controller, **spec.make_kwargs)
         result = ctrl.run(rec_env, spec.budget, spec.seed)
         # The protocol: the controller decided on dev; the harness scores its choice once on test.
@@ -150,7 +152,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
             seconds=cost.get("seconds", 0.0), wall_s=time.time() - started, started_at=started,
             finished_at=time.time(), schedule=[_plain(h) for h in result.schedule],
             stages=rec_env.stages, anytime=anytime,
-            settings={"env_id": spec.env_id, "env_kwargs": spec.env_kwargs,
+            settings={"env_id": spec.env_id, "env_kwargs": env_kwargs,
                       "controller": spec.make_name or spec.controller,
                       "controller_kwargs": spec.make_kwargs},
             extra=extra)

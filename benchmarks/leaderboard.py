@@ -178,14 +178,6 @@ def resolve(a: argparse.Namespace) -> Preset:
     return replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
     """One base run per task, then every run.
 
@@ -196,7 +188,7 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
         **preset.env_kwargs,
         "stages": preset.stages, "steps_per_stage": preset.steps_per_stage,
         "dev_size": preset.dev_size, "test_size": preset.test_size,
-        "device": _device(preset.device)}
+        "device": preset.device}  # "auto" is resolved by the worker, which owns the GPU
     if preset.scale != "embedded":
         env_kwargs["scale"] = preset.scale
     if preset.model:
