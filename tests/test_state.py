@@ -148,3 +148,18 @@ def test_prompts_follow_a_seeded_shuffled_order(tokenizer, task):
     assert [ex.prompt for ex in other._next_examples(7, None)] == [
         ex.prompt for ex in first_epoch[:7]
     ]
+
+
+def test_load_model_from_a_local_directory(tokenizer, task, tmp_path):
+    """The paper-scale loader on a local save_pretrained directory: left padding, pad fallback."""
+    from inner.models import load_model
+
+    tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=64).save_pretrained(tmp_path)
+    tokenizer.pad_token = None  # as for many hub models: the loader falls back to EOS
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.padding_side == "left" and loaded.pad_token_id == loaded.eos_token_id
+    assert model.config.pad_token_id is not None
+    trainer = Trainer(model, loaded, task)
+    assert trainer.evaluate(n=4).accuracy >= 0.0  # decodes end to end
