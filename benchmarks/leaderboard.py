@@ -68,9 +68,12 @@ class Preset:
 
 
 PRESETS = {
-    # Measured on the 2-core CPU (see the README): ~40 runs of ~40 s each fit in 30 minutes.
+    # Fits 30 minutes on the 2-core CPU: a stage (one GRPO step of 8 prompts x 8 completions,
+    # then 32 greedy dev answers) took 5-10 s, so a 6-stage run ~50 s with its test evaluation,
+    # and 4 tasks x (8 controllers + base) ~25 min on a loaded machine. Three-stage schedules
+    # are the shortest in which a regularization parameter can change direction.
     "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
-                    seeds=(0,), budget=4, stages=2, steps_per_stage=4, dev_size=32,
+                    seeds=(0,), budget=6, stages=3, steps_per_stage=1, dev_size=32,
                     test_size=64),
     # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
     # budget of 3 episodes' worth of stages, 5 seeds.
