@@ -238,7 +238,9 @@ def test_skills_fire_on_their_diagnoses():
 
     assert first(pathologies=[P.DIVERGENCE]).skill == "divergence"
     assert first(pathologies=[P.ENTROPY_COLLAPSE]).hparams["temperature"] == 1.3
-    assert first(pathologies=[P.HIGH_TRUNCATION]).hparams["max_completion_length"] == 64
+    lengths = SPACE.grids["max_completion_length"]
+    next_length = lengths[lengths.index(DEFAULTS["max_completion_length"]) + 1]
+    assert first(pathologies=[P.HIGH_TRUNCATION]).hparams["max_completion_length"] == next_length
     zero = [{"frac_reward_zero_std": 1.0, "reward": 0.0}]
     assert first(metrics=zero, pathologies=[P.ZERO_VARIANCE_GROUPS]).hparams["difficulty"] == 1
     saturated = [{"frac_reward_zero_std": 1.0, "reward": 1.0}]
@@ -247,7 +249,7 @@ def test_skills_fire_on_their_diagnoses():
     assert first(dev_scores=(0.5, 0.4), pathologies=[]).skill == "regression"
     assert first(pathologies=[]).skill == "keep"      # healthy: keep course
     # A remedy blocked at the grid's edge is skipped: at the longest length, truncation yields.
-    longest = {**DEFAULTS, "max_completion_length": 96}
+    longest = {**DEFAULTS, "max_completion_length": max(lengths)}
     got = propose({"hparams": longest, "pathologies": [P.HIGH_TRUNCATION]}, SPACE, 1)
     assert got == [longest]
 

@@ -86,9 +86,10 @@ def test_good_reply_is_decoded_and_the_prompt_has_the_context(space, tmp_path):
     ctx = make_context(space)
     with OpenAIServer() as server:
         # A <think> block and a code fence, as Qwen3 through vLLM may send.
+        longest = max(space.grids["max_completion_length"])
         server.push("<think>hmm</think>```json\n" + reply(
             {"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
-            {"max_completion_length": 96, "num_generations": 16},
+            {"max_completion_length": longest, "num_generations": 16},
         ) + "\n```")
         llm = proposer(server, tmp_path)
         llm.check()
@@ -96,7 +97,7 @@ def test_good_reply_is_decoded_and_the_prompt_has_the_context(space, tmp_path):
         body = server.chat_requests()[0]
         auth = server.requests[-1]["headers"]["authorization"]
     assert out == [ctx.hparams | {"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
-                   ctx.hparams | {"max_completion_length": 96, "num_generations": 16}]
+                   ctx.hparams | {"max_completion_length": longest, "num_generations": 16}]
     assert llm.last_source == "llm"
     assert auth == f"Bearer {FAKE_KEY}"  # sent to the endpoint, and only there
     prompt = body["messages"][1]["content"]
