@@ -5,8 +5,10 @@ bounded parser of `arith` (never `eval`): ASCII digits, + - * / and parentheses 
 given number used exactly once, exact value with `Fraction`, division by zero rejected.
 
 Embedded scale: reasoning-gym's `countdown` with small numbers and targets, a compact prompt, and
-a worked solution of one "a op b=c" line per operation. Difficulty levels: 1 = 3 numbers up to 9,
-2 = 3 numbers up to 20 (default), 3 = 4 numbers up to 20, 4 = 4 numbers up to 50.
+a worked solution of one "a op b=c" line per operation. Difficulty levels: 1 = 3 numbers up to 5,
+2 = 3 numbers up to 9 (default), both made with + - * only; 3 = 3 numbers up to 20 and
+4 = 4 numbers up to 20, with division too. (Any correct expression scores; division is always
+allowed in answers.)
 Paper scale: Jiayi-Pan/Countdown-Tasks-3to4 (train only; dev and test are carved from it) with
 the TinyZero prompt; levels 0 = all, 3 and 4 = that many numbers. Its solutions (SFT targets) are
 found by a small exhaustive search.
@@ -22,11 +24,28 @@ import reasoning_gym
 from inner.tasks import Example, Task, arith, sources
 from inner.tasks.answers import tagged_answer
 
+_NO_DIVISION = ("+", "-", "*")
 COUNTDOWN = {
-    1: dict(min_numbers=3, max_numbers=3, min_value=1, max_value=9, min_target=1, max_target=30),
-    2: dict(min_numbers=3, max_numbers=3, min_value=1, max_value=20, min_target=10, max_target=100),
-    3: dict(min_numbers=4, max_numbers=4, min_value=1, max_value=20, min_target=10, max_target=100),
-    4: dict(min_numbers=4, max_numbers=4, min_value=1, max_value=50, min_target=50, max_target=500),
+    1: dict(
+        min_numbers=3,
+        max_numbers=3,
+        min_value=1,
+        max_value=5,
+        min_target=1,
+        max_target=20,
+        operators=_NO_DIVISION,
+    ),
+    2: dict(
+        min_numbers=3,
+        max_numbers=3,
+        min_value=1,
+        max_value=9,
+        min_target=1,
+        max_target=30,
+        operators=_NO_DIVISION,
+    ),
+    3: dict(min_numbers=3, max_numbers=3, min_value=1, max_value=20, min_target=10, max_target=100),
+    4: dict(min_numbers=4, max_numbers=4, min_value=1, max_value=20, min_target=10, max_target=100),
 }
 HUB = {"train": sources.HubSplit("Jiayi-Pan/Countdown-Tasks-3to4", None, "train")}
 PROMPT = (

@@ -3,10 +3,12 @@
 (Named math_task.py so that no module of the package is called `math`.)
 
 Embedded scale: two reasoning-gym generators, alternating: `simple_equations` (algebra: a linear
-equation in one variable, solved in one step per line) and `fraction_simplification` (number
-theory: reduce p/q via its gcd). Answers are integers or "p/q" in \\boxed{}, as in MATH.
+equation in one variable, solved one step per line) and `basic_arithmetic` with + - * and no
+brackets (prealgebra: evaluated with operator precedence, one operation per line; the generator's
+own answer folds left to right, so ours is recomputed). Answers in \\boxed{}, as in MATH.
+(`fraction_simplification` was tried: a model this small does not learn gcds in minutes.)
 Difficulty levels (embedded) grow the number of terms and the size of the values:
-1 = one-operation equations and small fractions, 2 = up to three terms (default), 3 and 4 larger.
+1 = one operation, 2 = up to three terms of one digit (default), 3 and 4 longer and larger.
 Paper scale: train from DigitalLearningGmbH/MATH-lighteval (MATH train, 7500 problems), test
 MATH-500 (HuggingFaceH4/MATH-500); dev is carved from train. Levels 0 = all, 1-5 = MATH level.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from fractions import Fraction
-from math import gcd
 
 import reasoning_gym
 import sympy
@@ -30,11 +31,11 @@ EQUATIONS = {
     3: dict(min_terms=3, max_terms=3, min_value=1, max_value=20),
     4: dict(min_terms=3, max_terms=4, min_value=1, max_value=50),
 }
-FRACTIONS = {
-    1: dict(min_value=1, max_value=9, min_factor=2, max_factor=9),
-    2: dict(min_value=1, max_value=20, min_factor=2, max_factor=12),
-    3: dict(min_value=1, max_value=30, min_factor=2, max_factor=20),
-    4: dict(min_value=1, max_value=50, min_factor=2, max_factor=50),
+ARITHMETIC = {
+    1: dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+    2: dict(min_terms=3, max_terms=3, min_digits=1, max_digits=1),
+    3: dict(min_terms=4, max_terms=4, min_digits=1, max_digits=1),
+    4: dict(min_terms=4, max_terms=4, min_digits=2, max_digits=2),
 }
 HUB = {
     "train": sources.HubSplit("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
@@ -124,13 +125,6 @@ def equation_solution(equation: str, var: str) -> tuple[str, str] | None:
     return "\n".join([*lines, f"\\boxed{{{answer}}}"]), answer
 
 
-def fraction_solution(p: int, q: int) -> tuple[str, str]:
-    """(worked solution, answer) for reducing p/q: the gcd, then \\boxed{p'/q'}."""
-    g = gcd(p, q)
-    answer = arith.fmt(Fraction(p, q))
-    return f"gcd({p},{q})={g}\n\\boxed{{{answer}}}", answer
-
-
 def paper_level(level: object) -> int:
     """MATH level 1-5 from "Level 3" or 3; 0 when unknown."""
     m = re.search(r"[1-5]", str(level))
@@ -146,14 +140,16 @@ class MathTask(Task):
         eqs = reasoning_gym.create_dataset(
             "simple_equations", seed=seed, size=half, **EQUATIONS[difficulty]
         )
-        fracs = reasoning_gym.create_dataset(
-            "fraction_simplification",
+        sums = reasoning_gym.create_dataset(
+            "basic_arithmetic",
             seed=seed,
             size=half,
-            styles=("plain",),
-            **FRACTIONS[difficulty],
+            operators=("+", "-", "*"),
+            allow_parentheses=False,
+            allow_negation=False,
+            **ARITHMETIC[difficulty],
         )
-        for eq, fr in zip(eqs, fracs, strict=True):
+        for eq, arithmetic in zip(eqs, sums, strict=True):
             var, equation = eq["metadata"]["variable"], eq["metadata"]["equation"].replace(" ", "")
             worked = equation_solution(equation, var)
             if worked is not None:
@@ -163,14 +159,16 @@ class MathTask(Task):
                     solution=worked[0],
                     meta={"difficulty": difficulty, "subject": "algebra"},
                 )
-            p, q = fr["metadata"]["numerator"], fr["metadata"]["denominator"]
-            solution, answer = fraction_solution(p, q)
-            yield Example(
-                prompt=f"Simplify {p}/{q}.\n",
-                answer=answer,
-                solution=solution,
-                meta={"difficulty": difficulty, "subject": "number_theory"},
-            )
+            expression = arithmetic["metadata"]["expression"].replace(" ", "")
+            tree = arith.parse(expression)
+            if tree is not None:
+                answer = arith.fmt(arith.evaluate(tree))
+                yield Example(
+                    prompt=f"Compute {expression}.\n",
+                    answer=answer,
+                    solution="\n".join([*arith.steps(tree), f"\\boxed{{{answer}}}"]),
+                    meta={"difficulty": difficulty, "subject": "prealgebra"},
+                )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
         for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
