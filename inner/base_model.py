@@ -1,0 +1,218 @@
+"""The shipped embedded base model: a tiny char-level GPT-2, SFT warm-started on all four tasks.
+
+`load_base_model()` loads it from inner/assets/base/ (offline). `python -m inner.base_model`
+retrains it deterministically from a seed: build the char tokenizer, initialise `tiny_gpt2`, run
+SFT on (prompt, worked solution) pairs from the four tasks' train splits at every difficulty
+level, save model + tokenizer with save_pretrained, then measure greedy dev/test accuracy.
+
+The SFT loop is inner.sft's (same tensors, same completion-only loss) with two additions that
+the warm start needs on a 2-core CPU: batches of similar length (the four tasks' sequences range
+from 30 to 150 characters; random batches were mostly padding) and warmup + cosine decay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from inner.models import tiny_gpt2
+from inner.sft import sft_tensors
+from inner.tasks import TASK_NAMES, get_task
+from inner.tokenizer import build_char_tokenizer
+
+ASSETS = Path(__file__).parent / "assets" / "base"
+
+
+@dataclass
+class BaseModelConfig:
+    """Architecture and SFT recipe of the shipped model."""
+
+    seed: int = 0
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 256
+    steps: int = 2000
+    lr: float = 3e-3
+    batch_size: int = 32
+    warmup: float = 0.05  # fraction of steps; then cosine decay to 10% of lr
+    per_level: int = 1000  # SFT examples per task and difficulty level (default level: all)
+
+
+def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
+    """(prompt, solution) pairs from every task's train split at every level (default: all)."""
+    pairs = []
+    for name in TASK_NAMES:
+        task = get_task(name)
+        for level in task.difficulty_levels:
+            examples = task.examples("train", level)
+            if level != task.default_difficulty:
+                examples = examples[: config.per_level]
+            pairs += [(e.prompt, e.solution) for e in examples]
+    return pairs
+
+
+def bucketed_sft(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    warmup: float = 0.05,
+) -> list[float]:
+    """inner.sft.sft with length-bucketed batches and warmup + cosine LR; returns the losses."""
+    all_ids, all_mask, all_labels = sft_tensors(tokenizer, pairs)
+    lengths = all_mask.sum(1)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup_steps = max(1, int(warmup * steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def epoch_batches() -> list[torch.Tensor]:
+        # Shuffle, stable-sort by length (random order among equal lengths), cut into batches,
+        # shuffle the batches: every batch holds rows of nearly one length.
+        shuffled = torch.randperm(len(pairs), generator=generator)
+        by_length = shuffled[torch.sort(lengths[shuffled], stable=True).indices]
+        batches = list(by_length.split(batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+    model.train()
+    batches: list[torch.Tensor] = []
+    losses = []
+    for step in range(steps):
+        if not batches:
+            batches = epoch_batches()
+        rows = batches.pop()
+        mask = all_mask[rows]
+        start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
+        ids, mask, labels = all_ids[rows, start:], mask[:, start:], all_labels[rows, start:]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def train_base_model(
+    config: BaseModelConfig, pairs: list[tuple[str, str]] | None = None
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase, list[float]]:
+    """A freshly initialised model after SFT; identical weights for identical config and pairs."""
+    tokenizer = build_char_tokenizer()
+    model = tiny_gpt2(
+        tokenizer,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        n_head=config.n_head,
+        n_positions=config.n_positions,
+        seed=config.seed,
+    )
+    pairs = sft_pairs(config) if pairs is None else pairs
+    losses = bucketed_sft(
+        model,
+        tokenizer,
+        pairs,
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        warmup=config.warmup,
+    )
+    return model, tokenizer, losses
+
+
+def load_base_model(
+    device: str = "cpu", path: str | Path = ASSETS
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """The shipped base model and its tokenizer, from local files only."""
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = None) -> dict:
+    """Greedy dev and test accuracy per task (the Trainer's evaluation, 128 new tokens)."""
+    from inner.trainer import Trainer  # the trainer imports much more than loading needs
+
+    out = {}
+    for name in TASK_NAMES:
+        task = get_task(name)
+        trainer = Trainer(model, tokenizer, task, dev_size=n_dev or len(task.examples("dev")))
+        dev = trainer.evaluate("dev")
+        test = trainer.evaluate("test", n=n_test)
+        out[name] = {
+            "dev_accuracy": dev.accuracy,
+            "dev_score": dev.mean_score,
+            "test_accuracy": test.accuracy,
+            "test_score": test.mean_score,
+            "dev_n": len(dev.samples),
+            "test_n": len(test.samples),
+        }
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = BaseModelConfig()
+    for key, value in asdict(defaults).items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = BaseModelConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+
+    start = time.perf_counter()
+    pairs = sft_pairs(config)
+    data_seconds = time.perf_counter() - start
+    model, tokenizer, losses = train_base_model(config, pairs)
+    sft_seconds = time.perf_counter() - start - data_seconds
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pairs={len(pairs)} params={n_params} data_s={data_seconds:.0f} sft_s={sft_seconds:.0f}")
+    print("loss first/last 50:", sum(losses[:50]) / 50, sum(losses[-50:]) / 50)
+    accuracy = measure(model, tokenizer)
+    card = {
+        "config": asdict(config),
+        "parameters": n_params,
+        "sft_pairs": len(pairs),
+        "sft_seconds": round(sft_seconds, 1),
+        "final_loss": sum(losses[-50:]) / 50,
+        "accuracy": accuracy,
+    }
+    (args.out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    summary = " ".join(
+        f"{n}_dev={a['dev_accuracy']:.3f} {n}_test={a['test_accuracy']:.3f}"
+        for n, a in accuracy.items()
+    )
+    print(f"params={n_params} sft_s={sft_seconds:.0f} {summary}")
+
+
+if __name__ == "__main__":
+    main()

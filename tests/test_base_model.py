@@ -1,0 +1,64 @@
+"""The shipped base model: loads offline, has the stated size and accuracy; retraining is seeded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from inner.base_model import ASSETS, BaseModelConfig, load_base_model, train_base_model
+from inner.tasks import TASK_NAMES, get_task
+from inner.tokenizer import build_char_tokenizer
+from inner.trainer import Trainer
+
+CARD = json.loads((ASSETS / "training.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_base_model()
+
+
+def test_shipped_model_loads_offline_with_the_stated_size(shipped):
+    model, tokenizer = shipped
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == CARD["parameters"] and 300_000 <= n_params <= 2_000_000
+    assert tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+    assert model.config.n_layer == CARD["config"]["n_layer"]
+    shipped_bytes = sum(f.stat().st_size for f in ASSETS.iterdir())
+    assert shipped_bytes < 10 * 2**20  # a few MB in git
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_shipped_model_matches_its_recorded_accuracy(shipped, name):
+    model, tokenizer = shipped
+    result = Trainer(model, tokenizer, get_task(name), dev_size=64).evaluate("dev")
+    recorded = CARD["accuracy"][name]["dev_accuracy"]
+    # A 64-example slice of the dev split the card was measured on: within binomial noise of it.
+    stderr = max(recorded * (1 - recorded), 0.02) ** 0.5 / 64**0.5
+    assert abs(result.accuracy - recorded) <= 4 * stderr, (result.accuracy, recorded)
+    assert result.mean_score > result.accuracy  # wrong answers still earn the format bonus
+
+
+def tiny_run(seed: int):
+    pairs = [(e.prompt, e.solution) for n in TASK_NAMES for e in get_task(n).examples("dev")[:8]]
+    config = BaseModelConfig(seed=seed, n_layer=1, n_embd=32, n_head=2, steps=6, batch_size=8)
+    model, tokenizer, losses = train_base_model(config, pairs)
+    return model, tokenizer, losses
+
+
+def test_retraining_is_deterministic_from_the_seed(tmp_path):
+    a, tokenizer, losses_a = tiny_run(seed=1)
+    b, _, losses_b = tiny_run(seed=1)
+    c, _, _ = tiny_run(seed=2)
+    assert losses_a == losses_b
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
+    # save_pretrained + load_base_model round trip (the format the shipped files use).
+    a.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_base_model(path=tmp_path)
+    ids = loaded_tokenizer("What is 1+2?\n", return_tensors="pt")["input_ids"]
+    assert torch.equal(loaded(ids).logits, a(ids).logits)
