@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from inner.models import tiny_gpt2
-from inner.sft import sft_tensors
+from inner.sft import batch_loss, sft_tensors
 from inner.tasks import TASK_NAMES, get_task
 from inner.tokenizer import build_char_tokenizer
 
@@ -97,14 +97,7 @@ def bucketed_sft(
         if not batches:
             batches = epoch_batches()
         rows = batches.pop()
-        mask = all_mask[rows]
-        start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
-        ids, mask, labels = all_ids[rows, start:], mask[:, start:], all_labels[rows, start:]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-        )
+        loss = batch_loss(model, all_ids[rows], all_mask[rows], all_labels[rows])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)

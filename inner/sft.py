@@ -65,17 +65,21 @@ def sft(
             order, cursor = torch.randperm(len(pairs), generator=generator), 0
         rows = order[cursor : cursor + batch_size].to(device)
         cursor += batch_size
-        mask = all_mask[rows]
-        start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
-        ids, mask, labels = all_ids[rows, start:], mask[:, start:], all_labels[rows, start:]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-        )
+        loss = batch_loss(model, all_ids[rows], all_mask[rows], all_labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def batch_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy on the labelled (completion) tokens of one left-padded batch."""
+    start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
+    ids, mask, labels = ids[:, start:], mask[:, start:], labels[:, start:]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
