@@ -258,6 +258,11 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     runlog.remove_temp_files(out)
     console = Console(soft_wrap=True)
     specs = build_specs(preset, a)
+    cmd = shlex.join(["python", "-m", "benchmarks.leaderboard",
+                      *(sys.argv[1:] if argv is None else argv)])
+    # Kept in leaderboard.h5 too, so `python -m benchmarks.report` rebuilds the same report.
+    meta = {"header": f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`.",
+            "order": json.dumps(list(preset.controllers))}
 
     # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
     # with the same settings; anything else runs (again).
@@ -309,19 +314,17 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
                 runlog.save_run(out, rec)
                 err_path.unlink(missing_ok=True)  # an earlier attempt's failure is history
                 done[rec.key] = rec
-                runlog.write_combined(out, [done[s.key] for s in specs if s.key in done])
+                runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
                 bars.console.print(
                     f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
                     f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
         executor.close()
 
     finished = [done[s.key] for s in specs if s.key in done]
-    runlog.write_combined(out, finished)
+    runlog.write_combined(out, finished, meta)
     if not a.no_report and finished:
-        cmd = shlex.join(["python", "-m", "benchmarks.leaderboard",
-                          *(sys.argv[1:] if argv is None else argv)])
-        header = f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`."
-        paths = report.write_report(out, finished, header=header, order=preset.controllers)
+        paths = report.write_report(out, finished, header=meta["header"],
+                                    order=preset.controllers)
         console.print(f"wrote {paths['md']}, {paths['csv']}, {out / runlog.COMBINED}, "
                       f"{paths['plots']}/")
     if failures:

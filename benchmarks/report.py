@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
+import h5py  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -179,11 +181,13 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
         "capacity parameters (max_completion_length, num_generations) do not decrease; *reg.* = "
         "direction changes of the regularization parameters (learning_rate, beta, epsilon, "
         "temperature), mean over parameters and seeds.", ""]
+    # The LLM proposer's cost gets a column only when some row paid any.
+    llm = int(any(r["llm_tokens_mean"] > 0 for r in rows))
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
                   "| controller | test [95% CI] | seeds | vs base | vs grid | dev | stages | "
-                  "seconds | cap. | reg. |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "seconds | cap. | reg. |" + (" LLM tokens |" if llm else ""),
+                  "|---" * (10 + llm) + "|"]
         for r in (r for r in rows if r["task"] == task):
             ci = (f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
                   if r["controller"] != BASE else _fmt(r["test_mean"]))
@@ -193,7 +197,8 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
                 f"{_pct(r['rel_vs_grid'])} | {_fmt(r['dev_mean'])} | "
                 f"{_fmt(r['stages_mean'], '.1f')} | {_fmt(r['seconds_mean'], '.0f')} | "
                 f"{_fmt(r['capacity_nondecreasing'], '.2f')} | "
-                f"{_fmt(r['regularization_direction_changes'], '.1f')} |")
+                f"{_fmt(r['regularization_direction_changes'], '.1f')} |"
+                + (f" {_fmt(r['llm_tokens_mean'], '.0f')} |" if llm else ""))
         lines.append("")
         for p in plots.get(task, []):
             lines += [f"![{Path(p).stem}]({p})", ""]
@@ -350,8 +355,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Rebuild the leaderboard report from leaderboard.h5.")
     p.add_argument("out", nargs="?", default="results", help="folder holding leaderboard.h5")
     a = p.parse_args()
-    records = read_combined(Path(a.out) / COMBINED)
-    paths = write_report(Path(a.out), records)
+    path = Path(a.out) / COMBINED
+    records = read_combined(path)
+    with h5py.File(path, "r") as f:
+        header = str(f.attrs.get("header", ""))
+        order = json.loads(f.attrs.get("order", "[]"))
+    paths = write_report(Path(a.out), records, header=header, order=order)
     print(f"report={paths['md']} runs={len(records)}")
 
 

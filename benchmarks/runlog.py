@@ -252,12 +252,18 @@ def remove_temp_files(out_dir: Path) -> int:
     return len(temps)
 
 
-def write_combined(out_dir: Path, records: list[RunRecord]) -> Path:
-    """Rebuild out_dir/leaderboard.h5 (one group per run) atomically from the given records."""
+def write_combined(out_dir: Path, records: list[RunRecord], meta: dict[str, str] | None = None
+                   ) -> Path:
+    """Rebuild out_dir/leaderboard.h5 (one group per run) atomically from the given records.
+
+    ``meta`` (e.g. the command and controller order) goes into the root's attributes.
+    """
     path = Path(out_dir) / COMBINED
 
     def fill(f: h5py.File) -> None:
         f.attrs["layout"] = "/<task>/<controller>/seed_<k>; see benchmarks/runlog.py"
+        for k, v in (meta or {}).items():
+            f.attrs[k] = v
         for rec in sorted(records, key=lambda r: r.key):
             write_run(f.create_group(f"{rec.task}/{rec.controller}/seed_{rec.seed}"), rec)
 

@@ -192,6 +192,25 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
+def test_an_llm_endpoint_adds_the_llm_proposer_row_without_its_key(monkeypatch, tmp_path):
+    from benchmarks.leaderboard import LLM_ROW, build_specs, fingerprint, parse_args, resolve
+
+    monkeypatch.setenv("LLMZERO_API_KEY", "sk-secret-0123456789abcdef")
+    argv = ["--tasks", "logic", "--out", str(tmp_path)]
+    assert LLM_ROW not in resolve(parse_args(argv)).controllers  # no endpoint, no row
+    monkeypatch.setenv("LLMZERO_BASE_URL", "http://127.0.0.1:9/v1")
+    a = parse_args([*argv, "--llm-model", "local-model"])
+    preset = resolve(a)
+    assert preset.controllers[-1] == LLM_ROW and "llmzero" in preset.controllers
+    spec = next(s for s in build_specs(preset, a) if s.controller == LLM_ROW)
+    assert spec.make_name == "llmzero"
+    assert spec.make_kwargs["proposer"] == "llm"
+    assert spec.make_kwargs["base_url"] == "http://127.0.0.1:9/v1"
+    assert spec.make_kwargs["model"] == "local-model"
+    assert Path(spec.make_kwargs["run_dir"]).parent == tmp_path / "llm"  # transcripts kept
+    assert "secret" not in repr(spec) and "secret" not in fingerprint(spec)
+
+
 def test_a_second_leaderboard_on_the_same_folder_is_refused(tmp_path):
     import fcntl
 
