@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='more LLMZeroEnv arguments, e.g. \'{"fixed_hparams": '
                         '{"prompts_per_step": 4}}\' (merged over the preset\'s)')
+    p.add_argument("--controller-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help='per-row arguments for controllers.make, e.g. \'{"llmzero-llm": '
+                        '{"extra_body": {"chat_template_kwargs": {"enable_thinking": false}}}}\'')
     p.add_argument("--out", default="results", help="output folder (default: results/)")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
@@ -153,6 +156,8 @@ def resolve(a: argparse.Namespace) -> Preset:
             if getattr(a, k) is not None}
     if a.env_kwargs:
         over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
+    if a.controller_kwargs:
+        over["controller_kwargs"] = {**preset.controller_kwargs, **a.controller_kwargs}
     from metaenv import ENV_IDS
 
     tasks = tuple(a.tasks or preset.tasks)
@@ -163,8 +168,9 @@ def resolve(a: argparse.Namespace) -> Preset:
     ctrls = list(a.controllers or preset.controllers)
     if not a.controllers:
         # The preset names every offline controller; keep those this checkout has.
-        why = {c: "not registered" if c not in known
-               else unavailable(c, preset.controller_kwargs.get(c, {})) for c in ctrls}
+        kwargs = over.get("controller_kwargs", preset.controller_kwargs)
+        why = {c: "not registered" if c not in known else unavailable(c, kwargs.get(c, {}))
+               for c in ctrls}
         for c, reason in why.items():
             if reason:
                 print(f"note: {c} left out of the preset: {reason}")
@@ -175,6 +181,10 @@ def resolve(a: argparse.Namespace) -> Preset:
     if bad:
         raise SystemExit(f"unknown controller(s) {', '.join(bad)}; valid controllers: "
                          f"{', '.join(c for c in known)}")
+    bad = [c for c in (a.controller_kwargs or {}) if c not in known]
+    if bad:
+        raise SystemExit(f"--controller-kwargs names unknown controller(s) {', '.join(bad)}; "
+                         f"valid controllers: {', '.join(known)}")
     if LLM_ROW in ctrls and not a.llm_base_url:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
     seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
