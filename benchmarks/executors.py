@@ -117,7 +117,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     try:
         if spec.controller == BASE:
             # The untrained model: its dev score is the env's root, its test score the baseline.
-            _, info = rec_env.reset(seed=spec.seed)
+            rec_env.reset(seed=spec.seed)
             base_dev = float(env.unwrapped.base_dev_score)
             test = _test_score(env)
             return RunRecord(task=spec.task, controller=BASE, seed=spec.seed, test_score=test,
@@ -130,11 +130,14 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
         # The protocol: the controller decided on dev; the harness scores its choice once on test.
         env.unwrapped.load_state(result.final_state)
         test = _test_score(env)
+        # The env's own counters are the authority on what was spent (a fresh env per run).
+        budget = env.unwrapped.budget
+        spent = int(budget.stages)
+        base_dev = float(env.unwrapped.base_dev_score)  # the loaded path's root: the base model
         cost = {k: float(v) for k, v in (result.cost or {}).items()}
-        spent = int(cost.get("stages", len(rec_env.stages)))
         anytime = [(int(s), float(b)) for s, b in (result.anytime or [])]
         if not anytime:  # a user's controller may not report one; rebuild it from the stages
-            best = float(result.base_dev_score)
+            best = base_dev
             anytime = [(0, best)]
             for i, s in enumerate(rec_env.stages, 1):
                 best = max(best, s.dev_score)
@@ -143,13 +146,13 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
                  "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
         if spent != len(rec_env.stages):
             # Stages trained without going through env.step would escape the run log: say so.
-            extra["warning"] = (f"controller reports {spent} stages, "
+            extra["warning"] = (f"the env trained {spent} stages, "
                                 f"env.step saw {len(rec_env.stages)}")
         return RunRecord(
             task=spec.task, controller=spec.controller, seed=spec.seed, test_score=test,
-            dev_score=float(result.dev_score), base_dev_score=float(result.base_dev_score),
-            budget=spec.budget, stages_spent=spent, tokens=cost.get("tokens", 0.0),
-            seconds=cost.get("seconds", 0.0), wall_s=time.time() - started, started_at=started,
+            dev_score=float(result.dev_score), base_dev_score=base_dev,
+            budget=spec.budget, stages_spent=spent, tokens=float(budget.tokens),
+            seconds=float(budget.seconds), wall_s=time.time() - started, started_at=started,
             finished_at=time.time(), schedule=[_plain(h) for h in result.schedule],
             stages=rec_env.stages, anytime=anytime,
             settings={"env_id": spec.env_id, "env_kwargs": env_kwargs,
