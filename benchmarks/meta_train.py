@@ -9,7 +9,8 @@ By default the policy is trained on surrogate envs (benchmarks/surrogate.py) fit
 real stages: those of the leaderboard's HDF5 logs (``--logs``) made with the same env settings,
 and random episodes collected here (saved under ``<out>/data`` and reused by a rerun). Every real
 stage behind the data counts in the policy's cost. The env settings default to the leaderboard's
-quick preset, so the policy sees the episodes it is evaluated on. Writes ``<out>/policy.zip``,
+quick preset, so the policy sees the episodes it is evaluated on. ``wall_s`` is the whole
+pipeline's time, reused collections included. Writes ``<out>/policy.zip``,
 ``<out>/policy.json`` (what it was trained on and what that cost) and ``<out>/surrogate.npz``; the
 last line of output is ``timesteps=<n> wall_s=<x> real_stages=<n> ...``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -109,7 +111,7 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
     found = read_records(paths) if paths else []
     used = [r for r in found if r.task in a.tasks and r.controller not in SKIP_CONTROLLERS
             and dynamics_key(r.settings.get("env_kwargs", {})) == key]
-    collected_new = 0
+    collected_new, reused_wall = 0, 0.0
     if a.collect_episodes > 0:
         data = out / "data"
         saved = {r.key: r for r in read_records([data])} if (data / runlog.RUNS_DIR).is_dir() \
@@ -119,6 +121,7 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
             if (old is not None and dynamics_key(old.settings.get("env_kwargs", {})) == key
                     and old.settings.get("episodes", 0) >= a.collect_episodes):
                 used.append(old)  # collected by an earlier run with these settings: reuse it
+                reused_wall += old.wall_s
                 continue
             env = gym.make(ENV_IDS[task], **env_kwargs)
             rec = collect_random(env, a.collect_episodes, a.seed, ENV_IDS[task], env_kwargs)
@@ -132,7 +135,8 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
     for r in used:
         by_ctrl[r.controller] += len(r.stages)
     info = {"paths": [str(p) for p in paths], "runs_found": len(found), "runs_used": len(used),
-            "stages_by_controller": dict(by_ctrl), "collected_stages": collected_new}
+            "stages_by_controller": dict(by_ctrl), "collected_stages": collected_new,
+            "reused_collection_wall_s": round(reused_wall, 1)}
     return used, info
 
 
@@ -221,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         records, logs = gather_records(a, env_kwargs, out)
         models = fit_surrogates(records, spaces_, a.seed)
         save_models(out / "surrogate.npz", models)
+        for t, m in models.items():
+            print(f"surrogate {t}: {m.n_transitions} transitions, ridge {m.ridge}, "
+                  f"out-of-fold R2 of the dev change {m.cv_r2:.2f}", flush=True)
+        # null, not NaN, in the JSON: an R2 is undefined when every logged dev change is equal.
         surrogate = {t: {"transitions": m.n_transitions, "ridge": m.ridge,
-                         "cv_r2_dev_delta": m.cv_r2} for t, m in models.items()}
-        for t, s in surrogate.items():
-            print(f"surrogate {t}: {s['transitions']} transitions, ridge {s['ridge']}, "
-                  f"out-of-fold R2 of the dev change {s['cv_r2_dev_delta']:.2f}", flush=True)
+                         "cv_r2_dev_delta": m.cv_r2 if math.isfinite(m.cv_r2) else None}
+                     for t, m in models.items()}
         thunks = [lambda t=t: CommonActions(SurrogateEnv(models[t]), common)
                   for t in a.tasks for _ in range(a.envs_per_task)]
     vec = make_vec_env(thunks)
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
     policy_path = out / "policy.zip"
     model.save(policy_path)
-    wall = time.time() - t0
+    # The pipeline's whole cost: random episodes an earlier run collected count as if run now.
+    wall = time.time() - t0 + logs.get("reused_collection_wall_s", 0.0)
     meta = {
         "policy": policy_path.name,
         "trained_on": "real" if a.real else "surrogate",
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"stable_baselines3": stable_baselines3.__version__,
                      "torch": torch.__version__, "gymnasium": gym.__version__},
     }
-    (out / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "policy.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     print(f"wrote {policy_path} and {out / 'policy.json'}")
     tail = ""
     if evaluation:

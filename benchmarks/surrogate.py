@@ -8,7 +8,8 @@ and action spaces, so a policy trained on it runs on the real env unchanged.
 
 Model, per task: ridge least squares from (scaled observation, one-hot action, 1) to (the next
 stage's nine training diagnostics, scaled to [0, 1], and the dev-score change). The ridge strength
-is picked by k-fold cross-validation on the dev-score change; noise is a resampled out-of-fold
+is picked by k-fold cross-validation on the dev-score change (the strongest one when none beats
+the mean on held-out stages); noise is a resampled out-of-fold
 residual vector (so the surrogate is as unsure as its held-out error); divergence is a clipped
 linear probability fitted on every stage, and ends the episode with dev score 0 as the real env.
 """
@@ -281,6 +282,11 @@ def fit(transitions: Sequence[Transition], task: str, space: HParamSpace, stages
     lam = min(RIDGES, key=lambda k: float(np.mean(oof[k][:, -1] ** 2)))
     spread = float(np.sum((y[:, -1] - y[:, -1].mean()) ** 2))
     cv_r2 = 1.0 - float(np.sum(oof[lam][:, -1] ** 2)) / spread if spread > 0 else math.nan
+    if not cv_r2 > 0:
+        # No ridge predicts held-out dev changes better than their mean: the data cannot tell
+        # actions apart, so shrink hardest rather than let PPO exploit an overfit extrapolation.
+        lam = max(RIDGES)
+        cv_r2 = 1.0 - float(np.sum(oof[lam][:, -1] ** 2)) / spread if spread > 0 else math.nan
 
     div = np.zeros(x.shape[1])
     if any(t.truncated for t in transitions):

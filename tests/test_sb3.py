@@ -19,7 +19,9 @@ import controllers
 import metaenv  # noqa: F401  (registers the env ids)
 from benchmarks import meta_train, runlog
 from benchmarks.surrogate import (
+    RIDGES,
     SurrogateEnv,
+    Transition,
     collect_random,
     fit,
     load_models,
@@ -139,6 +141,16 @@ def test_a_forked_stage_continues_the_state_it_was_trained_from(logged):
     np.testing.assert_array_equal(c.obs, a.next_obs)
     assert c.obs[9] == pytest.approx(0.3) and c.next_obs[9] == pytest.approx(0.4)
     assert c.obs[-1] == 0.5 and c.next_obs[-1] == 1.0  # progress
+
+
+def test_surrogate_shrinks_hardest_when_the_logs_cannot_tell_actions_apart(logged):
+    u = logged["env"].unwrapped
+    rng = np.random.default_rng(0)
+    root = logged["env"].steps[0][0]
+    noise = [Transition(root, rng.integers(u.hparams.nvec), root, float(rng.normal(0, 0.1)), False)
+             for _ in range(20)]
+    model = fit(noise, "gsm8k", u.hparams, u.stages, float(root[9]))
+    assert not model.cv_r2 > 0 and model.ridge == max(RIDGES)
 
 
 def test_surrogate_env_has_the_real_spaces_and_passes_the_checkers(logged):
