@@ -74,16 +74,18 @@ def completion_logps(
             use_cache=True,
             logits_to_keep=1,  # the last prompt position predicts the first completion token
         )
-        cache.batch_repeat_interleave(num_generations)
-        rest = model(
-            input_ids=input_ids[:, prompt_len:-1] if n > 1 else input_ids[:, prompt_len:prompt_len],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, prompt_len:-1],
-            past_key_values=cache,
-            use_cache=True,
-        )
         first = prefix.logits[:, -1:].repeat_interleave(num_generations, dim=0)
-        logits = torch.cat([first, rest.logits], dim=1)
+        logits = first
+        if n > 1:  # with one completion token the prefix alone predicts it (no zero-width pass)
+            cache.batch_repeat_interleave(num_generations)
+            rest = model(
+                input_ids=input_ids[:, prompt_len:-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=positions[:, prompt_len:-1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = torch.cat([first, rest.logits], dim=1)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from inner.config import GRPOConfig
@@ -73,14 +74,15 @@ def test_sample_next_follows_temperature_and_top_p():
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
-def test_shared_prompt_logps_equal_full_forward(tokenizer, tiny_model):
+@pytest.mark.parametrize("n", [7, 1])  # n=1: the prefix alone predicts the only token
+def test_shared_prompt_logps_equal_full_forward(tokenizer, tiny_model, n):
     """Running each group's prompt once (shared KV) gives the full forward's log-probs and grads."""
     gen = torch.Generator().manual_seed(0)
     prompt_ids, prompt_mask = left_padded(tokenizer, PROMPTS)
-    group, n = 3, 7
+    group = 3
     completions = torch.randint(3, len(tokenizer), (len(PROMPTS) * group, n), generator=gen)
     completion_mask = torch.ones_like(completions)
-    completion_mask[1, 4:] = 0
+    completion_mask[1, 4:] = 0  # a sequence that ended early (no-op for n=1)
     input_ids = torch.cat([prompt_ids.repeat_interleave(group, 0), completions], 1)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(group, 0), completion_mask], 1)
     results = []
