@@ -104,7 +104,7 @@ def test_math_local_files_train_lighteval_test_math500(tmp_path):
 def test_countdown_single_local_file_carves_dev_and_test(tmp_path):
     rows = []
     for i in range(80):
-        nums = [2 + i % 7, 3 + i % 5, 4 + i // 10] + ([i % 9 + 1] if i % 2 else [])
+        nums = [10 + i, 2 + i % 3, 4 + i % 5] + ([i % 9 + 1] if i % 2 else [])  # distinct puzzles
         rows.append({"target": nums[0] * nums[1] + sum(nums[2:]), "nums": nums})
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "countdown.parquet"))
     task = get_task("countdown", scale="paper", data_path=tmp_path / "countdown.parquet")

@@ -33,11 +33,12 @@ def test_api_and_disjoint_splits(name):
     splits = {s: task.examples(s) for s in ("train", "dev", "test")}
     assert len(splits["dev"]) == 40 and len(splits["test"]) == 60
     assert 150 <= len(splits["train"]) <= 200  # train drops the prompts of dev and test
-    prompts = {s: {e.prompt for e in ex} for s, ex in splits.items()}
-    assert not prompts["train"] & prompts["dev"]
-    assert not prompts["train"] & prompts["test"]
-    assert not prompts["dev"] & prompts["test"]
-    assert len(prompts["dev"]) == 40 and len(prompts["test"]) == 60  # no duplicates
+    for key in (lambda e: e.prompt, task.problem_key):  # Countdown: numbers in any order
+        keys = {s: {key(e) for e in ex} for s, ex in splits.items()}
+        assert not keys["train"] & keys["dev"]
+        assert not keys["train"] & keys["test"]
+        assert not keys["dev"] & keys["test"]
+        assert len(keys["dev"]) == 40 and len(keys["test"]) == 60  # no duplicates
     for ex in splits["dev"] + splits["test"]:
         assert isinstance(ex, Example) and ex.meta["difficulty"] == task.default_difficulty
     assert task.examples("dev") is splits["dev"]  # cached
@@ -102,6 +103,16 @@ def test_seeded_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMZERO_CACHE", "off")
     other = get_task("countdown", seed=1, train_size=10, dev_size=10, test_size=10).examples("dev")
     assert {e.prompt for e in other} != {e.prompt for e in first}
+
+
+def test_problem_keys_merge_reordered_countdown_numbers_and_renamed_variables():
+    countdown, math = get_task("countdown"), get_task("math")
+    a = Example("Use 1,2,3 to make 6.\n", "", "", {"numbers": [1, 2, 3], "target": 6})
+    b = Example("Use 3,2,1 to make 6.\n", "", "", {"numbers": [3, 2, 1], "target": 6})
+    assert countdown.problem_key(a) == countdown.problem_key(b)
+    x = Example("Solve 3*x+1=7.\n", "2", "", {"subject": "algebra"})
+    y = Example("Solve 3*y+1=7.\n", "2", "", {"subject": "algebra"})
+    assert math.problem_key(x) == math.problem_key(y)
 
 
 def test_get_task_rejects_unknown_names():

@@ -5,8 +5,9 @@ prompts for a tiny char-level model) and "paper" (the real dataset through `data
 hub or a local path). The reward code is the same at both scales.
 
 Splits: dev and test are built first, at the default difficulty, with their own seeds; test drops
-any prompt that is in dev and train drops any prompt that is in dev or test. So the evaluation
+any problem that is in dev and train drops any problem that is in dev or test. So the evaluation
 splits never depend on which training difficulty was asked for, and no split overlaps another.
+A problem is its prompt, or a task's coarser `problem_key` (e.g. Countdown's numbers in any order).
 """
 
 from __future__ import annotations
@@ -99,14 +100,15 @@ class Task:
         )
         if (*base, split, level) not in _CACHE:
             if split == "train":
-                held_out = {e.prompt for s in ("dev", "test") for e in self.examples(s)}
-                rows = (e for e in self._build("train", level) if e.prompt not in held_out)
+                held_out = {self.problem_key(e) for s in ("dev", "test") for e in self.examples(s)}
+                rows = (
+                    e for e in self._build("train", level) if self.problem_key(e) not in held_out
+                )
                 _CACHE[(*base, split, level)] = list(islice(rows, self.size["train"]))
             else:
-                dev = _unique(self._build("dev", level), self.size["dev"], set())
-                test = _unique(
-                    self._build("test", level), self.size["test"], {e.prompt for e in dev}
-                )
+                dev = self._unique(self._build("dev", level), self.size["dev"], set())
+                dev_keys = {self.problem_key(e) for e in dev}
+                test = self._unique(self._build("test", level), self.size["test"], dev_keys)
                 _CACHE[(*base, "dev", level)] = dev
                 _CACHE[(*base, "test", level)] = test
         return _CACHE[(*base, split, level)]
@@ -132,6 +134,23 @@ class Task:
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
         """Paper scale: the real dataset's examples of `split` (train filtered to `difficulty`)."""
         raise NotImplementedError
+
+    def problem_key(self, example: Example) -> str:
+        """What makes two examples the same problem for the split separation: the prompt."""
+        return example.prompt
+
+    def _unique(self, rows: Iterable[Example], n: int | None, exclude: set[str]) -> list[Example]:
+        """The first `n` examples that are distinct problems and not in `exclude`."""
+        seen = set(exclude)
+        out: list[Example] = []
+        for e in rows:
+            if n is not None and len(out) >= n:
+                break
+            key = self.problem_key(e)
+            if key not in seen:
+                seen.add(key)
+                out.append(e)
+        return out
 
     # ----- reward -----
 
@@ -166,19 +185,6 @@ class Task:
         except Exception:
             return 0.0
         return (1.0 - FORMAT_WEIGHT) * correct + FORMAT_WEIGHT * formatted
-
-
-def _unique(rows: Iterable[Example], n: int | None, exclude: set[str]) -> list[Example]:
-    """The first `n` examples whose prompts are distinct and not in `exclude`."""
-    seen = set(exclude)
-    out: list[Example] = []
-    for e in rows:
-        if n is not None and len(out) >= n:
-            break
-        if e.prompt not in seen:
-            seen.add(e.prompt)
-            out.append(e)
-    return out
 
 
 def get_task(name: str, scale: str = "embedded", **kwargs) -> Task:

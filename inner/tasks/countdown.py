@@ -134,6 +134,10 @@ class CountdownTask(Task):
                 meta={"difficulty": len(numbers), "numbers": numbers, "target": target},
             )
 
+    def problem_key(self, example: Example) -> str:
+        # The same numbers in another order are the same puzzle.
+        return f"{sorted(example.meta['numbers'])}->{example.meta['target']}"
+
     def extract(self, completion: str) -> str | None:
         return tagged_answer(completion)
 

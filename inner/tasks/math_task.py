@@ -184,6 +184,12 @@ class MathTask(Task):
                 meta={"difficulty": level, "subject": row.get("subject") or row.get("type")},
             )
 
+    def problem_key(self, example: Example) -> str:
+        # An embedded equation in another variable is the same equation.
+        if self.scale == "embedded" and example.meta.get("subject") == "algebra":
+            return re.sub(r"[a-z]", "x", example.prompt)
+        return example.prompt
+
     def extract(self, completion: str) -> str | None:
         return boxed_answer(completion)
 
