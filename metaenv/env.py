@@ -40,7 +40,10 @@ SCALE_DEFAULTS: dict[str, dict[str, Any]] = {
               "max_states_in_memory": 0, "model": "Qwen/Qwen3-0.6B"},
 }
 NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
-BASE_CACHE_SEEDS = 4  # seeds whose initial state is kept for cheap resets
+# Seeds whose trainer and initial state are kept, so that resets alternating between seeds (as
+# gymnasium's checker and multi-seed controllers do) restore instead of rebuilding. Paper scale
+# keeps one: a second trainer would hold a second copy of a large model on the accelerator.
+SEED_CACHE = {"embedded": 4, "paper": 1}
 DEV_METRICS = ("accuracy", "mean_score")
 
 
@@ -108,7 +111,16 @@ def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class LLMZeroEnv(gym.Env):
-    """GRPO post-training of a causal LM as a Gymnasium env (see DESIGN.md, "The environment")."""
+    """GRPO post-training of a causal LM as a Gymnasium env (see DESIGN.md, "The environment").
+
+    task: gsm8k | math | countdown | logic. scale: "embedded" (shipped tiny model, CPU, offline)
+    or "paper" (`model` = HF id or local path). stages x steps_per_stage: episode length.
+    hparam_grid: {name: [values] | None} overrides the task's grids (metaenv.hparams);
+    fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
+    dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
+    max_stages: budget after which step() raises BudgetExhausted. max_states_in_memory /
+    state_dir: bound of the saved-state store before it spills to disk.
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
 
@@ -185,7 +197,8 @@ class LLMZeroEnv(gym.Env):
         self._base_model: torch.nn.Module | None = None  # pristine base weights (never trained)
         self._tokenizer: Any = None
         self._base_eval: EvalResult | None = None  # greedy dev eval: the same for every seed
-        self._base_states: OrderedDict[int, EnvState] = OrderedDict()  # seed -> initial state
+        # seed -> [trainer, initial state or None if it was built by load_state]; LRU order
+        self._seeds: OrderedDict[int, list] = OrderedDict()
         self.trainer: Trainer | None = None
         self._trainer_seed: int | None = None
         self._reset_episode_fields()
@@ -249,6 +262,25 @@ class LLMZeroEnv(gym.Env):
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
                        difficulty=self.difficulty, dev_size=self.dev_size, **kwargs)
 
+    def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
+        """Make the trainer of `seed` current (building it if needed); return its initial state.
+
+        With `need_base`, a cached trainer without an initial state (built by load_state, so its
+        weights are not the base model's any more) is rebuilt from the base weights.
+        """
+        entry = self._seeds.get(seed)
+        if entry is not None and need_base and entry[1] is None:
+            del self._seeds[seed]
+            entry = None
+        if entry is None:
+            self.trainer = None  # free the current trainer first if it is about to be evicted
+            while len(self._seeds) >= SEED_CACHE[self.scale]:
+                self._seeds.popitem(last=False)
+            entry = self._seeds[seed] = [self._make_trainer(seed), None]
+        self._seeds.move_to_end(seed)
+        self.trainer, self._trainer_seed = entry[0], seed
+        return entry[1]
+
     def _score(self, result: EvalResult) -> float:
         return float(getattr(result, self.dev_metric))
 
@@ -263,14 +295,9 @@ class LLMZeroEnv(gym.Env):
         # An unseeded reset draws the next training seed from the env's RNG, as gymnasium expects.
         inner_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
         t0 = time.perf_counter()
-        base = self._base_states.get(inner_seed)
-        if base is None or self._trainer_seed != inner_seed:
-            self.trainer = None  # free the old trainer before building the next one
-            self.trainer = self._make_trainer(inner_seed)
-            self._trainer_seed = inner_seed
+        base = self._use_trainer(inner_seed, need_base=True)
         self._reset_episode_fields()
         if base is not None:
-            self._base_states.move_to_end(inner_seed)
             self._restore(base)
         else:
             if self._base_eval is None:
@@ -287,9 +314,7 @@ class LLMZeroEnv(gym.Env):
             self._obs = obs_layout.build_observation(
                 None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
             )
-            self._base_states[inner_seed] = self.save_state()
-            while len(self._base_states) > BASE_CACHE_SEEDS:
-                self._base_states.popitem(last=False)
+            self._seeds[inner_seed][1] = self.save_state()
         self.budget.seconds += time.perf_counter() - t0
         return self._obs.copy(), self._info()
 
@@ -410,7 +435,7 @@ class LLMZeroEnv(gym.Env):
     def close(self) -> None:
         self.trainer = None
         self._base_model = None
-        self._base_states.clear()
+        self._seeds.clear()
         self._store.close()
 
     # ------------------------------------------------------------------ fork / restore
@@ -443,11 +468,8 @@ class LLMZeroEnv(gym.Env):
             raise TypeError(f"load_state expects an EnvState from save_state(), got {type(state)}")
         if state.store is not self._store:
             raise ValueError("this state was saved by another env; load it there")
-        if state.seed != self._trainer_seed:
-            # The data order is a function of the trainer's seed: rebuild it for this state.
-            self.trainer = None
-            self.trainer = self._make_trainer(state.seed)
-            self._trainer_seed = state.seed
+        # The data order is a function of the trainer's seed: use (or build) that seed's trainer.
+        self._use_trainer(state.seed)
         self._restore(state)
         return self._obs.copy(), self._info()
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import gymnasium as gym
 import numpy as np
 import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+import metaenv
+from metaenv import BudgetExhausted
 from metaenv import observation as obs_layout
+from metaenv.env import LLMZeroEnv
 from metaenv.hparams import DEFAULT_GRIDS, InvalidAction, build_hparam_space
 from metaenv.pathologies import (
     DIVERGENCE,
@@ -20,6 +28,17 @@ from metaenv.pathologies import (
 )
 from metaenv.render import training_curves_png, training_curves_rgb
 from metaenv.store import StateStore
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tiny models are per-op overhead bound: on the shared 2-core machine two OpenMP threads
+    # spin against other processes and ran this file 7-14x slower (190-356 s vs 25 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 REQUIRED = ("learning_rate", "beta", "epsilon", "temperature", "num_generations",
             "max_completion_length", "difficulty")
@@ -142,3 +161,185 @@ def test_store_spills_to_disk_beyond_its_memory_bound(tmp_path):
     assert keys[0] not in store and len(store) == 4
     store.close()
     assert len(store) == 0 and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the env (tiny configuration)
+# Two stages of one or two steps, 2 prompts x 2 generations of <= 8 tokens, 4 dev examples.
+TINY = dict(
+    stages=2,
+    steps_per_stage=1,
+    dev_size=4,
+    test_size=4,
+    eval_max_new_tokens=16,
+    hparam_grid={"learning_rate": [1e-4, 1e-3], "num_generations": [2], "temperature": [1.0],
+                 "max_completion_length": [4, 8], "beta": [0.0, 0.04], "epsilon": [0.2]},
+    fixed_hparams={"prompts_per_step": 2},
+)
+
+
+def make(env_id="LLMZero-GSM8K-v0", **overrides) -> gym.Env:
+    return gym.make(env_id, **(TINY | overrides))
+
+
+@pytest.mark.parametrize("env_id", list(metaenv.ENV_IDS.values()))
+def test_gymnasium_and_sb3_env_checkers_pass(env_id):
+    env = make(env_id)
+    assert isinstance(env.unwrapped, LLMZeroEnv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+    checker_warnings = [str(w.message) for w in caught if "gymnasium" in w.filename
+                        or "stable_baselines3" in w.filename]
+    assert checker_warnings == []
+    env.close()
+
+
+def _rollout(env, seed, actions):
+    obs, info = env.reset(seed=seed)
+    out = [obs]
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        out.append(obs)
+    return out, info
+
+
+def test_same_seed_same_observations():
+    env_a, env_b = make(), make()
+    space = env_a.unwrapped.hparams
+    actions = [space.encode({"learning_rate": 1e-3}), space.encode({"max_completion_length": 4})]
+    obs_a, info_a = _rollout(env_a, 7, actions)
+    obs_b, info_b = _rollout(env_b, 7, actions)
+    assert all(np.array_equal(x, y) for x, y in zip(obs_a, obs_b, strict=True))
+    assert info_a["history"] == info_b["history"] and info_a["samples"] == info_b["samples"]
+    # A cached reset replays the same episode without reloading the base model.
+    calls = []
+    original = env_a.unwrapped._load_base
+    env_a.unwrapped._load_base = lambda: (calls.append(1), original())
+    obs_c, _ = _rollout(env_a, 7, actions)
+    assert calls == [] and all(np.array_equal(x, y) for x, y in zip(obs_a, obs_c, strict=True))
+    # Another seed trains differently; coming back to seed 7 replays it exactly.
+    obs_d, _ = _rollout(env_a, 8, actions)
+    assert not all(np.array_equal(x, y) for x, y in zip(obs_a, obs_d, strict=True))
+    obs_e, _ = _rollout(env_a, 7, actions)
+    assert all(np.array_equal(x, y) for x, y in zip(obs_a, obs_e, strict=True))
+    assert env_a.unwrapped.observation_names[0] == "reward"
+    assert len(env_a.unwrapped.observation_names) == env_a.observation_space.shape[0]
+
+
+def test_save_step_load_step_is_identical_and_budget_is_not_rewound():
+    env = make(steps_per_stage=2)
+    uenv = env.unwrapped
+    env.reset(seed=1)
+    state = uenv.save_state()
+    a = uenv.hparams.encode({"learning_rate": 1e-3, "beta": 0.0})
+    obs1, r1, _, _, info1 = env.step(a)
+    obs_loaded, info_loaded = uenv.load_state(state)
+    assert uenv.stage == 0 and info_loaded["history"] == [] and info_loaded["cost"]["stages"] == 0
+    obs2, r2, _, _, info2 = env.step(a)
+    assert np.array_equal(obs1, obs2) and r1 == r2
+    assert info1["metrics"] == info2["metrics"] and info1["samples"] == info2["samples"]
+    assert uenv.budget.stages == 2  # both stages were paid for
+    assert uenv.hparams.current["learning_rate"] == 1e-3
+    # The loaded state's hyperparameters become the defaults that encode() fills in.
+    uenv.load_state(state)
+    assert uenv.hparams.decode(uenv.hparams.encode({}))["learning_rate"] == 1e-4
+
+
+def test_invalid_action_names_the_parameter():
+    env = make()
+    env.reset(seed=0)
+    names = env.unwrapped.hparams.names
+    bad = np.zeros(len(names), dtype=np.int64)
+    bad[names.index("learning_rate")] = 5
+    with pytest.raises(ValueError, match="learning_rate"):
+        env.step(bad)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(len(names) + 1, dtype=np.int64))
+    with pytest.raises(ValueError, match="max_completion_length=9 is not on the grid"):
+        env.unwrapped.hparams.encode({"max_completion_length": 9})
+    assert env.unwrapped.budget.stages == 0  # rejected actions cost nothing
+
+
+def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers():
+    # An infinite learning rate makes AdamW's update non-finite whatever the gradients are.
+    env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, math.inf]})
+    env.reset(seed=0)
+    space = env.unwrapped.hparams
+    obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
+    assert truncated and not terminated
+    assert "divergence" in info["pathologies"] and info["diverged"].startswith("divergence")
+    assert obs in env.observation_space and info["dev_score"] == 0.0
+    assert reward == -info["base_dev_score"]
+    with pytest.raises(RuntimeError, match="episode is over"):
+        env.step(space.encode({"learning_rate": 1e-4}))
+    env.reset(seed=0)
+    obs, _, _, truncated, info = env.step(space.encode({"learning_rate": 1e-4}))
+    assert not truncated and info["pathologies"].count("divergence") == 0
+    assert np.isfinite(obs).all()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_memory_does_not_grow_over_50_save_load_cycles():
+    env = make()
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    env.step(uenv.hparams.encode({"learning_rate": 1e-3}))
+    entries = len(uenv._store)
+    for _ in range(5):  # warm up allocator pools
+        uenv.load_state(uenv.save_state())
+    rss = _rss_bytes()
+    for _ in range(50):
+        uenv.load_state(uenv.save_state())
+    growth = _rss_bytes() - rss
+    assert len(uenv._store) == entries  # every dropped handle freed its stored state
+    state_bytes = sum(p.numel() * p.element_size() for p in uenv.trainer.model.parameters())
+    # 50 leaked states would need 150x the weights (weights + two AdamW moments each).
+    assert growth < max(3 * state_bytes, 4 << 20), f"RSS grew by {growth} bytes"
+
+
+def test_states_spill_to_disk_beyond_the_memory_bound(tmp_path):
+    env = make(max_states_in_memory=1, state_dir=str(tmp_path))
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    a = uenv.hparams.encode({"learning_rate": 1e-3})
+    first = uenv.save_state()
+    obs1 = env.step(a)[0]
+    later = [uenv.save_state() for _ in range(3)]
+    assert uenv._store.num_in_memory <= 1 and uenv._store.num_on_disk >= 3
+    uenv.load_state(first)
+    assert np.array_equal(env.step(a)[0], obs1)
+    del later
+    env.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_budget_cannot_be_escaped_and_test_evals_are_counted_apart():
+    env = make(max_stages=2)
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    root = uenv.save_state()
+    a = uenv.hparams.default_action()
+    env.step(a)
+    uenv.load_state(root)
+    env.step(a)
+    for escape in (lambda: uenv.load_state(root), lambda: env.reset(seed=0)):
+        escape()
+        with pytest.raises(BudgetExhausted, match="2 stages"):
+            env.step(a)
+    score = uenv.evaluate_test()
+    assert 0.0 <= score <= 1.0
+    assert uenv.budget.stages == 2 and uenv.budget.test_evals == 1 and uenv.budget.seconds > 0
+
+
+def test_render_returns_the_training_curves():
+    env = make(render_mode="rgb_array")
+    env.reset(seed=0)
+    env.step(env.unwrapped.hparams.default_action())
+    img = env.render()
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    assert env.unwrapped.render_png().startswith(b"\x89PNG")
