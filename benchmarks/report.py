@@ -95,6 +95,11 @@ def _order(records: Sequence[RunRecord], order: Sequence[str] | None) -> list[st
     return first + sorted(present - set(first))
 
 
+def _cost(record: RunRecord, key: str) -> float:
+    value = record.extra.get("cost", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
 def summarize(records: Sequence[RunRecord],
               order: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per (task, controller), the base model's row first in each task."""
@@ -111,7 +116,8 @@ def summarize(records: Sequence[RunRecord],
                      "test_ci_low": base_test, "test_ci_high": base_test, "rel_vs_base": 0.0,
                      "rel_vs_grid": relative(base_test, grid), "dev_mean": base_dev,
                      "budget": 0, "stages_mean": 0.0, "seconds_mean": 0.0, "tokens_mean": 0.0,
-                     "llm_tokens_mean": 0.0, "capacity_nondecreasing": math.nan,
+                     "llm_tokens_mean": 0.0, "meta_train_seconds": math.nan,
+                     "meta_train_real_stages": math.nan, "capacity_nondecreasing": math.nan,
                      "regularization_direction_changes": math.nan})
         for c in ctrls:
             runs = sorted((r for r in mine if r.controller == c), key=lambda r: r.seed)
@@ -127,6 +133,10 @@ def summarize(records: Sequence[RunRecord],
                 "seconds_mean": _nanmean([r.wall_s for r in runs]),
                 "tokens_mean": _nanmean([r.tokens for r in runs]),
                 "llm_tokens_mean": _nanmean([r.extra.get("llm_tokens", 0.0) for r in runs]),
+                # Paid once before any run (the sb3 policy's meta-training), not per run.
+                "meta_train_seconds": _nanmean([_cost(r, "meta_train_seconds") for r in runs]),
+                "meta_train_real_stages": _nanmean(
+                    [_cost(r, "meta_train_real_stages") for r in runs]),
                 "capacity_nondecreasing": _nanmean(
                     [v for s in structs for k, v in s.items() if k in CAPACITY]),
                 "regularization_direction_changes": _nanmean(
@@ -168,6 +178,12 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+def _meta_cell(row: dict[str, Any]) -> str:
+    if not math.isfinite(row["meta_train_seconds"]):
+        return "—"
+    return f"{row['meta_train_seconds']:.0f} ({_fmt(row['meta_train_real_stages'], '.0f')})"
+
+
 def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
              plots: dict[str, list[str]], header: str = "") -> str:
     """The leaderboard as Markdown: one table per task, then the schedule structure."""
@@ -183,11 +199,14 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
         "temperature), mean over parameters and seeds.", ""]
     # The LLM proposer's cost gets a column only when some row paid any.
     llm = int(any(r["llm_tokens_mean"] > 0 for r in rows))
+    # So does meta-training (sb3): seconds and real env stages, paid once for all its runs.
+    meta = int(any(math.isfinite(r["meta_train_seconds"]) for r in rows))
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
                   "| controller | test [95% CI] | seeds | vs base | vs grid | dev | stages | "
-                  "seconds | cap. | reg. |" + (" LLM tokens |" if llm else ""),
-                  "|---" * (10 + llm) + "|"]
+                  "seconds | cap. | reg. |" + (" LLM tokens |" if llm else "")
+                  + (" meta-train s (real stages) |" if meta else ""),
+                  "|---" * (10 + llm + meta) + "|"]
         for r in (r for r in rows if r["task"] == task):
             ci = (f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
                   if r["controller"] != BASE else _fmt(r["test_mean"]))
@@ -198,7 +217,8 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
                 f"{_fmt(r['stages_mean'], '.1f')} | {_fmt(r['seconds_mean'], '.0f')} | "
                 f"{_fmt(r['capacity_nondecreasing'], '.2f')} | "
                 f"{_fmt(r['regularization_direction_changes'], '.1f')} |"
-                + (f" {_fmt(r['llm_tokens_mean'], '.0f')} |" if llm else ""))
+                + (f" {_fmt(r['llm_tokens_mean'], '.0f')} |" if llm else "")
+                + (f" {_meta_cell(r)} |" if meta else ""))
         lines.append("")
         for p in plots.get(task, []):
             lines += [f"![{Path(p).stem}]({p})", ""]

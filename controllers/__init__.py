@@ -8,6 +8,7 @@ from controllers.base import BudgetExceeded, Controller, RunResult, Tracker
 from controllers.fixed import Fixed, Progressive
 from controllers.llmzero import LLMZero
 from controllers.pbt import PBT
+from controllers.sb3 import SB3
 from controllers.search import TPE, Grid, Random
 from controllers.skills import SkillAgent, SkillLibrary, propose, register_skill
 
@@ -29,7 +30,7 @@ def make(name: str, **kwargs) -> Controller:
 
 for _name, _factory in {"fixed": Fixed, "progressive": Progressive, "grid": Grid,
                         "random": Random, "tpe": TPE, "pbt": PBT, "skills": SkillAgent,
-                        "llmzero": LLMZero}.items():
+                        "llmzero": LLMZero, "sb3": SB3}.items():
     register(_name, _factory)
 
 __all__ = ["REGISTRY", "BudgetExceeded", "Controller", "RunResult", "SkillLibrary", "Tracker",

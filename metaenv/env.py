@@ -119,7 +119,8 @@ class LLMZeroEnv(gym.Env):
     fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
     dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
     max_stages: budget after which step() raises BudgetExhausted. max_states_in_memory /
-    state_dir: bound of the saved-state store before it spills to disk.
+    state_dir: bound of the saved-state store before it spills to disk. shuffle_rewards: a
+    control for benchmarks (rewards permuted across each batch, so nothing can be learned).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
@@ -144,6 +145,7 @@ class LLMZeroEnv(gym.Env):
         state_dir: str | None = None,
         dev_metric: str = "accuracy",
         eval_max_new_tokens: int | None = None,
+        shuffle_rewards: bool = False,
     ) -> None:
         if scale not in SCALE_DEFAULTS:
             raise ValueError(f"scale must be one of {list(SCALE_DEFAULTS)}, got {scale!r}")
@@ -167,6 +169,7 @@ class LLMZeroEnv(gym.Env):
         self.render_mode = render_mode
         self._seed = seed
         self._eval_max_new_tokens = eval_max_new_tokens
+        self._shuffle_rewards = shuffle_rewards
 
         # Dev/test are generated at the task's default difficulty whatever the training level.
         self.task = get_task(task, scale, **self._split_sizes(task, scale))
@@ -260,7 +263,8 @@ class LLMZeroEnv(gym.Env):
         if self._eval_max_new_tokens is not None:
             kwargs["eval_max_new_tokens"] = self._eval_max_new_tokens
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
-                       difficulty=self.difficulty, dev_size=self.dev_size, **kwargs)
+                       difficulty=self.difficulty, dev_size=self.dev_size,
+                       shuffle_rewards=self._shuffle_rewards, **kwargs)
 
     def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
         """Make the trainer of `seed` current (building it if needed); return its initial state.

@@ -119,6 +119,24 @@ def test_summary_relative_improvements_follow_their_definitions():
     assert rows["tpe"]["test_ci_low"] <= 0.4 <= rows["tpe"]["test_ci_high"]
 
 
+def test_meta_training_cost_gets_its_own_column_only_when_paid():
+    def rec(ctrl, cost):
+        return RunRecord(task="t", controller=ctrl, seed=0, test_score=0.3, dev_score=0.3,
+                         base_dev_score=0.2, budget=4, stages_spent=4, extra={"cost": cost})
+
+    plain = [rec("base", {}), rec("grid", {"stages": 4})]
+    assert "meta-train" not in report.markdown(report.summarize(plain), [], {})
+    sb3 = rec("sb3", {"stages": 4, "meta_train_seconds": 556.2, "meta_train_real_stages": 24})
+    rows = report.summarize([*plain, sb3])
+    assert [r["meta_train_seconds"] for r in rows][2] == pytest.approx(556.2)
+    table = report.markdown(rows, [], {})
+    assert "meta-train s (real stages)" in table
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+             if line.startswith(("| base", "| grid", "| sb3"))]
+    ends = {row[0]: row[-1] for row in cells}
+    assert ends == {"base": "—", "grid": "—", "sb3": "556 (24)"}
+
+
 # ---- the HDF5 run log ----------------------------------------------------------------------------
 
 

@@ -220,7 +220,7 @@ def test_meta_train_cli_writes_policy_metadata_and_key_values(policy, logged):
 
 def test_saved_policy_runs_as_a_controller_within_its_budget(policy, logged):
     env, path = logged["env"], str(policy / "policy.zip")
-    controllers.register("sb3", SB3)
+    assert controllers.REGISTRY["sb3"] is SB3
     runs = []
     for budget in (3, 1):
         before = env.unwrapped.budget.stages
