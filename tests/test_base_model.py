@@ -52,9 +52,11 @@ def test_retraining_is_deterministic_from_the_seed(tmp_path):
     a, tokenizer, losses_a = tiny_run(seed=1)
     b, _, losses_b = tiny_run(seed=1)
     c, _, _ = tiny_run(seed=2)
-    assert losses_a == losses_b
+    # Bit-identical here; on CI's CPU two runs in one process once differed by 1e-6 after the
+    # first update (BLAS summation order), so the check allows rounding and nothing more.
+    assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-6)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(pa, pb), name
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
     # save_pretrained + load_base_model round trip (the format the shipped files use).
     a.save_pretrained(tmp_path)

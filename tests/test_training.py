@@ -106,11 +106,12 @@ def test_grpo_learns_and_shuffled_rewards_do_not(tokenizer, task_factory):
     model = tiny_gpt2(tokenizer, n_layer=2, n_embd=96, n_head=4, n_positions=32, seed=0)
     pairs = [(ex.prompt, ex.answer) for ex in task.examples("train")]
     trainer = Trainer(model, tokenizer, task, seed=0, dev_size=200, eval_max_new_tokens=5)
-    # SFT until the held-out *test* split shows a usable warm start (>= 40%): where a tiny model
-    # crosses that threshold varies with float details across machines, so stop on the outcome.
-    for chunk in range(12):
-        sft(model, tokenizer, pairs, steps=50, lr=4e-3, batch_size=128, seed=chunk)
-        if chunk >= 3 and trainer.evaluate("test").accuracy >= 0.40:
+    # SFT until the held-out *test* split shows a usable warm start (>= 35%) with room above it:
+    # where a tiny model crosses that threshold varies with float details across machines and
+    # library versions (50-step chunks once overshot to 65%), so stop on the outcome.
+    for chunk in range(24):
+        sft(model, tokenizer, pairs, steps=25, lr=4e-3, batch_size=128, seed=chunk)
+        if chunk >= 4 and trainer.evaluate("test").accuracy >= 0.35:
             break
     trainer = Trainer(model, tokenizer, task, seed=0, dev_size=200, eval_max_new_tokens=5)
     base = trainer.evaluate().accuracy
