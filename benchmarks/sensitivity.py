@@ -5,7 +5,7 @@ stage per variant in which a single controlled parameter takes another value of 
 gives the dev accuracy after the stage and the stage's mean training metrics (TRL names), so the
 effect of each parameter reads as a difference from the default row.
 
-    python -m benchmarks.sensitivity [--tasks ...] [--stages 2]
+    python -m benchmarks.sensitivity [--tasks ...] [--stages 1]
 
 Writes results/sensitivity.{md,json}; the last line is machine-readable.
 """
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(metaenv.ENV_IDS),
                         choices=list(metaenv.ENV_IDS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stages", type=int, default=2, help="stages per variant")
+    parser.add_argument("--stages", type=int, default=1, help="stages per variant")
     parser.add_argument("--model", default=None, help="a model directory (default: shipped)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results"))

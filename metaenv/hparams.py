@@ -40,8 +40,8 @@ _PAPER_COMMON: dict[str, tuple] = {
 }
 
 # Completion lengths are in tokens: characters at the embedded scale, so each task's grid brackets
-# its worked solutions (default-level p95: gsm8k 29, math 27, countdown 43, logic 43 chars; the
-# hardest level: 64, 30, 60, 52) with one value that truncates them. `difficulty: None` means the
+# its worked solutions (default-level p95: gsm8k 23, math 23, countdown 44, logic 44 tokens; the
+# hardest level: 43, 55, 56, 53) with one value that truncates them. `difficulty: None` means the
 # task's own difficulty_levels.
 EMBEDDED_LENGTHS = {
     "gsm8k": (16, 32, 48, 72),
