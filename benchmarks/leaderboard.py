@@ -68,13 +68,13 @@ class Preset:
 
 
 PRESETS = {
-    # Fits 30 minutes on the 2-core CPU: a stage (one GRPO step of 8 prompts x 8 completions,
-    # then 32 greedy dev answers) took 5-10 s, so a 6-stage run ~50 s with its test evaluation,
-    # and 4 tasks x (8 controllers + base) ~25 min on a loaded machine. Three-stage schedules
-    # are the shortest in which a regularization parameter can change direction.
+    # Fits 30 minutes on the 2-core CPU: a stage (five GRPO steps of 8 prompts x 8 completions,
+    # then 32 greedy dev answers) takes 2-5 s, so 4 tasks x 9 controllers x 6 stages plus the
+    # test evaluations take ~20 min. Three-stage schedules are the shortest in which a
+    # regularization parameter can change direction.
     "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
-                    seeds=(0,), budget=6, stages=3, steps_per_stage=1, dev_size=32,
-                    test_size=64),
+                    seeds=(0,), budget=6, stages=3, steps_per_stage=5, dev_size=32,
+                    test_size=128),
     # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
     # budget of 3 episodes' worth of stages, 5 seeds.
     "full": Preset(name="full", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
