@@ -184,12 +184,33 @@ def _meta_cell(row: dict[str, Any]) -> str:
     return f"{row['meta_train_seconds']:.0f} ({_fmt(row['meta_train_real_stages'], '.0f')})"
 
 
+def overview(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """All tasks in one table: each controller's mean test score (change over base) per task."""
+    tasks = sorted({r["task"] for r in rows})
+    ctrls = list(dict.fromkeys(r["controller"] for r in rows))
+    cell = {(r["task"], r["controller"]): r for r in rows}
+    lines = ["| controller | " + " | ".join(tasks) + " | stages | seconds |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for c in ctrls:
+        mine = [cell[t, c] for t in tasks if (t, c) in cell]
+        scores = [
+            "—" if (t, c) not in cell else _fmt(cell[t, c]["test_mean"])
+            + ("" if c == BASE else f" ({_pct(cell[t, c]['rel_vs_base'])})")
+            for t in tasks]
+        lines.append(f"| {c} | " + " | ".join(scores)
+                     + f" | {_fmt(_nanmean([r['stages_mean'] for r in mine]), '.1f')}"
+                     + f" | {_fmt(_nanmean([r['seconds_mean'] for r in mine]), '.0f')} |")
+    return lines
+
+
 def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
              plots: dict[str, list[str]], header: str = "") -> str:
-    """The leaderboard as Markdown: one table per task, then the schedule structure."""
+    """The leaderboard as Markdown: all tasks at a glance, one table per task, the structure."""
     lines = ["# LLMZero-Gym leaderboard", ""]
     if header:
         lines += [header, ""]
+    lines += ["Test score per task (change over the base model); stages and seconds per run, "
+              "mean over tasks and seeds.", "", *overview(rows), ""]
     lines += [
         "Test score of the state each controller chose on dev (mean over seeds, 95% bootstrap CI); "
         "relative improvement over the base model and over grid search (the paper's two figures); "

@@ -172,17 +172,17 @@ def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = BaseModelConfig()
-    for key, value in asdict(defaults).items():
-        if not isinstance(value, tuple):
-            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    # Scalar fields are flags; the task mix (`repeats`) is changed in BaseModelConfig itself.
+    scalars = {k: v for k, v in asdict(BaseModelConfig()).items() if not isinstance(v, tuple)}
+    for key, value in scalars.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--out", type=Path, default=ASSETS)
     # One thread: bit-for-bit reproducible weights, and on a shared 2-core machine two threads
     # per process oversubscribe the cores (measured up to 10x slower).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = BaseModelConfig(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
+    config = BaseModelConfig(**{k: getattr(args, k) for k in scalars})
 
     start = time.perf_counter()
     pairs = sft_pairs(config)

@@ -137,6 +137,22 @@ def test_meta_training_cost_gets_its_own_column_only_when_paid():
     assert ends == {"base": "—", "grid": "—", "sb3": "556 (24)"}
 
 
+
+def test_overview_has_a_row_per_controller_and_a_column_per_task():
+    def rec(task, ctrl, score):
+        return RunRecord(task=task, controller=ctrl, seed=0, test_score=score, dev_score=score,
+                         base_dev_score=0.2, budget=4, stages_spent=4 if ctrl != "base" else 0)
+
+    records = [rec("a", "base", 0.2), rec("a", "grid", 0.3), rec("b", "base", 0.5),
+               rec("b", "grid", 0.25)]
+    lines = report.overview(report.summarize(records))
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert cells[0] == ["controller", "a", "b", "stages", "seconds"]
+    assert cells[2] == ["base", "0.200", "0.500", "0.0", "0"]
+    assert cells[3][:4] == ["grid", "0.300 (+50.0%)", "0.250 (-50.0%)", "4.0"]
+    assert "\n".join(lines) in report.markdown(report.summarize(records), [], {})
+
+
 # ---- the HDF5 run log ----------------------------------------------------------------------------
 
 
