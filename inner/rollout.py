@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from inner.decode import gpt2_decode_step
+
 
 class PreallocatedLayer(DynamicLayer):
     """One layer's KV cache, written in place into a buffer sized for the whole rollout.
@@ -130,6 +132,7 @@ def generate(
     next_pos = attn[:, :prompt_len].sum(-1, keepdim=True)  # position id of the first new token
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = make_cache(model, prompt_len + max_new_tokens)
+    fast_step = gpt2_decode_step(model)
     was_training = model.training
     model.eval()
     # Prefill the distinct prompts once, then copy their cache to every sample of the group.
@@ -161,14 +164,17 @@ def generate(
                 break
         if t + 1 == max_new_tokens:
             break  # the last token needs no forward pass
-        output = model(
-            input_ids=token.unsqueeze(-1),
-            attention_mask=attn[:, : prompt_len + t + 1],
-            position_ids=next_pos + t,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = output.logits[:, -1]
+        if fast_step is not None:
+            logits = fast_step(token, next_pos[:, 0] + t, attn[:, : prompt_len + t + 1], cache)
+        else:
+            output = model(
+                input_ids=token.unsqueeze(-1),
+                attention_mask=attn[:, : prompt_len + t + 1],
+                position_ids=next_pos + t,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = output.logits[:, -1]
     model.train(was_training)
     completion_ids = out[:, :steps]
     if eos_token_id is None:

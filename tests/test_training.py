@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from inner.config import GRPOConfig
+from inner.decode import gpt2_decode_step
 from inner.grpo import completion_logps
 from inner.models import tiny_gpt2
-from inner.rollout import generate, sample_next
+from inner.rollout import generate, make_cache, positions_from_mask, sample_next
 from inner.sft import sft
 from inner.trainer import Trainer
 
@@ -57,6 +58,43 @@ def test_sampling_is_seeded_and_groups_share_a_prefill(tokenizer, tiny_model):
     # Prefill once + copy the cache G times == decoding the repeated prompts.
     grouped, _ = generate(tiny_model, ids, mask, 10, None, 0, greedy=True, num_return_sequences=3)
     assert torch.equal(grouped, greedy.repeat_interleave(3, dim=0))
+
+
+def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=1).eval()
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    fast_step = gpt2_decode_step(model)
+    assert fast_step is not None
+    caches = [make_cache(model, ids.size(1) + 6) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        positions = mask.sum(-1)
+        tokens = torch.tensor([5, 9, 14, 30])
+        for t in range(6):  # feed the same tokens to both; left padding stays masked throughout
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            ours = fast_step(tokens, positions + t, mask, caches[0])
+            theirs = model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=(positions + t)[:, None],
+                past_key_values=caches[1],
+                use_cache=True,
+            ).logits[:, -1]
+            assert torch.equal(ours, theirs), t
+            tokens = theirs.argmax(-1)
+    # Variants it does not cover decode through model(...).
+    model.set_attn_implementation("eager")
+    assert gpt2_decode_step(model) is None
+    model.config.scale_attn_by_inverse_layer_idx = True
+    model.set_attn_implementation("sdpa")
+    assert gpt2_decode_step(model) is None
 
 
 def test_sample_next_follows_temperature_and_top_p():
