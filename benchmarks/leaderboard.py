@@ -1,6 +1,6 @@
 """The leaderboard: every controller on every task under one stage budget, scored once on test.
 
-    python -m benchmarks.leaderboard --preset quick            # ~9 min on a 2-core CPU
+    python -m benchmarks.leaderboard --preset quick            # ~8 min on a 2-core CPU
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
 
 Protocol (shared/DESIGN.md, "Evaluation protocol"): each controller spends the same budget of

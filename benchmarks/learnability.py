@@ -126,16 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "learnability.json").write_text(json.dumps(rows, indent=1) + "\n")
-    variant = "".join(f" --set {item}" for item in args.set)
+    flags = "".join(f" --set {item}" for item in args.set)
     if args.steps_per_stage is not None:
-        variant += f" --steps-per-stage {args.steps_per_stage}"
+        flags += f" --steps-per-stage {args.steps_per_stage}"
     if not args.control:
-        variant += " --no-control"
+        flags += " --no-control"
     (args.out / "learnability.md").write_text(
-        f"{'Default' if not variant else 'Modified'} GRPO schedule on the embedded envs "
+        f"{'Modified' if flags else 'Default'} GRPO schedule on the embedded envs "
         "(greedy accuracy; dev 64, test 512).\n\n"
         f"    python -m benchmarks.learnability --tasks {' '.join(args.tasks)} "
-        f"--seeds {' '.join(map(str, args.seeds))}{variant}\n\n{table}\n"
+        f"--seeds {' '.join(map(str, args.seeds))}{flags}\n\n{table}\n"
     )
     gains = [r["test"] - r["base_test"] for r in rows]
     print(f"min_test_gain={min(gains):.3f} max_stage_s={max(r['stage_s_max'] for r in rows):.1f} "

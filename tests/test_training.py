@@ -87,7 +87,8 @@ def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
                 past_key_values=caches[1],
                 use_cache=True,
             ).logits[:, -1]
-            assert torch.equal(ours, theirs), t
+            # Bit-identical on this machine; other CPUs' kernels may round differently.
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=f"token {t}")
             tokens = theirs.argmax(-1)
     # Variants it does not cover decode through model(...).
     model.set_attn_implementation("eager")
