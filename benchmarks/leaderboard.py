@@ -70,7 +70,7 @@ class Preset:
 PRESETS = {
     # Fits 30 minutes on the 2-core CPU: a stage (five GRPO steps of 8 prompts x 8 completions,
     # then 32 greedy dev answers) takes 2-5 s; 4 tasks x 9 controllers (220 stages) plus the
-    # test evaluations took 531 s. Three-stage schedules are the shortest in which a
+    # test evaluations took 488 s. Three-stage schedules are the shortest in which a
     # regularization parameter can change direction.
     "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
                     seeds=(0,), budget=6, stages=3, steps_per_stage=5, dev_size=32,

@@ -100,23 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(parse_override(item) for item in args.set)
+    for task in args.tasks:  # every task's grid, before any training (grids differ per task)
+        env = gym.make(metaenv.ENV_IDS[task]).unwrapped
+        try:
+            env.hparams.encode(env.hparams.defaults | overrides)
+        except InvalidAction as err:
+            raise SystemExit(f"--set ({task}): {err}") from None
+        finally:
+            env.close()
 
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             t0 = time.perf_counter()
             variant = (args.model, overrides, args.steps_per_stage)
-            try:
-                grpo = run_schedule(task, seed, False, *variant)
-            except InvalidAction as err:
-                raise SystemExit(f"--set: {err}") from None
+            grpo = run_schedule(task, seed, False, *variant)
             shuffled = run_schedule(task, seed, True, *variant) if args.control else None
             seconds = grpo["stage_seconds"]
             rows.append({
                 "task": task, "seed": seed, **{k: grpo[k] for k in ("base_dev", "base_test")},
                 "dev": grpo["dev"], "test": grpo["test"], "pathologies": grpo["pathologies"],
-                "shuffled_dev": shuffled and shuffled["dev"],
-                "shuffled_test": shuffled and shuffled["test"],
+                "shuffled_dev": None if shuffled is None else shuffled["dev"],
+                "shuffled_test": None if shuffled is None else shuffled["test"],
                 "stage_s_median": statistics.median(seconds), "stage_s_max": max(seconds),
                 "wall_s": time.perf_counter() - t0,
             })

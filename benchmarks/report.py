@@ -191,13 +191,17 @@ def overview(rows: Sequence[dict[str, Any]]) -> list[str]:
     cell = {(r["task"], r["controller"]): r for r in rows}
     lines = ["| controller | " + " | ".join(tasks) + " | stages | seconds |",
              "|---" * (len(tasks) + 3) + "|"]
+
+    def score(task: str, ctrl: str) -> str:
+        if (task, ctrl) not in cell:
+            return "—"
+        row = cell[task, ctrl]
+        change = "" if ctrl == BASE else f" ({_pct(row['rel_vs_base'])})"
+        return _fmt(row["test_mean"]) + change
+
     for c in ctrls:
         mine = [cell[t, c] for t in tasks if (t, c) in cell]
-        scores = [
-            "—" if (t, c) not in cell else _fmt(cell[t, c]["test_mean"])
-            + ("" if c == BASE else f" ({_pct(cell[t, c]['rel_vs_base'])})")
-            for t in tasks]
-        lines.append(f"| {c} | " + " | ".join(scores)
+        lines.append(f"| {c} | " + " | ".join(score(t, c) for t in tasks)
                      + f" | {_fmt(_nanmean([r['stages_mean'] for r in mine]), '.1f')}"
                      + f" | {_fmt(_nanmean([r['seconds_mean'] for r in mine]), '.0f')} |")
     return lines

@@ -4,7 +4,7 @@ At the embedded scale a decode step is a few tiny matmuls, and transformers' GPT
 more time in Python (mask building, cache bookkeeping, output objects) than in them. This step
 calls the model's own modules in the same order with the same SDPA call, so its logits are the
 ones `model(...)` gives (tests/test_training.py compares them); any other model, or a GPT-2
-variant it does not cover, decodes through `model(...)` instead.
+variant it does not cover, decodes through `model(...)` (`decode_step` picks).
 """
 
 from __future__ import annotations
@@ -20,12 +20,32 @@ from transformers.cache_utils import Cache
 DecodeStep = Callable[[Tensor, Tensor, Tensor, Cache], Tensor]
 
 
+def decode_step(model: torch.nn.Module) -> DecodeStep:
+    """The sampler's one-token forward: the GPT-2 fast path when it applies, else `model(...)`."""
+    fast = gpt2_decode_step(model)
+    if fast is not None:
+        return fast
+
+    def step(tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Cache) -> Tensor:
+        output = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
+
+    return step
+
+
 def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     """The fast step for a plain GPT2LMHeadModel in SDPA mode, or None when it does not apply."""
-    config = getattr(model, "config", None)
+    if type(model) is not GPT2LMHeadModel:
+        return None
+    config = model.config
     plain_gpt2 = (
-        type(model) is GPT2LMHeadModel
-        and config._attn_implementation == "sdpa"
+        config._attn_implementation == "sdpa"
         and config.scale_attn_weights
         and not config.scale_attn_by_inverse_layer_idx
         and not config.reorder_and_upcast_attn

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from inner.decode import gpt2_decode_step
+from inner.decode import decode_step
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -129,10 +129,10 @@ def generate(
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     attn = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
-    next_pos = attn[:, :prompt_len].sum(-1, keepdim=True)  # position id of the first new token
+    next_pos = attn[:, :prompt_len].sum(-1)  # position id of each row's first new token
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = make_cache(model, prompt_len + max_new_tokens)
-    fast_step = gpt2_decode_step(model)
+    decode = decode_step(model)
     was_training = model.training
     model.eval()
     # Prefill the distinct prompts once, then copy their cache to every sample of the group.
@@ -164,17 +164,7 @@ def generate(
                 break
         if t + 1 == max_new_tokens:
             break  # the last token needs no forward pass
-        if fast_step is not None:
-            logits = fast_step(token, next_pos[:, 0] + t, attn[:, : prompt_len + t + 1], cache)
-        else:
-            output = model(
-                input_ids=token.unsqueeze(-1),
-                attention_mask=attn[:, : prompt_len + t + 1],
-                position_ids=next_pos + t,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = output.logits[:, -1]
+        logits = decode(token, next_pos + t, attn[:, : prompt_len + t + 1], cache)
     model.train(was_training)
     completion_ids = out[:, :steps]
     if eos_token_id is None:

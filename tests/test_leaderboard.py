@@ -137,7 +137,6 @@ def test_meta_training_cost_gets_its_own_column_only_when_paid():
     assert ends == {"base": "—", "grid": "—", "sb3": "556 (24)"}
 
 
-
 def test_overview_has_a_row_per_controller_and_a_column_per_task():
     def rec(task, ctrl, score):
         return RunRecord(task=task, controller=ctrl, seed=0, test_score=score, dev_score=score,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inner.base_model import load_base_model
 from inner.config import GRPOConfig
 from inner.decode import gpt2_decode_step
 from inner.grpo import completion_logps
@@ -20,6 +21,12 @@ def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 PROMPTS = ["12+34=", "5+6=", "70+19=", "3+88="]  # different lengths: left padding matters
+PROMPTS_OF_ALL_TASKS = [
+    "What is 2+7-5?\n",
+    "Compute 6*9.\n",
+    "Use 3,4,5 to make 17.\n",
+    "A: B knight; B: A knave and C knight; C: C knight\n",
+]
 
 
 def test_greedy_matches_transformers_generate_with_eos(tokenizer, tiny_model):
@@ -96,6 +103,24 @@ def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
     model.config.scale_attn_by_inverse_layer_idx = True
     model.set_attn_implementation("sdpa")
     assert gpt2_decode_step(model) is None
+
+
+def test_models_without_the_fast_step_decode_through_model_forward():
+    # The shipped model answers from its prompt, so wrong positions or padding change its output.
+    model, tokenizer = load_base_model()
+    model.set_attn_implementation("eager")  # a GPT-2 variant the fast step does not cover
+    assert gpt2_decode_step(model) is None
+    ids, mask = left_padded(tokenizer, PROMPTS_OF_ALL_TASKS)
+    ours, _ = generate(model, ids, mask, 12, None, tokenizer.pad_token_id, greedy=True)
+    theirs = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, ids.size(1) :]
+    assert torch.equal(ours, theirs)
 
 
 def test_sample_next_follows_temperature_and_top_p():
