@@ -29,20 +29,24 @@ PROMPTS_OF_ALL_TASKS = [
 ]
 
 
+def transformers_greedy(model, ids, mask, max_new_tokens: int, eos: int | None) -> torch.Tensor:
+    """The completions of transformers' own greedy `generate` (the reference for ours)."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=model.config.pad_token_id,
+    )[:, ids.size(1) :]
+
+
 def test_greedy_matches_transformers_generate_with_eos(tokenizer, tiny_model):
     ids, mask = left_padded(tokenizer, PROMPTS)
     free, _ = generate(tiny_model, ids, mask, 12, None, tokenizer.pad_token_id, greedy=True)
     eos = int(free[0, 3])  # a token greedy decoding does emit, so rows stop at different steps
     ours, ours_mask = generate(tiny_model, ids, mask, 12, eos, tokenizer.pad_token_id, greedy=True)
-    theirs = tiny_model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )[:, ids.size(1) :]
-    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, transformers_greedy(tiny_model, ids, mask, 12, eos))
     # Mask: 1 through the first EOS, 0 after; rows without EOS run to the end.
     for row, row_mask in zip(ours.tolist(), ours_mask.tolist(), strict=True):
         stop = row.index(eos) + 1 if eos in row else len(row)
@@ -112,15 +116,7 @@ def test_models_without_the_fast_step_decode_through_model_forward():
     assert gpt2_decode_step(model) is None
     ids, mask = left_padded(tokenizer, PROMPTS_OF_ALL_TASKS)
     ours, _ = generate(model, ids, mask, 12, None, tokenizer.pad_token_id, greedy=True)
-    theirs = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )[:, ids.size(1) :]
-    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, transformers_greedy(model, ids, mask, 12, None))
 
 
 def test_sample_next_follows_temperature_and_top_p():
