@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from inner.base_model import ASSETS, BaseModelConfig, load_base_model, train_base_model
+from inner.base_model import (
+    ASSETS,
+    BaseModelConfig,
+    answer_early,
+    load_base_model,
+    sft_pairs,
+    train_base_model,
+)
 from inner.tasks import TASK_NAMES, get_task
 from inner.tokenizer import build_char_tokenizer
 from inner.trainer import Trainer
@@ -64,3 +71,27 @@ def test_retraining_is_deterministic_from_the_seed(tmp_path):
     loaded, loaded_tokenizer = load_base_model(path=tmp_path)
     ids = loaded_tokenizer("What is 1+2?\n", return_tensors="pt")["input_ids"]
     assert torch.equal(loaded(ids).logits, a(ids).logits)
+
+
+
+@pytest.fixture(scope="module")
+def half_early_pairs():
+    return sft_pairs(BaseModelConfig(early_answers=0.5))
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_early_answers_are_wrong_and_as_frequent_as_configured(name, half_early_pairs):
+    task = get_task(name)
+    cut = {}
+    for example in task.examples("train")[:300]:
+        solution = answer_early(name, example)
+        if solution is not None:
+            cut[example.prompt] = solution
+            assert len(solution) < len(example.solution)
+            # Right only by coincidence: a GSM8K first step whose result is already the answer.
+            first_result = example.solution.split("\n")[0].rsplit("=", 1)[-1]
+            if task.score(solution, example) >= 1:
+                assert name == "gsm8k" and first_result == example.answer, solution
+    assert len(cut) >= 100  # most default-level problems have a step to skip
+    early = [solution == cut[prompt] for prompt, solution in half_early_pairs if prompt in cut]
+    assert len(early) >= len(cut) and 0.4 <= sum(early) / len(early) <= 0.6
