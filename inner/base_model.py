@@ -45,9 +45,9 @@ class BaseModelConfig:
     batch_size: int = 32
     warmup: float = 0.05  # fraction of steps; then cosine decay to 10% of lr
     per_level: int = 1000  # SFT examples per task and difficulty level (default level: all)
-    # Fraction of SFT targets cut short by `answer_early`, a flaw for GRPO to correct (an
-    # experiment, off in the shipped model: at 0.5 it halves the base accuracy, see the README).
-    early_answers: float = 0.0
+    # Per task, the fraction of SFT targets cut short by `answer_early`: a flaw for GRPO to
+    # correct (an experiment, off in the shipped model; see the README).
+    early_answers: tuple[tuple[str, float], ...] = ()
     # Countdown's search is the hardest skill: its pairs are repeated to lift its base accuracy.
     repeats: tuple[tuple[str, int], ...] = (("countdown", 2),)
 
@@ -71,8 +71,14 @@ def answer_early(task_name: str, example: Example) -> str | None:
 
 def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
     """(prompt, solution) pairs from every task's train split at every level (default: all),
-    a fraction `early_answers` of them answered early."""
+    a fraction `early_answers[task]` of them answered early."""
     rng = random.Random(config.seed)
+    early_fraction = dict(config.early_answers)
+    unknown = set(early_fraction) - set(TASK_NAMES)
+    if unknown:
+        raise ValueError(f"early_answers names unknown tasks {sorted(unknown)}; use {TASK_NAMES}")
+    if not all(0.0 <= f <= 1.0 for f in early_fraction.values()):
+        raise ValueError(f"early_answers fractions must lie in [0, 1], got {early_fraction}")
     pairs = []
     for name in TASK_NAMES:
         task = get_task(name)
@@ -82,7 +88,7 @@ def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
                 examples = examples[: config.per_level]
             for example in examples * dict(config.repeats).get(name, 1):
                 solution = example.solution
-                if rng.random() < config.early_answers:
+                if rng.random() < early_fraction.get(name, 0.0):
                     solution = answer_early(name, example) or solution
                 pairs.append((example.prompt, solution))
     return pairs
@@ -197,19 +203,36 @@ def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = Non
     return out
 
 
+def task_fraction(text: str) -> tuple[str, float]:
+    """A TASK=FRACTION flag value, checked."""
+    name, _, fraction = text.partition("=")
+    if name not in TASK_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: task must be one of {TASK_NAMES}")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: FRACTION must be a number in [0, 1]")
+    return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Scalar fields are flags; the task mix (`repeats`) is changed in BaseModelConfig itself.
     scalars = {k: v for k, v in asdict(BaseModelConfig()).items() if not isinstance(v, tuple)}
     for key, value in scalars.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--early-answers", nargs="+", type=task_fraction, default=[],
+                        metavar="TASK=FRACTION", help="e.g. gsm8k=0.5 logic=0.3 (default: none)")
     parser.add_argument("--out", type=Path, default=ASSETS)
     # One thread: bit-for-bit reproducible weights, and on a shared 2-core machine two threads
     # per process oversubscribe the cores (measured up to 10x slower).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = BaseModelConfig(**{k: getattr(args, k) for k in scalars})
+    config = BaseModelConfig(**{k: getattr(args, k) for k in scalars},
+                             early_answers=tuple(args.early_answers))
 
     start = time.perf_counter()
     pairs = sft_pairs(config)

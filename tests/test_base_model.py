@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from inner.base_model import (
     answer_early,
     load_base_model,
     sft_pairs,
+    task_fraction,
     train_base_model,
 )
 from inner.tasks import TASK_NAMES, get_task
@@ -74,13 +76,16 @@ def test_retraining_is_deterministic_from_the_seed(tmp_path):
 
 
 
+EARLY = {"gsm8k": 0.5, "math": 0.25, "countdown": 0.75, "logic": 0.0}
+
+
 @pytest.fixture(scope="module")
-def half_early_pairs():
-    return sft_pairs(BaseModelConfig(early_answers=0.5))
+def early_pairs():
+    return sft_pairs(BaseModelConfig(early_answers=tuple(EARLY.items())))
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
-def test_early_answers_are_wrong_and_as_frequent_as_configured(name, half_early_pairs):
+def test_early_answers_are_wrong_and_as_frequent_as_configured(name, early_pairs):
     task = get_task(name)
     cut = {}
     for example in task.examples("train")[:300]:
@@ -93,5 +98,17 @@ def test_early_answers_are_wrong_and_as_frequent_as_configured(name, half_early_
             if task.score(solution, example) >= 1:
                 assert name == "gsm8k" and first_result == example.answer, solution
     assert len(cut) >= 100  # most default-level problems have a step to skip
-    early = [solution == cut[prompt] for prompt, solution in half_early_pairs if prompt in cut]
-    assert len(early) >= len(cut) and 0.4 <= sum(early) / len(early) <= 0.6
+    early = [solution == cut[prompt] for prompt, solution in early_pairs if prompt in cut]
+    assert len(early) >= len(cut)
+    assert abs(sum(early) / len(early) - EARLY[name]) <= 0.1, (sum(early) / len(early))
+
+
+def test_early_answers_reject_unknown_tasks_and_bad_fractions():
+    with pytest.raises(ValueError, match="gsm9k"):
+        sft_pairs(BaseModelConfig(early_answers=(("gsm9k", 0.5),)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sft_pairs(BaseModelConfig(early_answers=(("math", -0.1),)))
+    assert task_fraction("logic=0.3") == ("logic", 0.3)
+    for bad in ("logic", "logic=many", "logic=1.5", "chess=0.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="logic|chess"):
+            task_fraction(bad)
