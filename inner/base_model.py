@@ -51,6 +51,19 @@ class BaseModelConfig:
     # Countdown's search is the hardest skill: its pairs are repeated to lift its base accuracy.
     repeats: tuple[tuple[str, int], ...] = (("countdown", 2),)
 
+    def __post_init__(self) -> None:
+        check_early_answers(dict(self.early_answers))
+
+
+def check_early_answers(fractions: dict[str, float]) -> None:
+    """Raise ValueError unless every key is a task name and every fraction lies in [0, 1]."""
+    unknown = sorted(set(fractions) - set(TASK_NAMES))
+    if unknown:
+        raise ValueError(f"early_answers: unknown tasks {unknown}; use {TASK_NAMES}")
+    outside = {name: f for name, f in fractions.items() if not 0.0 <= f <= 1.0}
+    if outside:
+        raise ValueError(f"early_answers: fractions must lie in [0, 1], got {outside}")
+
 
 def answer_early(task_name: str, example: Example) -> str | None:
     """The solution cut short: answers its first step's result (Countdown: that step's expression);
@@ -74,11 +87,6 @@ def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
     a fraction `early_answers[task]` of them answered early."""
     rng = random.Random(config.seed)
     early_fraction = dict(config.early_answers)
-    unknown = set(early_fraction) - set(TASK_NAMES)
-    if unknown:
-        raise ValueError(f"early_answers names unknown tasks {sorted(unknown)}; use {TASK_NAMES}")
-    if not all(0.0 <= f <= 1.0 for f in early_fraction.values()):
-        raise ValueError(f"early_answers fractions must lie in [0, 1], got {early_fraction}")
     pairs = []
     for name in TASK_NAMES:
         task = get_task(name)
@@ -204,16 +212,13 @@ def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = Non
 
 
 def task_fraction(text: str) -> tuple[str, float]:
-    """A TASK=FRACTION flag value, checked."""
+    """A TASK=FRACTION flag value, checked like BaseModelConfig.early_answers."""
     name, _, fraction = text.partition("=")
-    if name not in TASK_NAMES:
-        raise argparse.ArgumentTypeError(f"{text!r}: task must be one of {TASK_NAMES}")
     try:
         value = float(fraction)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: FRACTION must be a number in [0, 1]")
+        check_early_answers({name: value})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
     return name, value
 
 

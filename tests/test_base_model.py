@@ -75,7 +75,6 @@ def test_retraining_is_deterministic_from_the_seed(tmp_path):
     assert torch.equal(loaded(ids).logits, a(ids).logits)
 
 
-
 EARLY = {"gsm8k": 0.5, "math": 0.25, "countdown": 0.75, "logic": 0.0}
 
 
