@@ -40,7 +40,7 @@ _PAPER_COMMON: dict[str, tuple] = {
 }
 
 # Completion lengths are in tokens: characters at the embedded scale, so each task's grid brackets
-# its worked solutions (default-level p95: gsm8k 23, math 23, countdown 44, logic 44 tokens; the
+# its worked solutions (default-level p95: gsm8k 23, math 28, countdown 38, logic 44 tokens; the
 # hardest level: 43, 55, 56, 53) with one value that truncates them. `difficulty: None` means the
 # task's own difficulty_levels.
 EMBEDDED_LENGTHS = {

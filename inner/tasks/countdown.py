@@ -6,9 +6,10 @@ given number used exactly once, exact value with `Fraction`, division by zero re
 
 Embedded scale: reasoning-gym's `countdown` with small numbers and targets, a compact prompt, and
 a worked solution of one "a op b=c" line per operation. Difficulty levels: 1 = 3 numbers up to 5,
-2 = 3 numbers up to 9, both made with + - * only; 3 = 3 numbers up to 20 (default) and
+2 = 3 numbers up to 9 (default), both made with + - * only; 3 = 3 numbers up to 20 and
 4 = 4 numbers up to 20, with division too. (Any correct expression scores; division is always
-allowed in answers.)
+allowed in answers.) The format reward asks for a complete attempt: an expression over exactly
+the given numbers, whatever its value.
 Paper scale: Jiayi-Pan/Countdown-Tasks-3to4 (train only; dev and test are carved from it) with
 the TinyZero prompt; levels 0 = all, 3 and 4 = that many numbers. Its solutions (SFT targets) are
 found by a small exhaustive search.
@@ -98,7 +99,7 @@ def worked_solution(tree: arith.Node) -> str:
 
 class CountdownTask(Task):
     name = "countdown"
-    levels = {"embedded": ((1, 2, 3, 4), 3), "paper": ((0, 3, 4), 0)}
+    levels = {"embedded": ((1, 2, 3, 4), 2), "paper": ((0, 3, 4), 0)}
     sizes = {
         "embedded": {"train": 4000, "dev": 256, "test": 512},
         "paper": {"train": 20000, "dev": 200, "test": 500},  # 490k rows: cap what is built
@@ -146,5 +147,11 @@ class CountdownTask(Task):
         return tree is not None and solves(tree, example.meta["numbers"], example.meta["target"])
 
     def well_formatted(self, answer: str, example: Example) -> bool:
+        # Every number, as Logic's format reward asks for every person: an expression over a
+        # subset (the first step's result, say) is a shortcut, not an attempt.
         tree = parse_answer(answer)
-        return tree is not None and arith.evaluate(tree) is not None
+        return (
+            tree is not None
+            and arith.evaluate(tree) is not None
+            and sorted(arith.leaves(tree)) == sorted(example.meta["numbers"])
+        )

@@ -8,7 +8,7 @@ brackets (prealgebra: evaluated with operator precedence, one operation per line
 own answer folds left to right, so ours is recomputed). Answers in \\boxed{}, as in MATH.
 (`fraction_simplification` was tried: a model this small does not learn gcds in minutes.)
 Difficulty levels (embedded) grow the number of terms and the size of the values:
-1 = one operation (default), 2 = up to three terms of one digit, 3 and 4 longer and larger.
+1 = one operation, 2 = up to three terms of one digit (default), 3 and 4 longer and larger.
 Paper scale: train from DigitalLearningGmbH/MATH-lighteval (MATH train, 7500 problems), test
 MATH-500 (HuggingFaceH4/MATH-500); dev is carved from train. Levels 0 = all, 1-5 = MATH level.
 """
@@ -133,7 +133,7 @@ def paper_level(level: object) -> int:
 
 class MathTask(Task):
     name = "math"
-    levels = {"embedded": ((1, 2, 3, 4), 1), "paper": ((0, 1, 2, 3, 4, 5), 0)}
+    levels = {"embedded": ((1, 2, 3, 4), 2), "paper": ((0, 1, 2, 3, 4, 5), 0)}
 
     def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
         half = (n + 1) // 2
