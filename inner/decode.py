@@ -16,8 +16,6 @@ from torch import Tensor
 from transformers import GPT2LMHeadModel
 from transformers.cache_utils import Cache
 
-from inner.models import cache_kwarg
-
 # (tokens (B,), position ids (B,), attention mask (B, L) over cache + new token, cache) -> logits
 DecodeStep = Callable[[Tensor, Tensor, Tensor, Cache], Tensor]
 
@@ -28,14 +26,12 @@ def decode_step(model: torch.nn.Module) -> DecodeStep:
     if fast is not None:
         return fast
 
-    cache_key = cache_kwarg(model)
-
     def step(tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Cache) -> Tensor:
         output = model(
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
             position_ids=positions[:, None],
-            **{cache_key: cache},
+            cache=cache,
             use_cache=True,
         )
         return output.logits[:, -1]

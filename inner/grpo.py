@@ -10,8 +10,6 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from inner.models import cache_kwarg
-
 
 def group_advantages(
     rewards: Tensor, num_generations: int, scale_rewards: str = "group"
@@ -72,7 +70,7 @@ def completion_logps(
             input_ids=input_ids[::num_generations, :prompt_len],
             attention_mask=attention_mask[::num_generations, :prompt_len],
             position_ids=positions[::num_generations, :prompt_len],
-            **{cache_kwarg(model): cache},
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,  # the last prompt position predicts the first completion token
         )
@@ -84,7 +82,7 @@ def completion_logps(
                 input_ids=input_ids[:, prompt_len:-1],
                 attention_mask=attention_mask[:, :-1],
                 position_ids=positions[:, prompt_len:-1],
-                **{cache_kwarg(model): cache},
+                cache=cache,
                 use_cache=True,
             )
             logits = torch.cat([first, rest.logits], dim=1)

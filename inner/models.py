@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -13,14 +11,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The keyword `model.forward` takes its KV cache by: `cache` from transformers 5.24 on.
-
-    5.24 renamed `past_key_values` and warns on the old name until it goes in 5.40.
-    """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_model(

@@ -7,7 +7,6 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from inner.decode import decode_step
-from inner.models import cache_kwarg
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -141,7 +140,7 @@ def generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=positions_from_mask(prompt_mask),
-        **{cache_kwarg(model): cache},
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )

@@ -9,7 +9,7 @@ from inner.base_model import load_base_model
 from inner.config import GRPOConfig
 from inner.decode import gpt2_decode_step
 from inner.grpo import completion_logps
-from inner.models import cache_kwarg, tiny_gpt2
+from inner.models import tiny_gpt2
 from inner.rollout import generate, make_cache, positions_from_mask, sample_next
 from inner.sft import sft
 from inner.trainer import Trainer
@@ -83,7 +83,7 @@ def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions_from_mask(mask),
-                **{cache_kwarg(model): cache},
+                cache=cache,
                 use_cache=True,
             )
         positions = mask.sum(-1)
@@ -95,7 +95,7 @@ def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=(positions + t)[:, None],
-                **{cache_kwarg(model): caches[1]},
+                cache=caches[1],
                 use_cache=True,
             ).logits[:, -1]
             # Bit-identical on this machine; other CPUs' kernels may round differently.

@@ -62,9 +62,14 @@ def parse_answer(answer: str) -> arith.Node | None:
     return arith.parse(answer.split("=")[0].strip())
 
 
+def uses_exactly(tree: arith.Node, numbers: list[int]) -> bool:
+    """Whether the tree's number literals are `numbers`, each used once."""
+    return sorted(arith.leaves(tree)) == sorted(numbers)
+
+
 def solves(tree: arith.Node, numbers: list[int], target: int) -> bool:
     """Whether the tree uses exactly `numbers` (each once) and evaluates to `target`."""
-    return sorted(arith.leaves(tree)) == sorted(numbers) and arith.evaluate(tree) == target
+    return uses_exactly(tree, numbers) and arith.evaluate(tree) == target
 
 
 def solve(numbers: list[int], target: int) -> arith.Node | None:
@@ -153,5 +158,5 @@ class CountdownTask(Task):
         return (
             tree is not None
             and arith.evaluate(tree) is not None
-            and sorted(arith.leaves(tree)) == sorted(example.meta["numbers"])
+            and uses_exactly(tree, example.meta["numbers"])
         )
