@@ -16,10 +16,10 @@ import h5py
 import numpy as np
 import pytest
 
-from benchmarks import report, runlog
-from benchmarks.executors import RAY_MISSING, RunSpec, make_executor
-from benchmarks.leaderboard import main
-from benchmarks.runlog import RunRecord, StageRecord
+from benchmarks.leaderboard import report, runlog
+from benchmarks.leaderboard.executors import RAY_MISSING, RunSpec, make_executor
+from benchmarks.leaderboard.harness import main
+from benchmarks.leaderboard.runlog import RunRecord, StageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiniest real configuration: one-stage episodes of one step, 2 prompts x 2 completions of at
@@ -226,7 +226,13 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
 
 
 def test_an_llm_endpoint_adds_the_llm_proposer_row_without_its_key(monkeypatch, tmp_path):
-    from benchmarks.leaderboard import LLM_ROW, build_specs, fingerprint, parse_args, resolve
+    from benchmarks.leaderboard.harness import (
+        LLM_ROW,
+        build_specs,
+        fingerprint,
+        parse_args,
+        resolve,
+    )
 
     monkeypatch.setenv("LLMZERO_API_KEY", "sk-secret-0123456789abcdef")
     argv = ["--tasks", "logic", "--out", str(tmp_path)]
@@ -355,7 +361,7 @@ def test_ray_executor_runs_two_runs_in_parallel():
 
 
 def test_presets_are_complete():
-    from benchmarks.leaderboard import OFFLINE_CONTROLLERS, PRESETS
+    from benchmarks.leaderboard.harness import OFFLINE_CONTROLLERS, PRESETS
 
     quick, full = PRESETS["quick"], PRESETS["full"]
     assert set(quick.tasks) == set(full.tasks) == {"gsm8k", "math", "countdown", "logic"}

@@ -17,8 +17,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from benchmarks import meta_train, runlog
-from benchmarks.surrogate import (
+from benchmarks.leaderboard import runlog
+from benchmarks.meta_train import train as meta_train
+from benchmarks.meta_train.surrogate import (
     RIDGES,
     SurrogateEnv,
     Transition,

@@ -21,10 +21,13 @@ import json
 import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import h5py
 import numpy as np
 
@@ -74,6 +77,44 @@ class RunRecord:
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.task, self.controller, self.seed)
+
+
+class StageRecorder(gym.Wrapper):
+    """Keeps every trained stage (hyperparameters, per-step metrics, dev score, cost) in order."""
+
+    def __init__(self, env: gym.Env, on_stage: Callable[[int], None] | None = None) -> None:
+        super().__init__(env)
+        self.stages: list[StageRecord] = []
+        self.resets = 0
+        self.on_stage = on_stage
+
+    def reset(self, **kwargs: Any):
+        self.resets += 1
+        return self.env.reset(**kwargs)
+
+    def step(self, action: Any):
+        budget = self.env.unwrapped.budget
+        t0, tokens0 = time.perf_counter(), budget.tokens
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.stages.append(StageRecord(
+            episode=max(self.resets - 1, 0),
+            stage=int(info.get("stage", len(self.stages) + 1)) - 1,  # its depth in the schedule
+            hparams=plain(info.get("hparams", {})),  # the full GRPOConfig of the stage
+            dev_score=float(info.get("dev_score", math.nan)),
+            reward=float(reward),
+            metrics=[plain(m) for m in info.get("metrics", [])],
+            pathologies=[str(p) for p in info.get("pathologies", [])],
+            seconds=time.perf_counter() - t0,
+            tokens=float(budget.tokens - tokens0),
+        ))
+        if self.on_stage is not None:
+            self.on_stage(len(self.stages))
+        return obs, reward, terminated, truncated, info
+
+
+def plain(d: dict[str, Any]) -> dict[str, Any]:
+    # numpy scalars -> python, so HDF5 columns and JSON see plain numbers.
+    return {k: (v.item() if hasattr(v, "item") and callable(v.item) else v) for k, v in d.items()}
 
 
 def run_filename(task: str, controller: str, seed: int) -> str:
@@ -261,7 +302,7 @@ def write_combined(out_dir: Path, records: list[RunRecord], meta: dict[str, str]
     path = Path(out_dir) / COMBINED
 
     def fill(f: h5py.File) -> None:
-        f.attrs["layout"] = "/<task>/<controller>/seed_<k>; see benchmarks/runlog.py"
+        f.attrs["layout"] = "/<task>/<controller>/seed_<k>; see benchmarks/leaderboard/runlog.py"
         for k, v in (meta or {}).items():
             f.attrs[k] = v
         for rec in sorted(records, key=lambda r: r.key):

@@ -34,8 +34,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from benchmarks import report, runlog
-from benchmarks.executors import BASE, RunSpec, make_executor
+from benchmarks.leaderboard import report, runlog
+from benchmarks.leaderboard.executors import BASE, RunSpec, make_executor
 
 TASKS = ("gsm8k", "math", "countdown", "logic")
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
@@ -270,7 +270,7 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     specs = build_specs(preset, a)
     cmd = shlex.join(["python", "-m", "benchmarks.leaderboard",
                       *(sys.argv[1:] if argv is None else argv)])
-    # Kept in leaderboard.h5 too, so `python -m benchmarks.report` rebuilds the same report.
+    # Kept in leaderboard.h5 too, so the report module rebuilds the same report from it.
     meta = {"header": f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`.",
             "order": json.dumps(list(preset.controllers))}
 

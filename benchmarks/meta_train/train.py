@@ -5,7 +5,7 @@
     python -m benchmarks.meta_train --logs results        # surrogate from leaderboard logs only
     python -m benchmarks.meta_train --real --timesteps 64  # PPO on the real embedded envs (slow)
 
-By default the policy is trained on surrogate envs (benchmarks/surrogate.py) fitted per task to
+By default the policy is trained on surrogate envs (``surrogate``) fitted per task to
 real stages: those of the leaderboard's HDF5 logs (``--logs``) made with the same env settings,
 and random episodes collected here (saved under ``<out>/data`` and reused by a rerun). Every real
 stage behind the data counts in the policy's cost. The env settings default to the leaderboard's
@@ -32,9 +32,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from benchmarks import runlog
-from benchmarks.leaderboard import PRESETS, TASKS
-from benchmarks.surrogate import (
+from benchmarks.leaderboard import runlog
+from benchmarks.leaderboard.harness import PRESETS, TASKS
+from benchmarks.meta_train.surrogate import (
     COLLECTOR,
     SurrogateEnv,
     SurrogateModel,

@@ -1,7 +1,7 @@
 """The leaderboard's report: tables (md, csv), plots, and the paper's schedule-structure statistic.
 
-Everything here is computed from RunRecords (benchmarks/runlog.py), so a report can be rebuilt from
-``leaderboard.h5`` alone: ``python -m benchmarks.report results/``.
+Everything here is computed from RunRecords (``runlog``), so a report can be rebuilt from
+``leaderboard.h5`` alone: ``python -m benchmarks.leaderboard.report results/``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from benchmarks.runlog import COMBINED, RunRecord, read_combined  # noqa: E402
+from benchmarks.leaderboard.runlog import COMBINED, RunRecord, read_combined  # noqa: E402
 
 # The paper's split of the hyperparameters: capacity accumulates, regularization oscillates.
 CAPACITY = ("max_completion_length", "num_generations")

@@ -8,7 +8,6 @@ controller, so the run log does not depend on what each controller chooses to re
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from benchmarks.runlog import RunRecord, StageRecord
+from benchmarks.leaderboard.runlog import RunRecord, StageRecorder, plain
 
 BASE = "base"  # the pseudo-controller that scores the untrained model
 RAY_MISSING = (
@@ -49,44 +48,6 @@ class RunSpec:
 
     def label(self) -> str:
         return f"{self.task}/{self.controller}/seed{self.seed}"
-
-
-class StageRecorder(gym.Wrapper):
-    """Keeps every trained stage (hyperparameters, per-step metrics, dev score, cost) in order."""
-
-    def __init__(self, env: gym.Env, on_stage: Callable[[int], None] | None = None) -> None:
-        super().__init__(env)
-        self.stages: list[StageRecord] = []
-        self.resets = 0
-        self.on_stage = on_stage
-
-    def reset(self, **kwargs: Any):
-        self.resets += 1
-        return self.env.reset(**kwargs)
-
-    def step(self, action: Any):
-        budget = self.env.unwrapped.budget
-        t0, tokens0 = time.perf_counter(), budget.tokens
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.stages.append(StageRecord(
-            episode=max(self.resets - 1, 0),
-            stage=int(info.get("stage", len(self.stages) + 1)) - 1,  # its depth in the schedule
-            hparams=_plain(info.get("hparams", {})),  # the full GRPOConfig of the stage
-            dev_score=float(info.get("dev_score", math.nan)),
-            reward=float(reward),
-            metrics=[_plain(m) for m in info.get("metrics", [])],
-            pathologies=[str(p) for p in info.get("pathologies", [])],
-            seconds=time.perf_counter() - t0,
-            tokens=float(budget.tokens - tokens0),
-        ))
-        if self.on_stage is not None:
-            self.on_stage(len(self.stages))
-        return obs, reward, terminated, truncated, info
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    # numpy scalars -> python, so HDF5 columns and JSON see plain numbers.
-    return {k: (v.item() if hasattr(v, "item") and callable(v.item) else v) for k, v in d.items()}
 
 
 def _test_score(env: gym.Env) -> float:
@@ -153,7 +114,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
             dev_score=float(result.dev_score), base_dev_score=base_dev,
             budget=spec.budget, stages_spent=spent, tokens=float(budget.tokens),
             seconds=float(budget.seconds), wall_s=time.time() - started, started_at=started,
-            finished_at=time.time(), schedule=[_plain(h) for h in result.schedule],
+            finished_at=time.time(), schedule=[plain(h) for h in result.schedule],
             stages=rec_env.stages, anytime=anytime,
             settings={"env_id": spec.env_id, "env_kwargs": env_kwargs,
                       "controller": spec.make_name or spec.controller,

@@ -30,9 +30,8 @@ import h5py
 import numpy as np
 from gymnasium import spaces
 
-from benchmarks import runlog
-from benchmarks.executors import StageRecorder
-from benchmarks.runlog import RunRecord
+from benchmarks.leaderboard import runlog
+from benchmarks.leaderboard.runlog import RunRecord, StageRecorder
 from metaenv import observation as obs_layout
 from metaenv.hparams import HParamSpace, InvalidAction
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY
