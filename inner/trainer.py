@@ -27,6 +27,8 @@ from torch import Tensor
 
 from inner.config import GRPOConfig
 from inner.grpo import completion_logps, group_advantages, grpo_loss
+from inner.models import autocast_forward
+from inner.prompts import PromptFormat, final_answer
 from inner.rollout import generate
 from inner.state import TrainState
 
@@ -73,6 +75,8 @@ class Trainer:
 
     One `step` = one batch of prompts_per_step * num_generations sampled completions, followed by
     num_iterations optimizer updates on it (its metrics are averaged over those updates).
+    Prompts are rendered by `prompt_format` (default: the tokenizer's chat template if it has
+    one); bf16 (default: on CUDA) runs forward passes under bf16 autocast.
     """
 
     def __init__(
@@ -88,12 +92,19 @@ class Trainer:
         shuffle_rewards: bool = False,
         eval_max_new_tokens: int = 128,
         eval_batch_size: int = 64,
+        prompt_format: PromptFormat | None = None,
+        bf16: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if bf16 is None:
+            bf16 = self.device.type == "cuda"
+        if bf16:  # as TRL: weights and AdamW moments stay fp32, forward passes run in bf16
+            autocast_forward(self.model, torch.bfloat16)
         # Frozen reference = the model as given; always kept so beta may go from 0 to > 0 later.
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.task = task
         self.seed = seed
         self.difficulty = difficulty
@@ -129,6 +140,8 @@ class Trainer:
     def _next_examples(self, n: int, difficulty: int | None) -> list:
         """Draw n train examples at the cursor and advance it (wrapping into a new epoch)."""
         examples = self.task.examples("train", difficulty)
+        if not examples:  # the loop below would never end
+            raise ValueError(f"{self.task.name}: no train examples at difficulty {difficulty}")
         key = str(difficulty)
         epoch, pos = self.cursors.get(key, (0, 0))
         out = []
@@ -143,8 +156,7 @@ class Trainer:
         return out
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return self.prompt_format.encode(prompts, self.device)
 
     def _decode(self, completion_ids: Tensor) -> list[str]:
         # Rows are already cut at EOS (pad after it); special tokens (EOS, pad) are dropped.
@@ -218,7 +230,10 @@ class Trainer:
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
         texts = self._decode(completion_ids)
         rewards = torch.tensor(
-            [self.task.score(text, examples[i // group]) for i, text in enumerate(texts)],
+            [
+                self.task.score(final_answer(text), examples[i // group])
+                for i, text in enumerate(texts)
+            ],
             dtype=torch.float32,
         )
         if self.shuffle_rewards:  # control: rewards no longer match completions
@@ -339,13 +354,14 @@ class Trainer:
                 greedy=True,
             )
             for ex, text in zip(batch, self._decode(completion_ids), strict=True):
+                answer = final_answer(text)
                 samples.append(
                     {
                         "prompt": ex.prompt,
                         "completion": text,
                         "answer": ex.answer,
-                        "correct": bool(self.task.is_correct(text, ex)),
-                        "score": float(self.task.score(text, ex)),
+                        "correct": bool(self.task.is_correct(answer, ex)),
+                        "score": float(self.task.score(answer, ex)),
                     }
                 )
         count = max(len(samples), 1)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inner.config import GRPOConfig
+from inner.prompts import PromptFormat
 from inner.state import TrainState
 from inner.tasks import get_task
 from inner.trainer import EvalResult, Trainer
@@ -122,6 +123,8 @@ class LLMZeroEnv(gym.Env):
     max_stages: budget after which step() raises BudgetExhausted. max_states_in_memory /
     state_dir: bound of the saved-state store before it spills to disk. shuffle_rewards: a
     control for benchmarks (rewards permuted across each batch, so nothing can be learned).
+    data_path (paper scale): local files in the hub dataset's columns instead of the hub.
+    enable_thinking: Qwen3's switch in the chat template (chat models only; default off).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
@@ -147,9 +150,13 @@ class LLMZeroEnv(gym.Env):
         dev_metric: str = "accuracy",
         eval_max_new_tokens: int | None = None,
         shuffle_rewards: bool = False,
+        data_path: str | None = None,
+        enable_thinking: bool = False,
     ) -> None:
         if scale not in SCALE_DEFAULTS:
             raise ValueError(f"scale must be one of {list(SCALE_DEFAULTS)}, got {scale!r}")
+        if data_path is not None and scale != "paper":
+            raise ValueError(f"data_path is for scale='paper' (real datasets), not {scale!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         if dev_metric not in DEV_METRICS:
@@ -171,9 +178,10 @@ class LLMZeroEnv(gym.Env):
         self._seed = seed
         self._eval_max_new_tokens = eval_max_new_tokens
         self._shuffle_rewards = shuffle_rewards
+        self._enable_thinking = enable_thinking
 
         # Dev/test are generated at the task's default difficulty whatever the training level.
-        self.task = get_task(task, scale, **self._split_sizes(task, scale))
+        self.task = get_task(task, scale, data_path=data_path, **self._split_sizes(task, scale))
         levels = tuple(self.task.difficulty_levels)
         if difficulty is not None and difficulty not in levels:
             raise ValueError(f"difficulty must be one of {levels}, got {difficulty!r}")
@@ -265,7 +273,8 @@ class LLMZeroEnv(gym.Env):
             kwargs["eval_max_new_tokens"] = self._eval_max_new_tokens
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
                        difficulty=self.difficulty, dev_size=self.dev_size,
-                       shuffle_rewards=self._shuffle_rewards, **kwargs)
+                       shuffle_rewards=self._shuffle_rewards,
+                       prompt_format=PromptFormat(self._tokenizer, self._enable_thinking), **kwargs)
 
     def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
         """Make the trainer of `seed` current (building it if needed); return its initial state.

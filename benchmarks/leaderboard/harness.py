@@ -2,6 +2,7 @@
 
     python -m benchmarks.leaderboard --preset quick            # ~8 min on a 2-core CPU
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
+    python -m benchmarks.leaderboard --preset full --model DIR --data-path DATA  # local files
 
 Protocol (shared/DESIGN.md, "Evaluation protocol"): each controller spends the same budget of
 stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
@@ -60,6 +61,7 @@ class Preset:
     test_size: int
     scale: str = "embedded"
     model: str | None = None  # paper scale: a Hugging Face id or a local path
+    data_path: str | None = None  # paper scale: a folder with one sub-folder of data per task
     device: str = "auto"  # auto -> cuda when torch sees one
     # Any other LLMZeroEnv arguments (hparam_grid, fixed_hparams, eval_max_new_tokens, ...).
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, metavar="N", help="test examples (scored once)")
     p.add_argument("--scale", choices=("embedded", "paper"))
     p.add_argument("--model", help="paper scale: Hugging Face model id or local path")
+    p.add_argument("--data-path", metavar="DIR",
+                   help="paper scale: local data instead of the hub, DIR/<task>/ per task "
+                        "(files in the hub dataset's columns)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the preset's; auto)")
     p.add_argument("--env-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='more LLMZeroEnv arguments, e.g. \'{"fixed_hparams": '
@@ -152,7 +157,7 @@ def resolve(a: argparse.Namespace) -> Preset:
     """The preset with the command line's overrides; unknown names are a clear SystemExit."""
     preset = PRESETS[a.preset]
     over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
-                                       "test_size", "scale", "model", "device")
+                                       "test_size", "scale", "model", "data_path", "device")
             if getattr(a, k) is not None}
     if a.env_kwargs:
         over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
@@ -188,7 +193,23 @@ def resolve(a: argparse.Namespace) -> Preset:
     if LLM_ROW in ctrls and not a.llm_base_url:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
     seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
-    return replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+    preset = replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+    check_data_path(preset)
+    return preset
+
+
+def check_data_path(preset: Preset) -> None:
+    """A clear SystemExit unless --data-path goes with the paper scale and has every task."""
+    if preset.data_path is None:
+        return
+    if preset.scale != "paper":
+        raise SystemExit("--data-path holds real datasets: use it with the paper scale "
+                         "(--preset full or --scale paper)")
+    missing = [t for t in preset.tasks if not (Path(preset.data_path) / t).exists()]
+    if missing:
+        raise SystemExit(f"--data-path {preset.data_path} has no data for {', '.join(missing)}; "
+                         "expected one folder per task: "
+                         f"{', '.join(f'{preset.data_path}/{t}/' for t in missing)}")
 
 
 def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
@@ -211,6 +232,8 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
     specs = []
     for task in preset.tasks:
         env_id = ENV_IDS[task]
+        if preset.data_path:
+            env_kwargs = {**env_kwargs, "data_path": str(Path(preset.data_path) / task)}
         specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=a.threads))
         for seed in preset.seeds:
             for c in preset.controllers:
