@@ -112,7 +112,7 @@ def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class LLMZeroEnv(gym.Env):
-    """GRPO post-training of a causal LM as a Gymnasium env (see DESIGN.md, "The environment").
+    """GRPO post-training of a causal LM as a Gymnasium env; one step trains one stage.
 
     task: gsm8k | math | countdown | logic. scale: "embedded" (shipped tiny model, CPU, offline)
     or "paper" (`model` = HF id or local path). stages x steps_per_stage: episode length.

@@ -3,7 +3,7 @@
     python -m benchmarks.leaderboard --preset quick            # ~8 min on a 2-core CPU
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
 
-Protocol (shared/DESIGN.md, "Evaluation protocol"): each controller spends the same budget of
+The protocol: each controller spends the same budget of
 stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
 test split; the base model is scored once per task. Each finished run is saved to its own HDF5
 file atomically, so the script can be killed at any moment and rerun with the same arguments: it
@@ -35,7 +35,8 @@ from rich.progress import (
 )
 
 from benchmarks.leaderboard import report, runlog
-from benchmarks.leaderboard.executors import BASE, RunSpec, make_executor
+from benchmarks.leaderboard.executors import RunSpec, make_executor
+from benchmarks.leaderboard.runlog import BASE
 
 TASKS = ("gsm8k", "math", "countdown", "logic")
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
