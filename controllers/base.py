@@ -133,7 +133,8 @@ class Tracker:
         """
         if self.remaining < 1:
             raise BudgetExceeded(f"budget of {self.budget} stages is spent")
-        action = self.space.encode(schedule[-1])
+        # A partial stage keeps the loaded state's values for the names it leaves out.
+        action = self.space.encode(schedule[-1], base=self.env.unwrapped.current_hparams)
         self.last_obs, _, terminated, truncated, info = self.env.step(action)
         self.last_info = info
         dev = float(info["dev_score"])

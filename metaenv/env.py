@@ -114,8 +114,9 @@ def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
 class LLMZeroEnv(gym.Env):
     """GRPO post-training of a causal LM as a Gymnasium env; one step trains one stage.
 
-    task: gsm8k | math | countdown | logic. scale: "embedded" (shipped tiny model, CPU, offline)
-    or "paper" (`model` = HF id or local path). stages x steps_per_stage: episode length.
+    task: a registered task's name (inner.tasks.task_names()). scale: "embedded" (shipped tiny
+    model, CPU, offline) or "paper" (`model` = HF id or local path). stages x steps_per_stage:
+    episode length.
     hparam_grid: {name: [values] | None} overrides the task's grids (metaenv.hparams);
     fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
     dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
@@ -242,6 +243,7 @@ class LLMZeroEnv(gym.Env):
         self.dev_scores: list[float] = []
         self.stage_ends: list[int] = []
         self.path_cost = {"stages": 0, "tokens": 0}
+        self.current_hparams = dict(self.hparams.defaults)  # controlled values of the last stage
         self.last_stage_seconds = 0.0
         self._obs = np.zeros(self.observation_space.shape, np.float32)
         self._last: dict[str, Any] = {}
@@ -322,7 +324,6 @@ class LLMZeroEnv(gym.Env):
                 "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
                 "hparams": self._full_hparams(self.hparams.defaults),
             }
-            self.hparams.current = dict(self.hparams.defaults)
             self._obs = obs_layout.build_observation(
                 None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
             )
@@ -353,7 +354,7 @@ class LLMZeroEnv(gym.Env):
         )
         self._pay(result)
         self.stage += 1
-        self.hparams.current = dict(values)
+        self.current_hparams = dict(values)
         # A failed stage loses the model: it scores 0, so the episode's return is -base score.
         evaluation = result.evaluation
         self.dev_score = self._score(evaluation) if evaluation is not None else 0.0
@@ -453,7 +454,7 @@ class LLMZeroEnv(gym.Env):
             seed=self._trainer_seed,
             stage=self.stage,
             done=self.done,
-            hparams=dict(self.hparams.current),
+            hparams=dict(self.current_hparams),
             dev_score=self.dev_score,
             dev_scores=tuple(self.dev_scores),
             stage_ends=tuple(self.stage_ends),
@@ -480,7 +481,7 @@ class LLMZeroEnv(gym.Env):
     def _restore(self, state: EnvState) -> None:
         self.trainer.load_state(self._store.get(state.key))
         self.stage, self.done = state.stage, state.done
-        self.hparams.current = dict(state.hparams)
+        self.current_hparams = dict(state.hparams)
         self.dev_score = state.dev_score
         self.dev_scores = list(state.dev_scores)
         self.base_dev_score = state.dev_scores[0]

@@ -37,8 +37,9 @@ from rich.progress import (
 from benchmarks.leaderboard import report, runlog
 from benchmarks.leaderboard.executors import RunSpec, make_executor
 from benchmarks.leaderboard.runlog import BASE
+from inner.tasks import task_names
 
-TASKS = ("gsm8k", "math", "countdown", "logic")
+TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
 LLM_ROW = "llmzero-llm"
 
@@ -163,12 +164,11 @@ def resolve(a: argparse.Namespace) -> Preset:
         over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
     if a.controller_kwargs:
         over["controller_kwargs"] = {**preset.controller_kwargs, **a.controller_kwargs}
-    from metaenv import ENV_IDS
-
     tasks = tuple(a.tasks or preset.tasks)
-    bad = [t for t in tasks if t not in ENV_IDS]
+    bad = [t for t in tasks if t not in task_names()]
     if bad:
-        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: {', '.join(ENV_IDS)}")
+        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
+                         f"{', '.join(task_names())}")
     known = valid_controllers()
     ctrls = list(a.controllers or preset.controllers or registered_controllers())
     if not a.controllers:
@@ -211,11 +211,11 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
         env_kwargs["scale"] = preset.scale
     if preset.model:
         env_kwargs["model"] = preset.model
-    from metaenv import ENV_IDS
+    from metaenv import env_ids
 
     specs = []
     for task in preset.tasks:
-        env_id = ENV_IDS[task]
+        env_id = env_ids()[task]
         specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=a.threads))
         for seed in preset.seeds:
             for c in preset.controllers:

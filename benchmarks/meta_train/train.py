@@ -47,7 +47,7 @@ from benchmarks.meta_train.surrogate import (
     transitions_from_record,
 )
 from controllers.sb3 import CommonActions, fit_action
-from metaenv import ENV_IDS, LLMZeroEnv
+from metaenv import LLMZeroEnv, env_ids
 
 QUICK = PRESETS["quick"]
 SKIP_CONTROLLERS = ("base", "sb3")  # no stages; and never learn from the policy's own runs
@@ -124,8 +124,8 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
                 used.append(old)  # collected by an earlier run with these settings: reuse it
                 reused_wall += old.wall_s
                 continue
-            env = gym.make(ENV_IDS[task], **env_kwargs)
-            rec = collect_random(env, a.collect_episodes, a.seed, ENV_IDS[task], env_kwargs)
+            env = gym.make(env_ids()[task], **env_kwargs)
+            rec = collect_random(env, a.collect_episodes, a.seed, env_ids()[task], env_kwargs)
             env.close()
             runlog.save_run(data, rec)
             collected_new += len(rec.stages)
@@ -211,7 +211,7 @@ class TrainingEnvs:
 
 def real_envs(a: argparse.Namespace, env_kwargs: dict[str, Any], common: np.ndarray
               ) -> TrainingEnvs:
-    return TrainingEnvs([lambda t=t: CommonActions(gym.make(ENV_IDS[t], **env_kwargs), common)
+    return TrainingEnvs([lambda t=t: CommonActions(gym.make(env_ids()[t], **env_kwargs), common)
                          for t in a.tasks for _ in range(a.envs_per_task)])
 
 
