@@ -94,7 +94,7 @@ def time_ours(args, prompts: list[str], beta: float) -> list[float]:
         start = clock()
         result = trainer.train_stage(config, 1)
         times.append(clock() - start)
-        assert result.diverged is None
+        assert result.failure is None
         assert result.metrics[0]["completions/mean_length"] == args.max_completion_length
     return times
 

@@ -261,6 +261,24 @@ def test_invalid_action_names_the_parameter():
     assert env.unwrapped.budget.stages == 0  # rejected actions cost nothing
 
 
+@pytest.mark.parametrize("where", ["inner.trainer.generate", "inner.trainer.Trainer.evaluate"])
+def test_out_of_memory_in_training_or_dev_eval_truncates_as_out_of_memory(monkeypatch, where):
+    env = make()
+    env.reset(seed=0)
+    stages_before = env.unwrapped.budget.stages
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12")
+
+    monkeypatch.setattr(where, oom)
+    obs, reward, terminated, truncated, info = env.step(env.unwrapped.hparams.default_action())
+    assert truncated and not terminated
+    assert info["failure"] == "out_of_memory"
+    assert info["pathologies"][-1] == "out_of_memory" and "divergence" not in info["pathologies"]
+    assert obs in env.observation_space and info["dev_score"] == 0.0
+    assert env.unwrapped.budget.stages == stages_before + 1  # a failed stage is still paid for
+
+
 def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers():
     # An infinite learning rate makes AdamW's update non-finite whatever the gradients are.
     env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, math.inf]})
@@ -268,7 +286,7 @@ def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers()
     space = env.unwrapped.hparams
     obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
     assert truncated and not terminated
-    assert "divergence" in info["pathologies"] and info["diverged"].startswith("divergence")
+    assert "divergence" in info["pathologies"] and info["failure"] == "non_finite_weights"
     assert obs in env.observation_space and info["dev_score"] == 0.0
     assert reward == -info["base_dev_score"]
     with pytest.raises(RuntimeError, match="episode is over"):
