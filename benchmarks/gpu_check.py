@@ -32,7 +32,7 @@ from inner.models import load_model
 from inner.prompts import PromptFormat
 from inner.state import TrainState
 from inner.tasks import get_task
-from inner.trainer import StageResult, Trainer
+from inner.trainer import Failure, StageResult, Trainer
 
 GB = 1e9
 PAPER_MODEL = "Qwen/Qwen3-0.6B"
@@ -78,7 +78,7 @@ def train_with_fallback(trainer: Trainer, config: GRPOConfig, steps: int,
         if trainer.device.type == "cuda":  # the peak of the batch that fits, not of a failed one
             torch.cuda.reset_peak_memory_stats(trainer.device)
         result = trainer.train_stage(config, steps)
-        if result.diverged != "out_of_memory":
+        if result.failure != Failure.OUT_OF_MEMORY:
             return result, config
         print(f"out of memory at {config.prompts_per_step} prompts x "
               f"{config.num_generations} generations", flush=True)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                              start + args.max_seconds)
         peak_gb = peak_memory_gb(trainer.device)  # the stage's, before the fork copies a state
         report(args, trainer, result, config, num_params, name, peak_gb)
-    return 0 if result.diverged is None else 1
+    return 0 if result.failure is None else 1
 
 
 def report(args: argparse.Namespace, trainer: Trainer, result: StageResult, config: GRPOConfig,
@@ -236,7 +236,7 @@ def report(args: argparse.Namespace, trainer: Trainer, result: StageResult, conf
     print(f"stage: {rows} sequences ({config.prompts_per_step} prompts x "
           f"{config.num_generations}), max {config.max_completion_length} new tokens; "
           f"{len(result.metrics)} steps of {step_s:.2f} s, {tok_s:.0f} tokens/s, mean completion "
-          f"{sum(lengths) / len(lengths):.0f} tokens; stopped: {result.diverged}")
+          f"{sum(lengths) / len(lengths):.0f} tokens; failure: {result.failure}")
     print(f"dev eval: {args.dev_size} greedy answers in {eval_s:.2f} s; estimated stage of "
           f"{args.steps_per_stage} steps + {args.paper_dev_size} dev answers: {stage_s:.0f} s")
     print(f"peak memory of the training steps: {peak_gb:.2f} GB")
@@ -256,7 +256,7 @@ def report(args: argparse.Namespace, trainer: Trainer, result: StageResult, conf
           f"fork_s={fork['fork_s']:.4f} disk_save_s={fork['save_s']:.4f} "
           f"disk_load_s={fork['load_s']:.4f} state_mb={fork['state_mb']:.2f} "
           f"step_s={step_s:.3f} stage_s_est={stage_s:.1f} prompts_per_step="
-          f"{config.prompts_per_step} oom={int(result.diverged == 'out_of_memory')} "
+          f"{config.prompts_per_step} oom={int(result.failure == Failure.OUT_OF_MEMORY)} "
           f"device={trainer.device.type} model={Path(name).name}", flush=True)
 
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from inner.models import seeded_model
 from inner.prompts import SYSTEM_PROMPT, PromptFormat
 from inner.sft import sft
-from inner.tasks import TASK_NAMES, get_task
+from inner.tasks import get_task, task_names
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK_TOKENS = ("<think>", "</think>")  # plain added tokens, as in Qwen3: decoding keeps them
@@ -66,7 +66,7 @@ def task_pairs(per_task: int = 256) -> dict[str, list[tuple[str, str]]]:
     """Task name -> (prompt, worked solution) pairs of its embedded dev split (offline, cached)."""
     return {
         name: [(e.prompt, e.solution) for e in get_task(name).examples("dev")[:per_task]]
-        for name in TASK_NAMES
+        for name in task_names()
     }
 
 
