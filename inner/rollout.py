@@ -135,18 +135,7 @@ def generate(
     decode = decode_step(model)
     was_training = model.training
     model.eval()
-    # Prefill the distinct prompts once, then copy their cache to every sample of the group.
-    output = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions_from_mask(prompt_mask),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logits = output.logits[:, -1].repeat_interleave(num_return_sequences, dim=0)
-    if num_return_sequences > 1:
-        cache.batch_repeat_interleave(num_return_sequences)
+    logits = _prefill(model, prompt_ids, prompt_mask, cache, num_return_sequences)
     check_every = 1 if device.type == "cpu" else 8
     steps = 0
     for t in range(max_new_tokens):
@@ -166,14 +155,34 @@ def generate(
             break  # the last token needs no forward pass
         logits = decode(token, next_pos + t, attn[:, : prompt_len + t + 1], cache)
     model.train(was_training)
-    completion_ids = out[:, :steps]
+    return _cut_at_eos(out[:, :steps], eos_token_id)
+
+
+def _prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache: DynamicCache,
+             num_return_sequences: int) -> Tensor:
+    """Run the distinct prompts once, then copy their cache to every sample of the group; returns
+    each row's next-token logits."""
+    output = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions_from_mask(prompt_mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    if num_return_sequences > 1:
+        cache.batch_repeat_interleave(num_return_sequences)
+    return output.logits[:, -1].repeat_interleave(num_return_sequences, dim=0)
+
+
+def _cut_at_eos(completion_ids: Tensor, eos_token_id: int | None) -> tuple[Tensor, Tensor]:
+    """The completion mask (1 up to and including the first EOS), and both cut to the longest
+    row (columns decoded after every row was done are dropped)."""
     if eos_token_id is None:
-        completion_mask = torch.ones_like(completion_ids)
-    else:
-        is_eos = completion_ids == eos_token_id
-        # Tokens strictly after the first EOS are masked: count EOS seen before each position.
-        seen_before = is_eos.long().cumsum(-1) - is_eos.long()
-        completion_mask = (seen_before == 0).long()
-        longest = int(completion_mask.sum(-1).max())  # drop columns decoded after all were done
-        completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]
-    return completion_ids, completion_mask
+        return completion_ids, torch.ones_like(completion_ids)
+    is_eos = completion_ids == eos_token_id
+    # Tokens strictly after the first EOS are masked: count EOS seen before each position.
+    seen_before = is_eos.long().cumsum(-1) - is_eos.long()
+    completion_mask = (seen_before == 0).long()
+    longest = int(completion_mask.sum(-1).max())
+    return completion_ids[:, :longest], completion_mask[:, :longest]
