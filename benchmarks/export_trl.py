@@ -42,7 +42,7 @@ from benchmarks.leaderboard.runlog import RUNS_DIR, RunRecord, read_combined, re
 from inner.config import GRPOConfig
 from inner.tasks import get_task
 from inner.trl_schedule import BUILT, DIFFICULTY, KNOWN
-from metaenv.hparams import DEFAULT_FIXED, DEFAULT_VALUES
+from metaenv.hparams import DEFAULT_FIXED, default_values
 
 SCRIPT, PLAN = "train_trl.py", "schedule.json"
 _TYPES = get_type_hints(GRPOConfig)
@@ -139,7 +139,7 @@ def _from_json(path: Path, task: str | None, steps_per_stage: int | None) -> Fou
     if not data["schedule"]:
         raise ExportError(f"--run {path} has an empty schedule: nothing to export")
     settings = data.get("settings", {})
-    env_tasks = {env_id: t for t, env_id in metaenv.ENV_IDS.items()}
+    env_tasks = {env_id: t for t, env_id in metaenv.env_ids().items()}
     task = task or data.get("task") or env_tasks.get(settings.get("env_id"))
     if task is None:
         raise ExportError(f"--run {path} names no task: add \"task\" to it or pass --task")
@@ -180,7 +180,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 def full_stages(run: FoundRun) -> list[dict[str, Any]]:
     """Every stage with every name: env defaults < fixed < earlier stages < the stage itself."""
     task = get_task(run.task, run.scale)
-    current = (GRPOConfig().to_dict() | DEFAULT_VALUES[run.scale][run.task]
+    current = (GRPOConfig().to_dict() | default_values(run.task, run.scale)
                | DEFAULT_FIXED[run.scale] | {DIFFICULTY: task.default_difficulty} | run.fixed)
     stages = []
     for k, stage in enumerate(run.schedule):
