@@ -268,10 +268,11 @@ def _header(ctx: Context) -> list[str]:
         lines.append(f"Budget left: {ctx.remaining_stages} stages{tokens}; each proposal trained "
                      "costs one stage.")
     if ctx.dev_size:
-        p = min(max(ctx.path[-1]["dev_score"] if ctx.path else ctx.base_dev_score, 0.0), 1.0)
-        se = math.sqrt(p * (1 - p) / ctx.dev_size)
-        lines.append(f"Dev set: {ctx.dev_size} problems; one problem weighs {1 / ctx.dev_size:.4g} "
-                     f"of the dev score (binomial standard error at {p:.3f}: {se:.3f}).")
+        n, score = ctx.dev_size, ctx.path[-1]["dev_score"] if ctx.path else ctx.base_dev_score
+        p = min(max(score, 1 / n), 1 - 1 / n)  # one item either way: a score of 0 is noisy too
+        se = math.sqrt(p * (1 - p) / n)
+        lines.append(f"Dev set: {n} problems; one problem weighs {1 / n:.4g} of the dev score "
+                     f"(binomial standard error near {score:.3f}: {se:.3f}).")
     if ctx.best is not None:
         steps = [json.dumps(c) for c in _stage_changes(ctx.best["path"])]
         route = " -> ".join(steps) if steps else "the base model itself"

@@ -123,7 +123,7 @@ def test_the_prompt_holds_what_an_expert_would_ask_for(space):
     assert "Budget left: 7 stages" in prompt                                     # the budget
     assert "after stage 1" in prompt and "at most 3 stages of 20 training steps" in prompt
     assert "Dev set: 64 problems; one problem weighs 0.01562" in prompt           # dev noise
-    assert "standard error at 0.250: 0.054" in prompt
+    assert "standard error near 0.250: 0.054" in prompt
     assert "Best dev score in the tree: 0.250 at node 1" in prompt               # the best
     assert "stage 1:" in prompt and "-> dev 0.250 [entropy_collapse]" in prompt  # the path
     assert re.search(r"entropy\s+0\.9\s+0\.02\s+0\.02\s+0\.9", prompt)          # trends
