@@ -51,14 +51,14 @@ def time_fork(env: gym.Env, reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="gsm8k", choices=list(metaenv.ENV_IDS))
+    parser.add_argument("--task", default="gsm8k", choices=list(metaenv.env_ids()))
     parser.add_argument("--stage-reps", type=int, default=3)
     parser.add_argument("--fork-reps", type=int, default=200)
     parser.add_argument("--disk-reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    env_id = metaenv.ENV_IDS[args.task]
+    env_id = metaenv.env_ids()[args.task]
 
     env = gym.make(env_id)  # the embedded default configuration
     uenv = env.unwrapped

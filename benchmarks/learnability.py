@@ -39,7 +39,7 @@ def run_schedule(
     steps_per_stage: int | None = None,
 ) -> dict:
     """Base and final dev/test accuracy of the default schedule, and each stage's seconds."""
-    env = gym.make(metaenv.ENV_IDS[task], test_size=TEST_SIZE, shuffle_rewards=shuffle_rewards,
+    env = gym.make(metaenv.env_ids()[task], test_size=TEST_SIZE, shuffle_rewards=shuffle_rewards,
                    model=model, steps_per_stage=steps_per_stage)
     uenv = env.unwrapped
     action = uenv.hparams.encode(uenv.hparams.defaults | (overrides or {}))
@@ -86,8 +86,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(metaenv.ENV_IDS),
-                        choices=list(metaenv.ENV_IDS))
+    parser.add_argument("--tasks", nargs="+", default=list(metaenv.env_ids()),
+                        choices=list(metaenv.env_ids()))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--model", default=None, help="a model directory (default: shipped)")
     parser.add_argument("--threads", type=int, default=2)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     overrides = dict(parse_override(item) for item in args.set)
     for task in args.tasks:  # every task's grid, before any training (grids differ per task)
-        env = gym.make(metaenv.ENV_IDS[task]).unwrapped
+        env = gym.make(metaenv.env_ids()[task]).unwrapped
         try:
             env.hparams.encode(env.hparams.defaults | overrides)
         except InvalidAction as err:

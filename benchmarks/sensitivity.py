@@ -40,7 +40,7 @@ def variants(grids: dict[str, tuple]) -> list[tuple[str, object]]:
 
 
 def measure_task(task: str, seed: int, stages: int, model: str | None) -> list[dict]:
-    env = gym.make(metaenv.ENV_IDS[task], model=model)
+    env = gym.make(metaenv.env_ids()[task], model=model)
     uenv = env.unwrapped
     env.reset(seed=seed)
     root = uenv.save_state()
@@ -80,8 +80,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(metaenv.ENV_IDS),
-                        choices=list(metaenv.ENV_IDS))
+    parser.add_argument("--tasks", nargs="+", default=list(metaenv.env_ids()),
+                        choices=list(metaenv.env_ids()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", type=int, default=1, help="stages per variant")
     parser.add_argument("--model", default=None, help="a model directory (default: shipped)")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "sensitivity" if len(args.tasks) == len(metaenv.ENV_IDS) else \
+    name = "sensitivity" if len(args.tasks) == len(metaenv.env_ids()) else \
         "sensitivity-" + "-".join(args.tasks)
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(

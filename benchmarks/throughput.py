@@ -18,12 +18,12 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from inner.config import GRPOConfig
 from inner.models import tiny_gpt2
+from inner.tasks import Example
 from inner.tokenizer import build_char_tokenizer
 from inner.trainer import Trainer
 
@@ -31,14 +31,6 @@ PROMPT_CHARS = 32
 # wall: elapsed time. cpu: this process's CPU time, the fair measure on a machine shared with
 # other jobs (use it with --threads 1, where it equals the work done, without waiting).
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str = ""
-    solution: str = ""
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def make_prompts(n: int) -> list[str]:
@@ -61,7 +53,7 @@ class BenchTask:
     name, scale, difficulty_levels, default_difficulty = "bench", "embedded", (1,), 1
 
     def __init__(self, prompts: list[str]):
-        self.train = [Example(p) for p in prompts]
+        self.train = [Example(p, answer="", solution="") for p in prompts]
 
     def examples(self, split: str, difficulty: int | None = None) -> list[Example]:
         return self.train
@@ -94,7 +86,7 @@ def time_ours(args, prompts: list[str], beta: float) -> list[float]:
         start = clock()
         result = trainer.train_stage(config, 1)
         times.append(clock() - start)
-        assert result.diverged is None
+        assert result.failure is None
         assert result.metrics[0]["completions/mean_length"] == args.max_completion_length
     return times
 

@@ -107,7 +107,7 @@ class Tracker:
             raise ValueError(f"budget must be >= 0 stages, got {budget}")
         self.env, self.budget, self.seed = env, int(budget), seed
         self.space = env.unwrapped.hparams
-        _, info = env.reset(seed=seed)
+        self.last_obs, info = env.reset(seed=seed)
         self.start = counters(env)
         self.root = env.unwrapped.save_state()
         self.base_dev = float(info.get("dev_score", env.unwrapped.dev_score))
@@ -137,8 +137,9 @@ class Tracker:
         """
         if self.remaining < 1:
             raise BudgetExceeded(f"budget of {self.budget} stages is spent")
-        action = self.space.encode(schedule[-1])
-        _, _, terminated, truncated, info = self.env.step(action)
+        # A partial stage keeps the loaded state's values for the names it leaves out.
+        action = self.space.encode(schedule[-1], base=self.env.unwrapped.current_hparams)
+        self.last_obs, _, terminated, truncated, info = self.env.step(action)
         self.last_info = info
         dev = float(info["dev_score"])
         if dev > self.best_dev:                    # strict: the earliest of equal states wins

@@ -52,18 +52,6 @@ class CommonActions(gym.ActionWrapper):
         return fit_action(action, self.env.action_space.nvec)
 
 
-class _LastObservation(gym.Wrapper):
-    """Keeps the latest observation: the Tracker steps the env but returns only the dev score."""
-
-    def reset(self, **kwargs: Any):
-        self.obs, info = self.env.reset(**kwargs)
-        return self.obs, info
-
-    def step(self, action: Any):
-        self.obs, *rest = self.env.step(action)
-        return self.obs, *rest
-
-
 def load_policy(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The PPO model at ``path`` and its metadata (empty when the JSON is missing)."""
     path = Path(path)
@@ -120,8 +108,7 @@ class SB3:
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         model, meta = load_policy(self.policy_path or POLICY)
         check_compatible(model, meta, env)
-        watched = _LastObservation(env)
-        tracker = Tracker(watched, budget, seed)
+        tracker = Tracker(env, budget, seed)
         space = tracker.space
         rng = np.random.default_rng(seed)  # own RNG: sampling must not touch torch's global one
         for episode in range(self.episodes):
@@ -139,7 +126,7 @@ class SB3:
                 dev, done = tracker.step(path + [hp])
                 path.append(hp)
                 devs.append(dev)
-                obs = watched.obs
+                obs = tracker.last_obs
                 if done:
                     break
             tracker.trials.append({"number": episode, "sampled": episode > 0,

@@ -1,13 +1,15 @@
-"""The shipped embedded base model: a tiny char-level GPT-2, SFT warm-started on all four tasks.
+"""The shipped embedded base model: a tiny char-level GPT-2, SFT warm-started on the four tasks.
 
 `load_base_model()` loads it from inner/assets/base/ (offline). `python -m inner.base_model`
 retrains it deterministically from a seed: build the char tokenizer, initialise `tiny_gpt2`, run
-SFT on (prompt, worked solution) pairs from the four tasks' train splits at every difficulty
-level, save model + tokenizer with save_pretrained, then measure greedy dev/test accuracy.
+SFT on (prompt, worked solution) pairs from every registered task's train split (the four built-in
+ones, unless more are registered) at every difficulty level, save model + tokenizer with
+save_pretrained, then measure greedy dev/test accuracy. What each task adds to the SFT data (its
+early-answer fraction and repeats, and how it answers early) is set on its class.
 
 The SFT loop is inner.sft's (same tensors, same completion-only loss) with two additions that
 the warm start needs on a 2-core CPU: batches of similar length (the four tasks' sequences range
-from 30 to 150 characters; random batches were mostly padding) and warmup + cosine decay.
+from 21 to 165 characters; random batches were mostly padding) and warmup + cosine decay.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from inner.models import tiny_gpt2
 from inner.sft import batch_loss, sft_tensors
-from inner.tasks import TASK_NAMES, Example, get_task
+from inner.tasks import get_task, registered, task_names
 from inner.tokenizer import build_char_tokenizer
 
 ASSETS = Path(__file__).parent / "assets" / "base"
@@ -45,13 +50,16 @@ class BaseModelConfig:
     batch_size: int = 32
     warmup: float = 0.05  # fraction of steps; then cosine decay to 10% of lr
     per_level: int = 1000  # SFT examples per task and difficulty level (default level: all)
-    # Per task, the fraction of SFT targets cut short by `answer_early`: a flaw that GRPO can
-    # correct, so that every task has room to improve (see the README's learnability section).
-    early_answers: tuple[tuple[str, float], ...] = (
-        ("gsm8k", 0.6), ("math", 0.5), ("countdown", 0.35), ("logic", 0.5),
+    # Per task, the fraction of SFT targets cut short by the task's `answer_early`: a flaw that
+    # GRPO can correct, so that every task has room to improve (see the README's learnability
+    # section). And per task, how many times its pairs are repeated. Both default to the tasks'.
+    early_answers: tuple[tuple[str, float], ...] = field(
+        default_factory=lambda: tuple((c.name, c.sft_early_fraction) for c in registered())
     )
-    # Countdown's search is the hardest skill: its pairs are repeated to lift its base accuracy.
-    repeats: tuple[tuple[str, int], ...] = (("countdown", 4),)
+    repeats: tuple[tuple[str, int], ...] = field(
+        default_factory=lambda: tuple((c.name, c.sft_repeats) for c in registered()
+                                      if c.sft_repeats != 1)
+    )
 
     def __post_init__(self) -> None:
         check_early_answers(dict(self.early_answers))
@@ -59,29 +67,12 @@ class BaseModelConfig:
 
 def check_early_answers(fractions: dict[str, float]) -> None:
     """Raise ValueError unless every key is a task name and every fraction lies in [0, 1]."""
-    unknown = sorted(set(fractions) - set(TASK_NAMES))
+    unknown = sorted(set(fractions) - set(task_names()))
     if unknown:
-        raise ValueError(f"early_answers: unknown tasks {unknown}; use {TASK_NAMES}")
+        raise ValueError(f"early_answers: unknown tasks {unknown}; use {task_names()}")
     outside = {name: f for name, f in fractions.items() if not 0.0 <= f <= 1.0}
     if outside:
         raise ValueError(f"early_answers: fractions must lie in [0, 1], got {outside}")
-
-
-def answer_early(task_name: str, example: Example) -> str | None:
-    """The solution cut short: answers its first step's result (Countdown: that step's expression);
-    Logic leaves out the last person. None where there is nothing to cut."""
-    *steps, answer_line = example.solution.split("\n")
-    if example.answer not in answer_line:
-        return None
-    if task_name == "logic":
-        people = example.answer.split(",")
-        early = ",".join(people[:-1])
-        return answer_line.replace(example.answer, early) if len(people) > 1 else None
-    if len(steps) < 2:
-        return None
-    expression, result = steps[0].rsplit("=", 1)
-    early = expression if task_name == "countdown" else result
-    return f"{steps[0]}\n{answer_line.replace(example.answer, early)}"
 
 
 def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
@@ -90,7 +81,7 @@ def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
     rng = random.Random(config.seed)
     early_fraction = dict(config.early_answers)
     pairs = []
-    for name in TASK_NAMES:
+    for name in task_names():
         task = get_task(name)
         for level in task.difficulty_levels:
             examples = task.examples("train", level)
@@ -99,7 +90,7 @@ def sft_pairs(config: BaseModelConfig) -> list[tuple[str, str]]:
             for example in examples * dict(config.repeats).get(name, 1):
                 solution = example.solution
                 if rng.random() < early_fraction.get(name, 0.0):
-                    solution = answer_early(name, example) or solution
+                    solution = task.answer_early(example) or solution
                 pairs.append((example.prompt, solution))
     return pairs
 
@@ -186,9 +177,22 @@ def load_base_model(
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     """The shipped base model and its tokenizer, from local files only."""
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).to(device)
+    with _no_progress_bar():
+        model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).to(device)
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    # transformers draws a "Loading weights" bar per load: one line per env in every log.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = None) -> dict:
@@ -196,7 +200,7 @@ def measure(model, tokenizer, n_dev: int | None = None, n_test: int | None = Non
     from inner.trainer import Trainer  # the trainer imports much more than loading needs
 
     out = {}
-    for name in TASK_NAMES:
+    for name in task_names():
         task = get_task(name)
         trainer = Trainer(model, tokenizer, task, dev_size=n_dev or len(task.examples("dev")))
         dev = trainer.evaluate("dev")
@@ -239,7 +243,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    early = BaseModelConfig.early_answers if args.early_answers is None else args.early_answers
+    early = BaseModelConfig().early_answers if args.early_answers is None else args.early_answers
     config = BaseModelConfig(**{k: getattr(args, k) for k in scalars}, early_answers=tuple(early))
 
     start = time.perf_counter()

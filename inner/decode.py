@@ -43,6 +43,8 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     """The fast step for a plain GPT2LMHeadModel in SDPA mode, or None when it does not apply."""
     if type(model) is not GPT2LMHeadModel:
         return None
+    if "forward" in vars(model):  # a wrapped forward (bf16 autocast) that this step would skip
+        return None
     config = model.config
     plain_gpt2 = (
         config._attn_implementation == "sdpa"

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from inner.rollout import positions_from_mask
+
 
 def group_advantages(
     rewards: Tensor, num_generations: int, scale_rewards: str = "group"
@@ -53,7 +55,7 @@ def completion_logps(
     flows through the shared prompt; fewer FLOPs than recomputing it for every row).
     """
     n = num_completion_tokens
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(attention_mask)
     if num_generations == 1:
         # Only the completion's logits are needed: logits_to_keep skips the LM head on the prompt.
         logits = model(

@@ -1,6 +1,12 @@
-"""Model loading: any Hugging Face causal LM (paper scale) and tiny GPT-2s (embedded, tests)."""
+"""Model loading: any Hugging Face causal LM (paper scale) and tiny GPT-2s (embedded, tests).
+
+    python -m inner.models tiny-qwen3 --out DIR     # a tiny Qwen3 built locally (inner.tiny_qwen3)
+"""
 
 from __future__ import annotations
+
+import argparse
+import types
 
 import torch
 from transformers import (
@@ -16,16 +22,28 @@ from transformers import (
 def load_model(
     name_or_path: str, device: str = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a hub id or a local directory (left padding)."""
+    """Load a causal LM and its tokenizer from a hub id or a local directory (left padding).
+
+    Weights load in fp32 unless `dtype` says otherwise, as TRL loads them: they are the master
+    weights that AdamW updates, and bf16 comes from autocast (`autocast_forward`).
+    """
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     tokenizer.padding_side = "left"  # the sampler appends new tokens on the right
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     model.to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def seeded_model(model_class: type[PreTrainedModel], config, seed: int) -> PreTrainedModel:
+    """`model_class(config)` initialised from `seed` in a private RNG scope: building a model
+    never disturbs the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
 
 
 def tiny_gpt2(
@@ -54,10 +72,47 @@ def tiny_gpt2(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # Seed a private RNG scope so building a model never disturbs the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+    model = seeded_model(GPT2LMHeadModel, config, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def _autocast_forward(self: torch.nn.Module, *args, **kwargs):
+    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def autocast_forward(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Run `model`'s forward under torch.autocast(dtype), as accelerate's mixed precision does.
+
+    Parameters (and so the optimizer's moments) keep their dtype; matmuls run in `dtype`. The
+    wrapper is a bound method, so a deep copy of the model (the reference model) wraps the copy.
+    """
+    model.autocast_dtype = dtype
+    model.forward = types.MethodType(_autocast_forward, model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m inner.models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("tiny-qwen3", help="write a tiny Qwen3 model directory (CPU, offline)")
+    tiny.add_argument("--out", required=True, help="directory to write")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (at most)")
+    tiny.add_argument("--sft-steps", type=int, default=0,
+                      help="supervised warm start on the tasks' solutions (0: random weights)")
+    tiny.add_argument("--sft-tasks", nargs="+", metavar="TASK", help="warm-start tasks (all)")
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from inner.tiny_qwen3 import build_tiny_qwen3
+
+    out = build_tiny_qwen3(args.out, vocab_size=args.vocab_size, n_layer=args.layers,
+                           hidden_size=args.hidden_size, sft_steps=args.sft_steps,
+                           sft_tasks=tuple(args.sft_tasks or ()) or None, seed=args.seed)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

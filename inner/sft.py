@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from inner.rollout import positions_from_mask
+
 
 def sft_tensors(tokenizer, pairs: list[tuple[str, str]]) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded prompt+completion+EOS ids, attention mask, labels (-100 but completion+EOS)."""
@@ -78,7 +80,7 @@ def batch_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor
     """Next-token cross-entropy on the labelled (completion) tokens of one left-padded batch."""
     start = int((mask.sum(0) == 0).sum())  # drop columns that are padding in every row
     ids, mask, labels = ids[:, start:], mask[:, start:], labels[:, start:]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100

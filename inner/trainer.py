@@ -15,6 +15,7 @@ Per-step metrics use TRL's names and meanings, with these conventions:
 from __future__ import annotations
 
 import copy
+import enum
 import math
 import os
 import time
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from inner.config import GRPOConfig
 from inner.grpo import completion_logps, group_advantages, grpo_loss
+from inner.models import autocast_forward
+from inner.prompts import PromptFormat, final_answer
 from inner.rollout import generate
 from inner.state import TrainState
 
@@ -49,14 +52,36 @@ STAT_KEYS = (
 )
 
 
-@dataclass
-class StageResult:
-    """Per-step metrics (TRL names), why the stage stopped early (or None), tokens and seconds."""
+class Failure(enum.StrEnum):
+    """Why a stage stopped early; the model of such a stage is lost (the env scores it 0)."""
 
-    metrics: list[dict[str, float]]
-    diverged: str | None
-    num_tokens: int  # prompt + completion tokens processed in this stage
-    seconds: float
+    OUT_OF_MEMORY = "out_of_memory"
+    NON_FINITE_LOSS = "non_finite_loss"
+    NON_FINITE_GRADIENTS = "non_finite_gradients"
+    NON_FINITE_WEIGHTS = "non_finite_weights"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an out-of-memory error of torch or of the host (CPU allocators raise
+    RuntimeError with "can't allocate", CUDA raises OutOfMemoryError)."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate" in msg)
+
+
+@dataclass
+class Rollout:
+    """One step's batch: prompts + sampled completions (one row each), rewards, advantages."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    rewards: Tensor
+    group_std: Tensor
+    advantages: Tensor
 
 
 @dataclass
@@ -68,11 +93,25 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class StageResult:
+    """Per-step metrics (TRL names), the failure that stopped the stage early (or None), tokens,
+    seconds, and the dev evaluation when one was asked for and the stage did not fail."""
+
+    metrics: list[dict[str, float]]
+    failure: Failure | None
+    num_tokens: int  # prompt + completion tokens processed in this stage
+    seconds: float
+    evaluation: EvalResult | None = None
+
+
 class Trainer:
     """Holds the policy, a frozen reference copy, AdamW, RNGs, the data cursor and the history.
 
     One `step` = one batch of prompts_per_step * num_generations sampled completions, followed by
     num_iterations optimizer updates on it (its metrics are averaged over those updates).
+    Prompts are rendered by `prompt_format` (default: the tokenizer's chat template if it has
+    one); bf16 (default: on CUDA) runs forward passes under bf16 autocast.
     """
 
     def __init__(
@@ -88,12 +127,19 @@ class Trainer:
         shuffle_rewards: bool = False,
         eval_max_new_tokens: int = 128,
         eval_batch_size: int = 64,
+        prompt_format: PromptFormat | None = None,
+        bf16: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if bf16 is None:
+            bf16 = self.device.type == "cuda"
+        if bf16:  # as TRL: weights and AdamW moments stay fp32, forward passes run in bf16
+            autocast_forward(self.model, torch.bfloat16)
         # Frozen reference = the model as given; always kept so beta may go from 0 to > 0 later.
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.task = task
         self.seed = seed
         self.difficulty = difficulty
@@ -129,6 +175,8 @@ class Trainer:
     def _next_examples(self, n: int, difficulty: int | None) -> list:
         """Draw n train examples at the cursor and advance it (wrapping into a new epoch)."""
         examples = self.task.examples("train", difficulty)
+        if not examples:  # the loop below would never end
+            raise ValueError(f"{self.task.name}: no train examples at difficulty {difficulty}")
         key = str(difficulty)
         epoch, pos = self.cursors.get(key, (0, 0))
         out = []
@@ -143,8 +191,7 @@ class Trainer:
         return out
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return self.prompt_format.encode(prompts, self.device)
 
     def _decode(self, completion_ids: Tensor) -> list[str]:
         # Rows are already cut at EOS (pad after it); special tokens (EOS, pad) are dropped.
@@ -163,10 +210,16 @@ class Trainer:
         return bool(torch.isfinite(torch.nn.utils.get_total_norm(self.params)))
 
     def train_stage(
-        self, config: GRPOConfig, num_steps: int, difficulty: int | None = None
+        self,
+        config: GRPOConfig,
+        num_steps: int,
+        difficulty: int | None = None,
+        dev_n: int | None = None,
     ) -> StageResult:
-        """Train num_steps GRPO steps with one config; stops early (never raises) on divergence/OOM.
+        """Train num_steps GRPO steps with one config, then evaluate `dev_n` dev examples.
 
+        Stops early and never raises on a non-finite loss, gradient or weight, or on running out
+        of memory (in training or in the evaluation): `StageResult.failure` says which.
         difficulty=None uses the Trainer's difficulty (itself None = the task's default).
         """
         config.validate()
@@ -174,31 +227,44 @@ class Trainer:
         self._set_optimizer_hparams(config)
         start, tokens_before = time.perf_counter(), self.num_tokens
         metrics: list[dict[str, float]] = []
-        diverged = None
+        failure, evaluation = None, None
         try:
             for _ in range(num_steps):
-                step_metrics, diverged = self._train_step(config, difficulty)
-                if diverged is not None:
+                step_metrics, failure = self._train_step(config, difficulty)
+                if failure is not None:
                     break
                 metrics.append(step_metrics)
                 self.history.append(step_metrics)
-        except torch.OutOfMemoryError:
-            diverged = "out_of_memory"
-        except RuntimeError as err:
-            if "out of memory" not in str(err).lower():
+            if failure is None and dev_n is not None:
+                evaluation = self.evaluate("dev", n=dev_n)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
                 raise
-            diverged = "out_of_memory"
+            failure = Failure.OUT_OF_MEMORY
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        if diverged == "out_of_memory" and self.device.type == "cuda":
+        if failure is Failure.OUT_OF_MEMORY and self.device.type == "cuda":
             torch.cuda.empty_cache()
         seconds = time.perf_counter() - start
-        return StageResult(metrics, diverged, self.num_tokens - tokens_before, seconds)
+        return StageResult(metrics, failure, self.num_tokens - tokens_before, seconds, evaluation)
 
     def _train_step(
         self, config: GRPOConfig, difficulty: int | None
-    ) -> tuple[dict[str, float], str | None]:
+    ) -> tuple[dict[str, float], Failure | None]:
+        """One GRPO step: rollout, reference and old log-probs, num_iterations updates, metrics."""
         t0 = time.perf_counter()
+        batch = self._rollout(config, difficulty)
+        ref_logps, old_logps = self._frozen_logps(config, batch)
+        stats, failure = self._update(config, batch, ref_logps, old_logps)
+        if failure is not None:
+            return {}, failure
+        self.step += 1
+        metrics = self._step_metrics(config, batch, stats)
+        metrics["step_time"] = time.perf_counter() - t0
+        return metrics, None
+
+    def _rollout(self, config: GRPOConfig, difficulty: int | None) -> Rollout:
+        """Sample num_generations completions per prompt and score them with the task's reward."""
         group = config.num_generations
         examples = self._next_examples(config.prompts_per_step, difficulty)
         prompt_ids, prompt_mask = self._encode([ex.prompt for ex in examples])
@@ -218,58 +284,70 @@ class Trainer:
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
         texts = self._decode(completion_ids)
         rewards = torch.tensor(
-            [self.task.score(text, examples[i // group]) for i, text in enumerate(texts)],
+            [
+                self.task.score(final_answer(text), examples[i // group])
+                for i, text in enumerate(texts)
+            ],
             dtype=torch.float32,
         )
         if self.shuffle_rewards:  # control: rewards no longer match completions
             rewards = rewards[torch.randperm(len(rewards), generator=self.cpu_generator)]
         advantages, group_std = group_advantages(rewards, group, config.scale_rewards)
-        advantages = advantages.to(self.device)
+        return Rollout(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            rewards=rewards,
+            group_std=group_std,
+            advantages=advantages.to(self.device),
+        )
 
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        n_completion = completion_ids.size(1)
-        with torch.no_grad():
-            ref_logps = None
-            if config.beta != 0.0:  # skipped when beta == 0: the KL term is then exactly zero
-                ref_logps, _ = completion_logps(
-                    self.ref_model,
-                    input_ids,
-                    attention_mask,
-                    n_completion,
-                    config.temperature,
-                    num_generations=group,
-                )
-            old_logps = None
-            if config.num_iterations > 1:  # with one update, old == current: exp(0) ratio
-                old_logps, _ = completion_logps(
-                    self.model,
-                    input_ids,
-                    attention_mask,
-                    n_completion,
-                    config.temperature,
-                    num_generations=group,
-                )
+    def _logps(
+        self, model: torch.nn.Module, config: GRPOConfig, batch: Rollout, entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        return completion_logps(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_ids.size(1),
+            config.temperature,
+            compute_entropy=entropy,
+            num_generations=config.num_generations,
+        )
 
+    @torch.no_grad()
+    def _frozen_logps(
+        self, config: GRPOConfig, batch: Rollout
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Reference and old-policy log-probs, each skipped when it is an exact no-op."""
+        ref_logps = old_logps = None
+        if config.beta != 0.0:  # with beta == 0 the KL term is exactly zero
+            ref_logps, _ = self._logps(self.ref_model, config, batch)
+        if config.num_iterations > 1:  # with one update, old == current: an exp(0) ratio
+            old_logps, _ = self._logps(self.model, config, batch)
+        return ref_logps, old_logps
+
+    def _update(
+        self,
+        config: GRPOConfig,
+        batch: Rollout,
+        ref_logps: Tensor | None,
+        old_logps: Tensor | None,
+    ) -> tuple[dict[str, float], Failure | None]:
+        """num_iterations AdamW updates on one batch; stats summed over them, or the failure."""
         self.model.train()
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         for _ in range(config.num_iterations):
-            logps, entropy = completion_logps(
-                self.model,
-                input_ids,
-                attention_mask,
-                n_completion,
-                config.temperature,
-                compute_entropy=True,
-                num_generations=group,
-            )
+            logps, entropy = self._logps(self.model, config, batch, entropy=True)
             loss, stats = grpo_loss(
                 logps,
                 old_logps,
                 ref_logps,
-                advantages,
-                completion_mask,
+                batch.advantages,
+                batch.completion_mask,
                 beta=config.beta,
                 epsilon_low=config.epsilon_low,
                 epsilon_high=config.epsilon_upper,
@@ -278,33 +356,37 @@ class Trainer:
                 use_bias_correction_kl=config.use_bias_correction_kl,
             )
             if not torch.isfinite(loss):
-                return {}, "divergence: non-finite loss"
+                return sums, Failure.NON_FINITE_LOSS
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                return {}, "divergence: non-finite gradients"
+                return sums, Failure.NON_FINITE_GRADIENTS
             self.optimizer.step()
             if not self._weights_finite():
-                return {}, "divergence: non-finite weights"
-            mask = completion_mask.to(entropy.dtype)
+                return sums, Failure.NON_FINITE_WEIGHTS
+            mask = batch.completion_mask.to(entropy.dtype)
             stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
             stats["loss"] = loss.detach()
             stats["grad_norm"] = grad_norm
             for key in STAT_KEYS:
                 sums[key] += float(stats[key])
+        return sums, None
 
-        self.step += 1
-        lengths = completion_mask.sum(-1).float()
-        step_tokens = int(prompt_mask.sum()) + int(lengths.sum())
-        self.num_tokens += step_tokens
+    def _step_metrics(
+        self, config: GRPOConfig, batch: Rollout, sums: dict[str, float]
+    ) -> dict[str, float]:
+        """TRL-named metrics of one step; counts the step's tokens into num_tokens."""
+        lengths = batch.completion_mask.sum(-1).float()
+        self.num_tokens += int(batch.prompt_mask.sum()) + int(lengths.sum())
         if self.eos_token_id is None:
-            truncated = torch.ones(len(rewards), dtype=torch.bool)
+            truncated = torch.ones(len(batch.rewards), dtype=torch.bool)
         else:
-            truncated = ~(completion_ids == self.eos_token_id).any(-1)
-        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
-        metrics = {
+            truncated = ~(batch.completion_ids == self.eos_token_id).any(-1)
+        zero_std = torch.isclose(batch.group_std, torch.zeros_like(batch.group_std))
+        rewards = batch.rewards
+        return {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "frac_reward_zero_std": float(zero_std.float().mean()),
@@ -313,9 +395,7 @@ class Trainer:
             "completions/clipped_ratio": float(truncated.float().mean()),
             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
             "num_tokens": float(self.num_tokens),
-            "step_time": time.perf_counter() - t0,
         }
-        return metrics, None
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -339,13 +419,14 @@ class Trainer:
                 greedy=True,
             )
             for ex, text in zip(batch, self._decode(completion_ids), strict=True):
+                answer = final_answer(text)
                 samples.append(
                     {
                         "prompt": ex.prompt,
                         "completion": text,
                         "answer": ex.answer,
-                        "correct": bool(self.task.is_correct(text, ex)),
-                        "score": float(self.task.score(text, ex)),
+                        "correct": bool(self.task.is_correct(answer, ex)),
+                        "score": float(self.task.score(answer, ex)),
                     }
                 )
         count = max(len(samples), 1)

@@ -1,33 +1,39 @@
-"""The Gymnasium face of LLMZero-Gym: `import metaenv` registers the four env ids.
+"""The Gymnasium face of LLMZero-Gym: `import metaenv` registers one env id per task.
 
     import gymnasium as gym, metaenv
     env = gym.make("LLMZero-GSM8K-v0", stages=4, steps_per_stage=10)
+
+The ids come from the task registry (`inner.tasks.register`): every task registered before or after
+this import gets its class's `env_id`, so a user's task needs no second registration here.
 """
 
 from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
+from inner.tasks import Task, on_register, registered
 from metaenv.env import Budget, BudgetExhausted, EnvState, LLMZeroEnv
 from metaenv.hparams import HParamSpace, InvalidAction
 
-ENV_IDS = {
-    "gsm8k": "LLMZero-GSM8K-v0",
-    "math": "LLMZero-MATH-v0",
-    "countdown": "LLMZero-Countdown-v0",
-    "logic": "LLMZero-Logic-v0",
-}
 
-for _task, _env_id in ENV_IDS.items():
-    if _env_id not in registry:  # re-importing (e.g. importlib.reload) must not warn
-        register(id=_env_id, entry_point="metaenv.env:LLMZeroEnv", kwargs={"task": _task})
+def env_ids() -> dict[str, str]:
+    """Task name -> gym id, for every registered task, in registration order."""
+    return {cls.name: cls.env_id for cls in registered()}
+
+
+def _register_env(cls: type[Task]) -> None:
+    if cls.env_id not in registry:  # re-importing (e.g. importlib.reload) must not warn
+        register(id=cls.env_id, entry_point="metaenv.env:LLMZeroEnv", kwargs={"task": cls.name})
+
+
+on_register(_register_env)
 
 __all__ = [
-    "ENV_IDS",
     "Budget",
     "BudgetExhausted",
     "EnvState",
     "HParamSpace",
     "InvalidAction",
     "LLMZeroEnv",
+    "env_ids",
 ]

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from inner.config import GRPOConfig
+from inner.prompts import PromptFormat
 from inner.state import TrainState
 from inner.tasks import get_task
-from inner.trainer import EvalResult, Trainer
+from inner.trainer import EvalResult, Failure, StageResult, Trainer
 from metaenv import observation as obs_layout
 from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
@@ -46,6 +47,13 @@ NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
 # keeps one: a second trainer would hold a second copy of a large model on the accelerator.
 SEED_CACHE = {"embedded": 4, "paper": 1}
 DEV_METRICS = ("accuracy", "mean_score")
+# The one place where a failed stage becomes a pathology; every failure truncates the episode.
+FAILURE_PATHOLOGY = {
+    Failure.OUT_OF_MEMORY: OUT_OF_MEMORY,
+    Failure.NON_FINITE_LOSS: DIVERGENCE,
+    Failure.NON_FINITE_GRADIENTS: DIVERGENCE,
+    Failure.NON_FINITE_WEIGHTS: DIVERGENCE,
+}
 
 
 class BudgetExhausted(RuntimeError):
@@ -86,7 +94,7 @@ class EnvState:
     stage_ends: tuple[int, ...]  # trainer step count at the end of each stage
     path_cost: dict[str, int]  # stages and tokens trained on this path since the base model
     observation: np.ndarray
-    last: dict[str, Any]  # metrics, samples, pathologies, hparams, diverged of the last stage
+    last: dict[str, Any]  # metrics, samples, pathologies, hparams, failure of the last stage
     store: StateStore = field(repr=False)
 
     def __copy__(self) -> EnvState:
@@ -99,29 +107,25 @@ class EnvState:
         raise TypeError("an EnvState is a handle into one env's store and cannot be pickled")
 
 
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, MemoryError | torch.OutOfMemoryError):
-        return True
-    msg = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate" in msg)
-
-
 def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
     # Wall-clock entries differ between identical runs; they are counted in the budget instead.
     return {k: v for k, v in metrics.items() if not k.endswith("_time")}
 
 
 class LLMZeroEnv(gym.Env):
-    """GRPO post-training of a causal LM as a Gymnasium env (see DESIGN.md, "The environment").
+    """GRPO post-training of a causal LM as a Gymnasium env; one step trains one stage.
 
-    task: gsm8k | math | countdown | logic. scale: "embedded" (shipped tiny model, CPU, offline)
-    or "paper" (`model` = HF id or local path). stages x steps_per_stage: episode length.
+    task: a registered task's name (inner.tasks.task_names()). scale: "embedded" (shipped tiny
+    model, CPU, offline) or "paper" (`model` = HF id or local path). stages x steps_per_stage:
+    episode length.
     hparam_grid: {name: [values] | None} overrides the task's grids (metaenv.hparams);
     fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
     dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
     max_stages: budget after which step() raises BudgetExhausted. max_states_in_memory /
     state_dir: bound of the saved-state store before it spills to disk. shuffle_rewards: a
     control for benchmarks (rewards permuted across each batch, so nothing can be learned).
+    data_path (paper scale): local files in the hub dataset's columns instead of the hub.
+    enable_thinking: Qwen3's switch in the chat template (chat models only; default off).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
@@ -147,9 +151,13 @@ class LLMZeroEnv(gym.Env):
         dev_metric: str = "accuracy",
         eval_max_new_tokens: int | None = None,
         shuffle_rewards: bool = False,
+        data_path: str | None = None,
+        enable_thinking: bool = False,
     ) -> None:
         if scale not in SCALE_DEFAULTS:
             raise ValueError(f"scale must be one of {list(SCALE_DEFAULTS)}, got {scale!r}")
+        if data_path is not None and scale != "paper":
+            raise ValueError(f"data_path is for scale='paper' (real datasets), not {scale!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         if dev_metric not in DEV_METRICS:
@@ -157,38 +165,15 @@ class LLMZeroEnv(gym.Env):
         d = SCALE_DEFAULTS[scale]
         self.task_name, self.scale, self.device = task, scale, device
         self.model_name = model if model is not None else d.get("model")
-        self.stages = int(stages if stages is not None else d["stages"])
-        self.steps_per_stage = int(steps_per_stage if steps_per_stage is not None
-                                   else d["steps_per_stage"])
-        self.dev_size = int(dev_size if dev_size is not None else d["dev_size"])
-        self.test_size = int(test_size if test_size is not None else d["test_size"])
-        for name, value in (("stages", self.stages), ("steps_per_stage", self.steps_per_stage),
-                            ("dev_size", self.dev_size), ("test_size", self.test_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        self._set_episode_sizes(d, stages, steps_per_stage, dev_size, test_size)
         self.dev_metric = dev_metric
         self.render_mode = render_mode
         self._seed = seed
         self._eval_max_new_tokens = eval_max_new_tokens
         self._shuffle_rewards = shuffle_rewards
-
-        # Dev/test are generated at the task's default difficulty whatever the training level.
-        self.task = get_task(task, scale, **self._split_sizes(task, scale))
-        levels = tuple(self.task.difficulty_levels)
-        if difficulty is not None and difficulty not in levels:
-            raise ValueError(f"difficulty must be one of {levels}, got {difficulty!r}")
-        self.difficulty = difficulty if difficulty is not None else self.task.default_difficulty
-        self.hparams: HParamSpace
-        self.hparams, self.fixed_hparams = build_hparam_space(
-            task, scale, hparam_grid, fixed_hparams, levels, self.difficulty
-        )
-        # Building every GRPOConfig now turns a bad grid value into an error at construction.
-        for name, grid in self.hparams.grids.items():
-            for value in grid:
-                self._config({**self.hparams.defaults, name: value})
-        self.action_space = self.hparams.space()
-        self.observation_space = obs_layout.observation_space(len(self.hparams.names))
-        self.observation_names = obs_layout.observation_names(self.hparams.names)
+        self._enable_thinking = enable_thinking
+        self._data_path = data_path
+        self._build_task_and_spaces(difficulty, hparam_grid, fixed_hparams)
 
         self.budget = Budget(max_stages=max_stages)
         n_mem = d["max_states_in_memory"] if max_states_in_memory is None else max_states_in_memory
@@ -208,6 +193,38 @@ class LLMZeroEnv(gym.Env):
         self._reset_episode_fields()
 
     # ------------------------------------------------------------------ construction helpers
+    def _set_episode_sizes(self, defaults: dict[str, Any], stages: int | None,
+                           steps_per_stage: int | None, dev_size: int | None,
+                           test_size: int | None) -> None:
+        given = {"stages": stages, "steps_per_stage": steps_per_stage, "dev_size": dev_size,
+                 "test_size": test_size}
+        for name, value in given.items():
+            value = int(value if value is not None else defaults[name])
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+            setattr(self, name, value)
+
+    def _build_task_and_spaces(self, difficulty: int | None, hparam_grid: dict | None,
+                               fixed_hparams: dict | None) -> None:
+        # Dev/test are generated at the task's default difficulty whatever the training level.
+        self.task = get_task(self.task_name, self.scale, data_path=self._data_path,
+                             **self._split_sizes(self.task_name, self.scale))
+        levels = tuple(self.task.difficulty_levels)
+        if difficulty is not None and difficulty not in levels:
+            raise ValueError(f"difficulty must be one of {levels}, got {difficulty!r}")
+        self.difficulty = difficulty if difficulty is not None else self.task.default_difficulty
+        self.hparams: HParamSpace
+        self.hparams, self.fixed_hparams = build_hparam_space(
+            self.task_name, self.scale, hparam_grid, fixed_hparams, levels, self.difficulty
+        )
+        # Building every GRPOConfig now turns a bad grid value into an error at construction.
+        for name, grid in self.hparams.grids.items():
+            for value in grid:
+                self._config({**self.hparams.defaults, name: value})
+        self.action_space = self.hparams.space()
+        self.observation_space = obs_layout.observation_space(len(self.hparams.names))
+        self.observation_names = obs_layout.observation_names(self.hparams.names)
+
     def _split_sizes(self, task: str, scale: str) -> dict[str, int]:
         # Ask the task for bigger dev/test splits only when needed: resizing dev changes test.
         probe = get_task(task, scale)
@@ -235,6 +252,7 @@ class LLMZeroEnv(gym.Env):
         self.dev_scores: list[float] = []
         self.stage_ends: list[int] = []
         self.path_cost = {"stages": 0, "tokens": 0}
+        self.current_hparams = dict(self.hparams.defaults)  # controlled values of the last stage
         self.last_stage_seconds = 0.0
         self._obs = np.zeros(self.observation_space.shape, np.float32)
         self._last: dict[str, Any] = {}
@@ -265,7 +283,8 @@ class LLMZeroEnv(gym.Env):
             kwargs["eval_max_new_tokens"] = self._eval_max_new_tokens
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
                        difficulty=self.difficulty, dev_size=self.dev_size,
-                       shuffle_rewards=self._shuffle_rewards, **kwargs)
+                       shuffle_rewards=self._shuffle_rewards,
+                       prompt_format=PromptFormat(self._tokenizer, self._enable_thinking), **kwargs)
 
     def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
         """Make the trainer of `seed` current (building it if needed); return its initial state.
@@ -311,11 +330,10 @@ class LLMZeroEnv(gym.Env):
             self.dev_score = self.base_dev_score = score
             self.dev_scores = [score]
             self._last = {
-                "metrics": [], "pathologies": [], "diverged": None,
+                "metrics": [], "pathologies": [], "failure": None,
                 "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
                 "hparams": self._full_hparams(self.hparams.defaults),
             }
-            self.hparams.current = dict(self.hparams.defaults)
             self._obs = obs_layout.build_observation(
                 None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
             )
@@ -341,65 +359,57 @@ class LLMZeroEnv(gym.Env):
         values = self.hparams.decode(idx)
         config, difficulty = self._config(values)
         dev_before = self.dev_score
-
-        t0 = time.perf_counter()
-        try:
-            result = self.trainer.train_stage(config, self.steps_per_stage, difficulty=difficulty)
-            diverged, metrics, tokens = result.diverged, result.metrics, result.num_tokens
-        except Exception as err:  # the trainer catches OOM itself; this guards its other paths
-            if not _is_oom(err):
-                raise
-            diverged, metrics, tokens = OUT_OF_MEMORY, [], 0
-        evaluation = None
-        if diverged is None:
-            try:
-                evaluation = self.trainer.evaluate("dev", n=self.dev_size)
-            except Exception as err:
-                if not _is_oom(err):
-                    raise
-                diverged = OUT_OF_MEMORY
-        self.last_stage_seconds = time.perf_counter() - t0
-        if diverged is not None and self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-        # Costs are paid whatever happened, and never rewound.
-        self.budget.stages += 1
-        self.budget.tokens += tokens
-        self.budget.seconds += self.last_stage_seconds
-        self.path_cost = {"stages": self.path_cost["stages"] + 1,
-                          "tokens": self.path_cost["tokens"] + tokens}
-
+        result = self.trainer.train_stage(
+            config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
+        )
+        self._pay(result)
         self.stage += 1
-        self.hparams.current = dict(values)
+        self.current_hparams = dict(values)
         # A failed stage loses the model: it scores 0, so the episode's return is -base score.
+        evaluation = result.evaluation
         self.dev_score = self._score(evaluation) if evaluation is not None else 0.0
         self.dev_scores.append(self.dev_score)
         self.stage_ends.append(self.trainer.step)
-        truncated = diverged is not None
+        truncated = result.failure is not None
         terminated = not truncated and self.stage >= self.stages
         self.done = terminated or truncated
-        pathologies = detect_pathologies(
-            metrics, self.trainer.history, self.dev_scores, diverged
-        )
-        if diverged == OUT_OF_MEMORY:
-            pathologies = [p for p in pathologies if p != DIVERGENCE] + [OUT_OF_MEMORY]
         self._last = {
-            "metrics": [_deterministic(m) for m in metrics],
-            "pathologies": pathologies,
-            "diverged": diverged,
+            "metrics": [_deterministic(m) for m in result.metrics],
+            "pathologies": self._pathologies(result),
+            "failure": None if result.failure is None else str(result.failure),
             "samples": copy.deepcopy(evaluation.samples[:NUM_SAMPLES]) if evaluation else [],
             "hparams": self._full_hparams(values),
         }
-        diagnostics = obs_layout.stage_diagnostics(
-            metrics, config.max_completion_length, self.dev_score, dev_before
-        )
-        if truncated:  # nothing was measured on the lost model: read the failure at the bounds
-            diagnostics.update(kl=math.inf, grad_norm_squashed=1.0)
-        self._obs = obs_layout.build_observation(
-            diagnostics, self.dev_score, self.hparams.normalized(idx), self.stage / self.stages
-        )
+        self._obs = self._stage_observation(result, config, idx, dev_before)
         reward = float(self.dev_score - dev_before)
         return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _pay(self, result: StageResult) -> None:
+        """Count the stage's cost, whatever happened in it; costs are never rewound."""
+        self.last_stage_seconds = result.seconds
+        self.budget.stages += 1
+        self.budget.tokens += result.num_tokens
+        self.budget.seconds += result.seconds
+        self.path_cost = {"stages": self.path_cost["stages"] + 1,
+                          "tokens": self.path_cost["tokens"] + result.num_tokens}
+
+    def _pathologies(self, result: StageResult) -> list[str]:
+        """The detectors' findings, and the failure's pathology when the stage failed."""
+        found = detect_pathologies(result.metrics, self.trainer.history, self.dev_scores)
+        if result.failure is not None and FAILURE_PATHOLOGY[result.failure] not in found:
+            found.append(FAILURE_PATHOLOGY[result.failure])
+        return found
+
+    def _stage_observation(self, result: StageResult, config: GRPOConfig, idx: np.ndarray,
+                           dev_before: float) -> np.ndarray:
+        diagnostics = obs_layout.stage_diagnostics(
+            result.metrics, config.max_completion_length, self.dev_score, dev_before
+        )
+        if result.failure is not None:  # nothing was measured on the lost model
+            diagnostics = obs_layout.failed(diagnostics)
+        return obs_layout.build_observation(
+            diagnostics, self.dev_score, self.hparams.normalized(idx), self.stage / self.stages
+        )
 
     def _full_hparams(self, values: dict[str, Any]) -> dict[str, Any]:
         config, difficulty = self._config(values)
@@ -417,7 +427,7 @@ class LLMZeroEnv(gym.Env):
             "dev_scores": list(self.dev_scores),
             "samples": copy.deepcopy(self._last.get("samples", [])),
             "pathologies": list(self._last.get("pathologies", [])),
-            "diverged": self._last.get("diverged"),
+            "failure": self._last.get("failure"),
             "cost": dict(self.path_cost),
             "hparams": dict(self._last.get("hparams", {})),
         }
@@ -454,7 +464,7 @@ class LLMZeroEnv(gym.Env):
             seed=self._trainer_seed,
             stage=self.stage,
             done=self.done,
-            hparams=dict(self.hparams.current),
+            hparams=dict(self.current_hparams),
             dev_score=self.dev_score,
             dev_scores=tuple(self.dev_scores),
             stage_ends=tuple(self.stage_ends),
@@ -481,7 +491,7 @@ class LLMZeroEnv(gym.Env):
     def _restore(self, state: EnvState) -> None:
         self.trainer.load_state(self._store.get(state.key))
         self.stage, self.done = state.stage, state.done
-        self.hparams.current = dict(state.hparams)
+        self.current_hparams = dict(state.hparams)
         self.dev_score = state.dev_score
         self.dev_scores = list(state.dev_scores)
         self.base_dev_score = state.dev_scores[0]
@@ -496,7 +506,7 @@ class LLMZeroEnv(gym.Env):
         if self.trainer is None:
             raise RuntimeError("call reset() or load_state() before evaluate_test()")
         t0 = time.perf_counter()
-        if self._last.get("diverged") is not None:
+        if self._last.get("failure") is not None:
             score = 0.0  # the model of a failed stage is lost, as on dev
         else:
             score = self._score(self.trainer.evaluate("test", n=self.test_size))

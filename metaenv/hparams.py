@@ -1,28 +1,30 @@
 """The action space: per-task grids of absolute hyperparameter values, and their encoding.
 
 One MultiDiscrete index per controlled hyperparameter selects a value from its grid. Grids are plain
-data (`DEFAULT_GRIDS[scale][task]`) that a user overrides per name with the env's `hparam_grid`;
-`"difficulty"` is the training-data difficulty level, every other name is a `GRPOConfig` field.
+data (`default_grids(task, scale)`: grids shared by every task, plus the task's own completion
+lengths) that a user overrides per name with the env's `hparam_grid`; `"difficulty"` is the
+training-data difficulty level, every other name is a `GRPOConfig` field.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
 
 from inner.config import GRPOConfig
+from inner.tasks import SCALES, task_class
 
 DIFFICULTY = "difficulty"  # the one controlled name that is not a GRPOConfig field
 CONFIG_NAMES = tuple(f.name for f in fields(GRPOConfig))
 ALLOWED_NAMES = (*CONFIG_NAMES, DIFFICULTY)
 
 # Shared embedded-scale grids. The tiny char-level models are very sensitive to the learning rate
-# (FACTS.md: one AdamW step at 1e-4 gives k3 KL ~0.27 on 3M params), so the grid spans 1e-5..1e-3.
+# (one AdamW step at 1e-4 gave a k3 KL of ~0.27 on 3M parameters), so the grid spans 1e-5..1e-3.
 _EMBEDDED_COMMON: dict[str, tuple] = {
     "learning_rate": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
     "beta": (0.0, 0.01, 0.04, 0.1),
@@ -39,48 +41,14 @@ _PAPER_COMMON: dict[str, tuple] = {
     "num_generations": (4, 8, 16),
 }
 
-# Completion lengths are in tokens: characters at the embedded scale, so each task's grid brackets
-# its worked solutions (default-level p95: gsm8k 23, math 28, countdown 38, logic 44 tokens; the
-# hardest level: 43, 55, 56, 53) with one value that truncates them. `difficulty: None` means the
-# task's own difficulty_levels.
-EMBEDDED_LENGTHS = {
-    "gsm8k": (16, 32, 48, 72),
-    "math": (16, 24, 32, 48),
-    "countdown": (32, 48, 64, 80),
-    "logic": (32, 48, 64),
-}
-PAPER_LENGTHS = {
-    "gsm8k": (256, 512, 1024),
-    "math": (512, 1024, 2048),
-    "countdown": (256, 512, 1024),
-    "logic": (256, 512, 1024),
-}
-TASKS = tuple(EMBEDDED_LENGTHS)
-DEFAULT_GRIDS: dict[str, dict[str, dict[str, tuple | None]]] = {
-    "embedded": {
-        t: _EMBEDDED_COMMON | {"max_completion_length": EMBEDDED_LENGTHS[t], DIFFICULTY: None}
-        for t in TASKS
-    },
-    "paper": {
-        t: _PAPER_COMMON | {"max_completion_length": PAPER_LENGTHS[t], DIFFICULTY: None}
-        for t in TASKS
-    },
-}
-
-# Default value of each controlled name (what `default_action()` selects and `encode` fills in
-# before the first stage). Names absent here default to the GRPOConfig default.
-_EMBEDDED_DEFAULT_LENGTH = {"gsm8k": 48, "math": 32, "countdown": 48, "logic": 48}
-DEFAULT_VALUES: dict[str, dict[str, dict[str, Any]]] = {
-    "embedded": {
-        t: {"learning_rate": 1e-4, "beta": 0.04, "epsilon": 0.2, "temperature": 1.0,
-            "num_generations": 8, "max_completion_length": _EMBEDDED_DEFAULT_LENGTH[t]}
-        for t in TASKS
-    },
-    "paper": {
-        t: {"learning_rate": 1e-6, "beta": 0.0, "epsilon": 0.2, "temperature": 1.0,
-            "num_generations": 8, "max_completion_length": 1024 if t == "math" else 512}
-        for t in TASKS
-    },
+COMMON_GRIDS = {"embedded": _EMBEDDED_COMMON, "paper": _PAPER_COMMON}
+# Default value of each shared name (what `default_action()` selects and `encode` fills in when
+# given no base). Names absent here default to the GRPOConfig default.
+COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
+    "embedded": {"learning_rate": 1e-4, "beta": 0.04, "epsilon": 0.2, "temperature": 1.0,
+                 "num_generations": 8},
+    "paper": {"learning_rate": 1e-6, "beta": 0.0, "epsilon": 0.2, "temperature": 1.0,
+              "num_generations": 8},
 }
 # Hyperparameters that are not controlled but differ from GRPOConfig's defaults, per scale.
 DEFAULT_FIXED: dict[str, dict[str, Any]] = {
@@ -109,21 +77,41 @@ def _distance(a: Any, b: Any) -> float:
     return abs(a - b)
 
 
+def default_grids(task: str, scale: str) -> dict[str, tuple | None]:
+    """The grids of a registered task at `scale`: the shared ones and the task's completion
+    lengths; `difficulty: None` stands for the task's own difficulty levels."""
+    lengths, _ = _task_lengths(task, scale)
+    return COMMON_GRIDS[scale] | {"max_completion_length": lengths, DIFFICULTY: None}
+
+
+def default_values(task: str, scale: str) -> dict[str, Any]:
+    """The default value of each name of `default_grids` but difficulty."""
+    _, length = _task_lengths(task, scale)
+    return COMMON_DEFAULTS[scale] | {"max_completion_length": length}
+
+
+def _task_lengths(task: str, scale: str) -> tuple[tuple[int, ...], int]:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+    lengths = task_class(task).completion_lengths
+    if scale not in lengths:
+        raise ValueError(f"task {task!r} has no {scale} scale; it has {list(lengths)}")
+    grid, default = lengths[scale]
+    return tuple(grid), default
+
+
 @dataclass
 class HParamSpace:
-    """Controlled names, their grids and defaults; `current` holds the values of the last stage."""
+    """Controlled names, their grids and defaults (no episode state: the env keeps that)."""
 
     grids: dict[str, tuple]
     defaults: dict[str, Any]
-    current: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, grid in self.grids.items():
             if len(grid) == 0:
                 raise ValueError(f"hyperparameter {name!r} has an empty grid")
             self.index(name, self.defaults[name])  # every default must be on its grid
-        if not self.current:
-            self.current = dict(self.defaults)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -155,14 +143,25 @@ class HParamSpace:
             + (" (pass snap=True for the nearest)" if numeric and not snap else "")
         )
 
-    def encode(self, values: Mapping[str, Any], snap: bool = False) -> np.ndarray:
-        """Action for `values`; missing names keep their current value (default before a stage)."""
+    def encode(
+        self,
+        values: Mapping[str, Any],
+        *,
+        base: Mapping[str, Any] | None = None,
+        snap: bool = False,
+    ) -> np.ndarray:
+        """Action for `values`; names it lacks take their value in `base` (a full set of values,
+        e.g. the last stage's; other names in it are ignored), or the defaults without one."""
         unknown = [k for k in values if k not in self.grids]
         if unknown:
             raise InvalidAction(
                 f"unknown hyperparameter {unknown[0]!r}; controlled names are {list(self.names)}"
             )
-        merged = {**self.current, **values}
+        fill = self.defaults if base is None else base
+        lacking = [n for n in self.names if n not in values and n not in fill]
+        if lacking:
+            raise InvalidAction(f"base lacks {lacking}: it must give every controlled name")
+        merged = {**fill, **values}
         return np.array([self.index(n, merged[n], snap) for n in self.names], dtype=np.int64)
 
     def validate(self, action: Any) -> np.ndarray:
@@ -193,9 +192,6 @@ class HParamSpace:
     def default_action(self) -> np.ndarray:
         return np.array([self.index(n, self.defaults[n]) for n in self.names], dtype=np.int64)
 
-    def current_action(self) -> np.ndarray:
-        return np.array([self.index(n, self.current[n]) for n in self.names], dtype=np.int64)
-
     def normalized(self, action: Any) -> np.ndarray:
         """Each index divided by its grid's last index, in [0, 1] (0 for one-value grids)."""
         idx = self.validate(action).astype(np.float32)
@@ -216,10 +212,7 @@ def build_hparam_space(
     `hparam_grid[name] = [values]` replaces or adds a grid, `None` removes the name from control
     (it then keeps its default). Fixed values are GRPOConfig fields or `difficulty`.
     """
-    if scale not in DEFAULT_GRIDS:
-        raise ValueError(f"scale must be one of {list(DEFAULT_GRIDS)}, got {scale!r}")
-    if task not in DEFAULT_GRIDS[scale]:
-        raise ValueError(f"task must be one of {list(DEFAULT_GRIDS[scale])}, got {task!r}")
+    task_grids, task_defaults = default_grids(task, scale), default_values(task, scale)
     hparam_grid = dict(hparam_grid or {})
     fixed = dict(DEFAULT_FIXED[scale]) | dict(fixed_hparams or {})
     for name in [*hparam_grid, *fixed]:
@@ -231,10 +224,9 @@ def build_hparam_space(
 
     levels = tuple(difficulty_levels) if difficulty_levels is not None else None
     config_defaults = GRPOConfig().to_dict()
-    task_defaults = DEFAULT_VALUES[scale][task]
     grids: dict[str, tuple] = {}
     defaults: dict[str, Any] = {}
-    for name, grid in (DEFAULT_GRIDS[scale][task] | hparam_grid).items():
+    for name, grid in (task_grids | hparam_grid).items():
         if name in fixed or (name in hparam_grid and hparam_grid[name] is None):
             continue
         if name == DIFFICULTY:

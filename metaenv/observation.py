@@ -91,6 +91,12 @@ def stage_diagnostics(
     return d
 
 
+def failed(diagnostics: dict[str, float]) -> dict[str, float]:
+    """The diagnostics of a failed stage: nothing was measured on the lost model, so it reads at
+    the bounds that mean divergence (kl and gradient norm at their maximum)."""
+    return diagnostics | {"kl": math.inf, "grad_norm_squashed": 1.0}
+
+
 def build_observation(
     diagnostics: dict[str, float] | None,
     dev_score: float,

@@ -1,7 +1,9 @@
-"""Shared tiny fixtures: a 2-digit addition task following the Task protocol, and a tiny GPT-2."""
+"""Shared tiny fixtures: a 2-digit addition task following the Task protocol, a tiny GPT-2, and
+a tiny Qwen3 model directory built once per session (the paper-scale model path)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from dataclasses import dataclass, field
@@ -9,7 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from inner.models import tiny_gpt2
+from inner.models import load_model, tiny_gpt2
+from inner.tiny_qwen3 import build_tiny_qwen3
 from inner.tokenizer import build_char_tokenizer
 
 torch.set_num_threads(2)  # the CI machine has 2 cores shared by everything
@@ -69,6 +72,17 @@ class AdditionTask:
         return self._number(completion) == example.answer
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on `n` torch threads, then restore the previous number."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tokenizer():
     return build_char_tokenizer()
@@ -89,3 +103,28 @@ def task_factory():
 def tiny_model(tokenizer):
     """A ~50k-parameter GPT-2: enough to exercise every code path in milliseconds."""
     return tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> str:
+    """A ~130k-parameter Qwen3 with its BPE tokenizer and chat template, warm-started on GSM8K:
+    it writes "#### n" answers often enough that GRPO rewards are not all zero."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    with torch_threads(1):
+        return str(build_tiny_qwen3(path, sft_steps=100, sft_tasks=("gsm8k",)))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: ops this small gain nothing from a second, and
+    on the busy shared machine two ran the tiny Qwen3's env steps ~20x slower (measured)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(params=["gpt2", "qwen3"])
+def causal_lm(request, tokenizer, tiny_model):
+    """(model, tokenizer) of each architecture the sampler and the loss must handle."""
+    if request.param == "gpt2":
+        return tiny_model, tokenizer
+    return load_model(request.getfixturevalue("tiny_qwen3_dir"))

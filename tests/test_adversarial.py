@@ -8,7 +8,7 @@ import time
 import pytest
 
 import inner.tasks as tasks
-from inner.tasks import TASK_NAMES, arith, get_task
+from inner.tasks import arith, get_task, task_names
 from inner.tasks.answers import math_equal, sympy_safe
 
 DEEP = "(" * 10_000 + "1" + ")" * 10_000
@@ -42,7 +42,7 @@ def loaded():
     """One small example per task; each reward path is exercised once so imports are warm."""
     tasks._CACHE.clear()
     out = {}
-    for name in TASK_NAMES:
+    for name in task_names():
         task = get_task(name, train_size=8, dev_size=4, test_size=4)
         example = task.examples("dev")[0]
         task.score(example.solution, example)
@@ -51,7 +51,7 @@ def loaded():
     return out
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 @pytest.mark.parametrize("label", list(ADVERSARIAL))
 def test_bad_completion_scores_zero_fast(loaded, name, label):
     task, example = loaded[name]

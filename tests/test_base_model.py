@@ -11,13 +11,12 @@ import torch
 from inner.base_model import (
     ASSETS,
     BaseModelConfig,
-    answer_early,
     load_base_model,
     sft_pairs,
     task_fraction,
     train_base_model,
 )
-from inner.tasks import TASK_NAMES, get_task
+from inner.tasks import get_task, task_names
 from inner.tokenizer import build_char_tokenizer
 from inner.trainer import Trainer
 
@@ -39,7 +38,7 @@ def test_shipped_model_loads_offline_with_the_stated_size(shipped):
     assert shipped_bytes < 10 * 2**20  # a few MB in git
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_shipped_model_matches_its_recorded_accuracy(shipped, name):
     model, tokenizer = shipped
     result = Trainer(model, tokenizer, get_task(name), dev_size=64).evaluate("dev")
@@ -51,7 +50,7 @@ def test_shipped_model_matches_its_recorded_accuracy(shipped, name):
 
 
 def tiny_run(seed: int):
-    pairs = [(e.prompt, e.solution) for n in TASK_NAMES for e in get_task(n).examples("dev")[:8]]
+    pairs = [(e.prompt, e.solution) for n in task_names() for e in get_task(n).examples("dev")[:8]]
     config = BaseModelConfig(seed=seed, n_layer=1, n_embd=32, n_head=2, steps=6, batch_size=8)
     model, tokenizer, losses = train_base_model(config, pairs)
     return model, tokenizer, losses
@@ -83,12 +82,12 @@ def early_pairs():
     return sft_pairs(BaseModelConfig(early_answers=tuple(EARLY.items())))
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_early_answers_are_wrong_and_as_frequent_as_configured(name, early_pairs):
     task = get_task(name)
     cut = {}
     for example in task.examples("train")[:300]:
-        solution = answer_early(name, example)
+        solution = task.answer_early(example)
         if solution is not None:
             cut[example.prompt] = solution
             assert len(solution) < len(example.solution)
@@ -103,7 +102,7 @@ def test_early_answers_are_wrong_and_as_frequent_as_configured(name, early_pairs
     for level in task.difficulty_levels:
         for example in task.examples("train", level):
             if example.prompt in cut:
-                early_answers.setdefault(example.prompt, set()).add(answer_early(name, example))
+                early_answers.setdefault(example.prompt, set()).add(task.answer_early(example))
     early = [solution in early_answers[prompt] for prompt, solution in early_pairs if prompt in cut]
     assert len(early) >= len(cut)
     assert abs(sum(early) / len(early) - EARLY[name]) <= 0.1, (sum(early) / len(early))

@@ -12,11 +12,13 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+import inner.tasks as tasks
 import metaenv
+from inner.tasks.gsm8k import GSM8KTask
 from metaenv import BudgetExhausted
 from metaenv import observation as obs_layout
 from metaenv.env import LLMZeroEnv
-from metaenv.hparams import DEFAULT_GRIDS, InvalidAction, build_hparam_space
+from metaenv.hparams import InvalidAction, build_hparam_space, default_grids
 from metaenv.pathologies import (
     DIVERGENCE,
     ENTROPY_COLLAPSE,
@@ -60,9 +62,13 @@ def test_encode_decode_round_trip_and_missing_keys():
     a = space.encode({"learning_rate": 3e-5, "beta": 0.01, "temperature": 1.0})
     hp = space.decode(a)
     assert hp["learning_rate"] == 3e-5 and hp["beta"] == 0.01
-    assert hp["epsilon"] == space.defaults["epsilon"]  # missing -> current (= default here)
-    space.current = dict(hp)
-    assert space.decode(space.encode({"epsilon": 0.3}))["learning_rate"] == 3e-5
+    assert hp["epsilon"] == space.defaults["epsilon"]  # missing -> default without a base
+    from_base = space.decode(space.encode({"epsilon": 0.3}, base=hp))
+    assert from_base == hp | {"epsilon": 0.3}
+    # Extra names in the base (a full GRPOConfig dict, say) are ignored; missing ones are named.
+    assert space.decode(space.encode({}, base=hp | {"top_p": 0.9})) == hp
+    with pytest.raises(InvalidAction, match="base lacks.*'beta'"):
+        space.encode({"learning_rate": 1e-4}, base={n: v for n, v in hp.items() if n != "beta"})
     # Floats made by arithmetic still match their grid value.
     assert space.decode(space.encode({"learning_rate": 0.1 * 3e-4}))["learning_rate"] == 3e-5
 
@@ -98,7 +104,30 @@ def test_user_grid_overrides_and_fixed_values():
         build_hparam_space("logic", hparam_grid={"bogus": [1]})
     with pytest.raises(ValueError, match="difficulty grid"):
         build_hparam_space("logic", hparam_grid={"difficulty": [9]}, difficulty_levels=(1, 2))
-    assert "learning_rate" in DEFAULT_GRIDS["embedded"]["countdown"]
+    assert default_grids("countdown", "embedded")["max_completion_length"] == (32, 48, 64, 80)
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        build_hparam_space("chess")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        build_hparam_space("logic", "huge")
+
+
+def test_a_task_registered_after_import_gets_its_gym_id_and_its_own_grids(monkeypatch):
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+
+    class ShortGSM8K(GSM8KTask):
+        name, env_id = "gsm8k-short", "LLMZero-GSM8KShort-v0"
+        completion_lengths = {"embedded": ((8, 24), 24), "paper": ((128, 256), 128)}
+
+    try:
+        tasks.register(ShortGSM8K)  # after `import metaenv`: its hook registers the gym id
+        assert metaenv.env_ids()["gsm8k-short"] == "LLMZero-GSM8KShort-v0"
+        assert gym.spec("LLMZero-GSM8KShort-v0").kwargs == {"task": "gsm8k-short"}
+        for scale, (grid, default) in ShortGSM8K.completion_lengths.items():
+            space, _ = build_hparam_space("gsm8k-short", scale)
+            assert space.grids["max_completion_length"] == grid
+            assert space.defaults["max_completion_length"] == default
+    finally:
+        gym.registry.pop("LLMZero-GSM8KShort-v0", None)
 
 
 # ---------------------------------------------------------------- observation and pathologies
@@ -181,7 +210,7 @@ def make(env_id="LLMZero-GSM8K-v0", **overrides) -> gym.Env:
     return gym.make(env_id, **(TINY | overrides))
 
 
-@pytest.mark.parametrize("env_id", list(metaenv.ENV_IDS.values()))
+@pytest.mark.parametrize("env_id", list(metaenv.env_ids().values()))
 def test_gymnasium_and_sb3_env_checkers_pass(env_id):
     env = make(env_id)
     assert isinstance(env.unwrapped, LLMZeroEnv)
@@ -240,10 +269,11 @@ def test_save_step_load_step_is_identical_and_budget_is_not_rewound():
     assert np.array_equal(obs1, obs2) and r1 == r2
     assert info1["metrics"] == info2["metrics"] and info1["samples"] == info2["samples"]
     assert uenv.budget.stages == 2  # both stages were paid for
-    assert uenv.hparams.current["learning_rate"] == 1e-3
-    # The loaded state's hyperparameters become the defaults that encode() fills in.
+    assert uenv.current_hparams["learning_rate"] == 1e-3
+    # The env, not the space, holds the episode's values: loading restores the state's.
     uenv.load_state(state)
-    assert uenv.hparams.decode(uenv.hparams.encode({}))["learning_rate"] == 1e-4
+    assert uenv.current_hparams == state.hparams == uenv.hparams.defaults
+    assert uenv.hparams.decode(uenv.hparams.encode({}, base=uenv.current_hparams)) == state.hparams
 
 
 def test_invalid_action_names_the_parameter():
@@ -261,6 +291,24 @@ def test_invalid_action_names_the_parameter():
     assert env.unwrapped.budget.stages == 0  # rejected actions cost nothing
 
 
+@pytest.mark.parametrize("where", ["inner.trainer.generate", "inner.trainer.Trainer.evaluate"])
+def test_out_of_memory_in_training_or_dev_eval_truncates_as_out_of_memory(monkeypatch, where):
+    env = make()
+    env.reset(seed=0)
+    stages_before = env.unwrapped.budget.stages
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12")
+
+    monkeypatch.setattr(where, oom)
+    obs, reward, terminated, truncated, info = env.step(env.unwrapped.hparams.default_action())
+    assert truncated and not terminated
+    assert info["failure"] == "out_of_memory"
+    assert info["pathologies"][-1] == "out_of_memory" and "divergence" not in info["pathologies"]
+    assert obs in env.observation_space and info["dev_score"] == 0.0
+    assert env.unwrapped.budget.stages == stages_before + 1  # a failed stage is still paid for
+
+
 def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers():
     # An infinite learning rate makes AdamW's update non-finite whatever the gradients are.
     env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, math.inf]})
@@ -268,7 +316,7 @@ def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers()
     space = env.unwrapped.hparams
     obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
     assert truncated and not terminated
-    assert "divergence" in info["pathologies"] and info["diverged"].startswith("divergence")
+    assert "divergence" in info["pathologies"] and info["failure"] == "non_finite_weights"
     assert obs in env.observation_space and info["dev_score"] == 0.0
     assert reward == -info["base_dev_score"]
     with pytest.raises(RuntimeError, match="episode is over"):

@@ -1,11 +1,12 @@
-"""Our GRPO loss, gradients and advantages equal TRL 1.16 GRPOTrainer's on the same batch."""
+"""Our GRPO loss, gradients and advantages equal TRL 1.16 GRPOTrainer's on the same batch, for a
+tiny GPT-2 and a tiny Qwen3 (the paper-scale architecture)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer as TRLTrainer
 
@@ -20,18 +21,21 @@ def preset_reward(completions, **kwargs) -> list[float]:
     return list(PRESET_REWARDS)
 
 
-@pytest.fixture(scope="module")
-def trl_trainer(tmp_path_factory):
-    """One real TRL GRPOTrainer on a tiny GPT-2 (CPU, fp32); tests flip its loss settings."""
+@pytest.fixture(scope="module", params=["gpt2", "qwen3"])
+def trl_trainer(request, tmp_path_factory):
+    """One real TRL GRPOTrainer per architecture (CPU, fp32); tests flip its loss settings."""
     from inner.tokenizer import build_char_tokenizer
 
-    tokenizer = build_char_tokenizer()
     # TRL (beta > 0) rebuilds its reference model from the model's path, so give it one.
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=1).save_pretrained(
-        path
-    )
-    model = AutoModelForCausalLM.from_pretrained(path)
+    if request.param == "qwen3":
+        path = request.getfixturevalue("tiny_qwen3_dir")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        tokenizer = build_char_tokenizer()
+        path = tmp_path_factory.mktemp("tiny")
+        tiny = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=1)
+        tiny.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     args = TRLConfig(
         output_dir=str(tmp_path_factory.mktemp("trl")),
         activation_checkpointing=False,

@@ -360,11 +360,15 @@ def test_ray_executor_runs_two_runs_in_parallel():
     assert {(k, n) for k, n in seen} >= {(s.key, 1) for s in specs}
 
 
-def test_presets_are_complete():
-    from benchmarks.leaderboard.harness import OFFLINE_CONTROLLERS, PRESETS
+def test_presets_are_complete(monkeypatch):
+    import controllers
+    from benchmarks.leaderboard.harness import PRESETS, parse_args, resolve
 
     quick, full = PRESETS["quick"], PRESETS["full"]
     assert set(quick.tasks) == set(full.tasks) == {"gsm8k", "math", "countdown", "logic"}
-    assert quick.controllers == OFFLINE_CONTROLLERS and len(quick.seeds) == 1
+    assert quick.controllers is None and len(quick.seeds) == 1  # None: the whole registry
+    monkeypatch.delenv("LLMZERO_BASE_URL", raising=False)
+    resolved = resolve(parse_args(["--preset", "quick"]))
+    assert resolved.controllers == tuple(controllers.REGISTRY)  # registration order
     assert len(full.seeds) >= 5 and full.budget > quick.budget
     assert all(p.budget >= p.stages for p in (quick, full))

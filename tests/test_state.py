@@ -6,7 +6,7 @@ import torch
 
 from inner.config import GRPOConfig
 from inner.models import tiny_gpt2
-from inner.trainer import Trainer
+from inner.trainer import Failure, Trainer
 
 STAGE_A = GRPOConfig(prompts_per_step=4, num_generations=4, max_completion_length=6, beta=0.0)
 STAGE_B = GRPOConfig(
@@ -49,7 +49,7 @@ def test_restore_is_bit_identical_in_memory_and_on_disk(tokenizer, task, tmp_pat
     trainer.save_state_to_disk(tmp_path / "ckpt")
     first = trainer.train_stage(STAGE_B, 2)
     first_weights, first_history = weights(trainer), deterministic(trainer.history)
-    assert first.diverged is None and len(first.metrics) == 2
+    assert first.failure is None and len(first.metrics) == 2
 
     # Restore in memory twice: the state must survive being loaded and trained from.
     for _ in range(2):
@@ -107,7 +107,7 @@ def test_any_hyperparameter_may_change_between_stages(tokenizer, task):
     a = trainer.train_stage(STAGE_A, 1)
     assert a.metrics[0]["kl"] == 0.0  # beta == 0: reference pass skipped
     b = trainer.train_stage(STAGE_B, 2)  # beta 0 -> 0.1, more iterations, other loss and sampler
-    assert b.diverged is None
+    assert b.failure is None
     assert b.metrics[-1]["kl"] > 0.0  # the reference was kept and now differs from the policy
     assert all(m["completions/mean_length"] <= 8 for m in b.metrics)
     c = trainer.train_stage(
@@ -123,7 +123,7 @@ def test_divergence_is_reported_not_raised(tokenizer, task):
     with torch.no_grad():
         next(trainer.model.parameters())[0, 0] = float("nan")
     result = trainer.train_stage(STAGE_A, 3)
-    assert result.diverged == "divergence: non-finite loss"
+    assert result.failure is Failure.NON_FINITE_LOSS
     assert result.metrics == [] and trainer.step == 0
 
 
@@ -134,7 +134,7 @@ def test_out_of_memory_is_reported_not_raised(tokenizer, task, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
     monkeypatch.setattr("inner.trainer.generate", oom)
-    assert trainer.train_stage(STAGE_A, 2).diverged == "out_of_memory"
+    assert trainer.train_stage(STAGE_A, 2).failure is Failure.OUT_OF_MEMORY
 
 
 def test_prompts_follow_a_seeded_shuffled_order(tokenizer, task):

@@ -1,13 +1,14 @@
-"""The four embedded tasks: API, splits, difficulty, rewards and answer checkers."""
+"""The embedded tasks and their registry: API, splits, difficulty, rewards and answer checkers."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
 
 import inner.tasks as tasks
-from inner.tasks import TASK_NAMES, Example, arith, get_task
+from inner.tasks import Example, arith, get_task, task_names
 from inner.tasks.answers import boxed_answer, hash_answer, math_equal, tagged_answer
 from inner.tasks.countdown import solve
 from inner.tasks.logic import parse_assignment
@@ -25,7 +26,7 @@ def private_cache(tmp_path_factory):
         yield
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_api_and_disjoint_splits(name):
     task = get_task(name, **SMALL)
     assert task.name == name and task.scale == "embedded"
@@ -44,7 +45,7 @@ def test_api_and_disjoint_splits(name):
     assert task.examples("dev") is splits["dev"]  # cached
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_solutions_earn_full_reward_and_wrong_answers_do_not(name):
     task = get_task(name, **SMALL)
     for ex in task.examples("dev") + task.examples("train")[:50]:
@@ -58,7 +59,7 @@ def test_solutions_earn_full_reward_and_wrong_answers_do_not(name):
     assert task.score("I do not know", dev[0]) == 0.0
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_difficulty_controls_train_only(name):
     task = get_task(name, **{**SMALL, "train_size": 60})
     levels = task.difficulty_levels
@@ -77,7 +78,7 @@ def test_difficulty_controls_train_only(name):
         task.examples("train", 99)
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", task_names())
 def test_embedded_prompts_and_solutions_are_compact(name):
     dev = get_task(name, **SMALL).examples("dev")
     assert max(len(e.prompt) for e in dev) <= 100
@@ -117,10 +118,94 @@ def test_problem_keys_merge_reordered_countdown_numbers_and_renamed_variables():
 
 
 def test_get_task_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'chess'.*'gsm8k', 'math'"):
         get_task("chess")
     with pytest.raises(ValueError, match="scale"):
         get_task("gsm8k", scale="huge")
+
+
+# ----- the registry -----
+
+
+class Reverse(tasks.Task):
+    """A toy task: reverse a string of digits."""
+
+    name, env_id = "reverse-test", "LLMZero-ReverseTest-v0"
+    levels = {"embedded": ((2, 3), 2)}
+    completion_lengths = {"embedded": ((8, 16), 8)}
+    sizes = {"embedded": {"train": 40, "dev": 8, "test": 8}}
+
+    def generate(self, n, difficulty, seed):
+        rng = random.Random(seed)
+        for _ in range(n):
+            digits = "".join(rng.choice("0123456789") for _ in range(difficulty))
+            yield Example(f"Reverse {digits}.\n", digits[::-1], f"#### {digits[::-1]}",
+                          {"difficulty": difficulty})
+
+    def extract(self, completion):
+        return hash_answer(completion)
+
+    def check(self, answer, example):
+        return answer == example.answer
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry (and no subscribers), restored after the test."""
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks, "_HOOKS", [])
+
+
+def test_the_built_in_tasks_are_registered_in_order_with_their_own_data():
+    assert task_names() == ("gsm8k", "math", "countdown", "logic")
+    assert [c.env_id for c in tasks.registered()] == [
+        "LLMZero-GSM8K-v0", "LLMZero-MATH-v0", "LLMZero-Countdown-v0", "LLMZero-Logic-v0"]
+    for cls in tasks.registered():
+        assert tasks.task_class(cls.name) is cls and type(get_task(cls.name)) is cls
+        for scale in tasks.SCALES:  # every built-in task has both scales
+            grid, default = cls.completion_lengths[scale]
+            assert default in grid and list(grid) == sorted(grid)
+
+
+def test_a_new_task_is_one_class_and_one_register_call(registry):
+    seen = []
+    tasks.on_register(lambda cls: seen.append(cls.name))  # told of every task, past and future
+    assert seen == ["gsm8k", "math", "countdown", "logic"]
+    assert tasks.register(Reverse) is Reverse
+    assert seen[-1] == task_names()[-1] == "reverse-test"
+    task = get_task("reverse-test")
+    dev, train = task.examples("dev"), task.examples("train", 3)
+    assert len(dev) == 8 and {len(e.answer) for e in train} == {3}
+    assert all(task.score(e.solution, e) == 1.0 for e in dev)
+    assert task.score("#### 0", dev[0]) == (0.1 if dev[0].answer != "0" else 1.0)
+    assert task.answer_early(dev[0]) is None  # the default: nothing to cut
+    with pytest.raises(ValueError, match="'reverse-test' has no paper scale"):
+        get_task("reverse-test", "paper")
+    tasks.register(Reverse)  # again, as a re-run notebook cell does: replaces, no error
+    assert task_names().count("reverse-test") == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(env_id=""), "Bad.env_id must be a non-empty string"),
+        (dict(completion_lengths={"embedded": ((8, 16), 12)}),
+         r"completion_lengths\['embedded'\]: default 12 is not in \(8, 16\)"),
+        (dict(levels={"embedded": ((2,), 2), "paper": ((0,), 0)}),
+         "completion_lengths must cover the scales"),
+        (dict(levels={"huge": ((1,), 1)}), "levels must map some of"),
+        (dict(name="gsm8k"), "'gsm8k' is already registered by inner.tasks.gsm8k.GSM8KTask"),
+        (dict(env_id="LLMZero-GSM8K-v0"), "is already task 'gsm8k'"),
+        (dict(sft_early_fraction=1.5), "sft_early_fraction"),
+    ],
+)
+def test_register_names_what_a_task_class_gets_wrong(registry, change, message):
+    before = tasks.registered()
+    with pytest.raises(ValueError, match=message):
+        tasks.register(type("Bad", (Reverse,), change))
+    with pytest.raises(ValueError, match="subclass of inner.tasks.Task"):
+        tasks.register(object)
+    assert tasks.registered() == before
 
 
 # ----- checkers -----

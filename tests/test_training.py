@@ -41,12 +41,14 @@ def transformers_greedy(model, ids, mask, max_new_tokens: int, eos: int | None) 
     )[:, ids.size(1) :]
 
 
-def test_greedy_matches_transformers_generate_with_eos(tokenizer, tiny_model):
+def test_greedy_matches_transformers_generate_with_eos(causal_lm):
+    """GPT-2 decodes through the fast step, Qwen3 through model(...) with our KV cache."""
+    model, tokenizer = causal_lm
     ids, mask = left_padded(tokenizer, PROMPTS)
-    free, _ = generate(tiny_model, ids, mask, 12, None, tokenizer.pad_token_id, greedy=True)
+    free, _ = generate(model, ids, mask, 12, None, tokenizer.pad_token_id, greedy=True)
     eos = int(free[0, 3])  # a token greedy decoding does emit, so rows stop at different steps
-    ours, ours_mask = generate(tiny_model, ids, mask, 12, eos, tokenizer.pad_token_id, greedy=True)
-    assert torch.equal(ours, transformers_greedy(tiny_model, ids, mask, 12, eos))
+    ours, ours_mask = generate(model, ids, mask, 12, eos, tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(ours, transformers_greedy(model, ids, mask, 12, eos))
     # Mask: 1 through the first EOS, 0 after; rows without EOS run to the end.
     for row, row_mask in zip(ours.tolist(), ours_mask.tolist(), strict=True):
         stop = row.index(eos) + 1 if eos in row else len(row)
@@ -54,20 +56,21 @@ def test_greedy_matches_transformers_generate_with_eos(tokenizer, tiny_model):
         assert all(t == tokenizer.pad_token_id for t in row[stop:])
 
 
-def test_sampling_is_seeded_and_groups_share_a_prefill(tokenizer, tiny_model):
+def test_sampling_is_seeded_and_groups_share_a_prefill(causal_lm):
+    model, tokenizer = causal_lm
     ids, mask = left_padded(tokenizer, PROMPTS)
 
     def sample(seed: int, **kwargs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return generate(tiny_model, ids, mask, 10, None, 0, generator=gen, **kwargs)[0]
+        return generate(model, ids, mask, 10, None, 0, generator=gen, **kwargs)[0]
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
     # A nucleus smaller than the top token's mass is greedy decoding.
-    greedy, _ = generate(tiny_model, ids, mask, 10, None, 0, greedy=True)
+    greedy, _ = generate(model, ids, mask, 10, None, 0, greedy=True)
     assert torch.equal(sample(3, top_p=1e-6, temperature=0.8), greedy)
     # Prefill once + copy the cache G times == decoding the repeated prompts.
-    grouped, _ = generate(tiny_model, ids, mask, 10, None, 0, greedy=True, num_return_sequences=3)
+    grouped, _ = generate(model, ids, mask, 10, None, 0, greedy=True, num_return_sequences=3)
     assert torch.equal(grouped, greedy.repeat_interleave(3, dim=0))
 
 
@@ -135,8 +138,9 @@ def test_sample_next_follows_temperature_and_top_p():
 
 
 @pytest.mark.parametrize("n", [7, 1])  # n=1: the prefix alone predicts the only token
-def test_shared_prompt_logps_equal_full_forward(tokenizer, tiny_model, n):
+def test_shared_prompt_logps_equal_full_forward(causal_lm, n):
     """Running each group's prompt once (shared KV) gives the full forward's log-probs and grads."""
+    tiny_model, tokenizer = causal_lm
     gen = torch.Generator().manual_seed(0)
     prompt_ids, prompt_mask = left_padded(tokenizer, PROMPTS)
     group = 3

@@ -17,9 +17,8 @@ from typing import Any
 
 import gymnasium as gym
 
-from benchmarks.leaderboard.runlog import RunRecord, StageRecorder, plain
+from benchmarks.leaderboard.runlog import BASE, RunRecord, StageRecorder, plain
 
-BASE = "base"  # the pseudo-controller that scores the untrained model
 RAY_MISSING = (
     'Ray is not installed; --executor ray needs it: pip install "llmzero-gym[distributed]" '
     '(or pip install "ray[default]")'

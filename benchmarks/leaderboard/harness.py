@@ -2,8 +2,9 @@
 
     python -m benchmarks.leaderboard --preset quick            # ~8 min on a 2-core CPU
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
+    python -m benchmarks.leaderboard --preset full --model DIR --data-path DATA  # local files
 
-Protocol (shared/DESIGN.md, "Evaluation protocol"): each controller spends the same budget of
+The protocol: each controller spends the same budget of
 stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
 test split; the base model is scored once per task. Each finished run is saved to its own HDF5
 file atomically, so the script can be killed at any moment and rerun with the same arguments: it
@@ -35,14 +36,13 @@ from rich.progress import (
 )
 
 from benchmarks.leaderboard import report, runlog
-from benchmarks.leaderboard.executors import BASE, RunSpec, make_executor
+from benchmarks.leaderboard.executors import RunSpec, make_executor
+from benchmarks.leaderboard.runlog import BASE
+from inner.tasks import task_names
 
-TASKS = ("gsm8k", "math", "countdown", "logic")
+TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
 LLM_ROW = "llmzero-llm"
-# Controllers that need nothing outside this machine, in the order the tables show them.
-OFFLINE_CONTROLLERS = ("fixed", "progressive", "grid", "random", "tpe", "pbt", "skills", "llmzero",
-                       "sb3")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class Preset:
 
     name: str
     tasks: tuple[str, ...]
-    controllers: tuple[str, ...]
+    # None: every registered controller (controllers.REGISTRY, in its order, which the tables
+    # keep), so a controller registered before the harness runs joins every preset.
+    controllers: tuple[str, ...] | None
     seeds: tuple[int, ...]
     budget: int  # stages every controller may train on a task (all trials/branches together)
     stages: int  # stages in one episode, i.e. the length of a schedule
@@ -60,6 +62,7 @@ class Preset:
     test_size: int
     scale: str = "embedded"
     model: str | None = None  # paper scale: a Hugging Face id or a local path
+    data_path: str | None = None  # paper scale: a folder with one sub-folder of data per task
     device: str = "auto"  # auto -> cuda when torch sees one
     # Any other LLMZeroEnv arguments (hparam_grid, fixed_hparams, eval_max_new_tokens, ...).
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -72,12 +75,12 @@ PRESETS = {
     # then 32 greedy dev answers) takes 2-5 s; 4 tasks x 9 controllers (220 stages) plus the
     # test evaluations took 488 s. Three-stage schedules are the shortest in which a
     # regularization parameter can change direction.
-    "quick": Preset(name="quick", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
+    "quick": Preset(name="quick", tasks=TASKS, controllers=None,
                     seeds=(0,), budget=6, stages=3, steps_per_stage=5, dev_size=32,
                     test_size=128),
     # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
     # budget of 3 episodes' worth of stages, 5 seeds.
-    "full": Preset(name="full", tasks=TASKS, controllers=OFFLINE_CONTROLLERS,
+    "full": Preset(name="full", tasks=TASKS, controllers=None,
                    seeds=(0, 1, 2, 3, 4), budget=24, stages=8, steps_per_stage=25,
                    dev_size=128, test_size=500, scale="paper", model="Qwen/Qwen3-0.6B"),
 }
@@ -107,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, metavar="N", help="test examples (scored once)")
     p.add_argument("--scale", choices=("embedded", "paper"))
     p.add_argument("--model", help="paper scale: Hugging Face model id or local path")
+    p.add_argument("--data-path", metavar="DIR",
+                   help="paper scale: local data instead of the hub, DIR/<task>/ per task "
+                        "(files in the hub dataset's columns)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the preset's; auto)")
     p.add_argument("--env-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='more LLMZeroEnv arguments, e.g. \'{"fixed_hparams": '
@@ -131,11 +137,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def valid_controllers() -> list[str]:
-    """Controller names controllers.make knows, plus the LLM row."""
+def registered_controllers() -> tuple[str, ...]:
+    """Every name controllers.make knows, in registration order."""
     import controllers
 
-    return sorted(set(controllers.REGISTRY) | {LLM_ROW})
+    return tuple(controllers.REGISTRY)
+
+
+def valid_controllers() -> list[str]:
+    """Controller names controllers.make knows, plus the LLM row."""
+    return sorted({*registered_controllers(), LLM_ROW})
 
 
 def unavailable(name: str, kwargs: dict[str, Any]) -> str | None:
@@ -152,20 +163,19 @@ def resolve(a: argparse.Namespace) -> Preset:
     """The preset with the command line's overrides; unknown names are a clear SystemExit."""
     preset = PRESETS[a.preset]
     over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
-                                       "test_size", "scale", "model", "device")
+                                       "test_size", "scale", "model", "data_path", "device")
             if getattr(a, k) is not None}
     if a.env_kwargs:
         over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
     if a.controller_kwargs:
         over["controller_kwargs"] = {**preset.controller_kwargs, **a.controller_kwargs}
-    from metaenv import ENV_IDS
-
     tasks = tuple(a.tasks or preset.tasks)
-    bad = [t for t in tasks if t not in ENV_IDS]
+    bad = [t for t in tasks if t not in task_names()]
     if bad:
-        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: {', '.join(ENV_IDS)}")
+        raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
+                         f"{', '.join(task_names())}")
     known = valid_controllers()
-    ctrls = list(a.controllers or preset.controllers)
+    ctrls = list(a.controllers or preset.controllers or registered_controllers())
     if not a.controllers:
         # The preset names every offline controller; keep those this checkout has.
         kwargs = over.get("controller_kwargs", preset.controller_kwargs)
@@ -188,7 +198,23 @@ def resolve(a: argparse.Namespace) -> Preset:
     if LLM_ROW in ctrls and not a.llm_base_url:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
     seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
-    return replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+    preset = replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+    check_data_path(preset)
+    return preset
+
+
+def check_data_path(preset: Preset) -> None:
+    """A clear SystemExit unless --data-path goes with the paper scale and has every task."""
+    if preset.data_path is None:
+        return
+    if preset.scale != "paper":
+        raise SystemExit("--data-path holds real datasets: use it with the paper scale "
+                         "(--preset full or --scale paper)")
+    missing = [t for t in preset.tasks if not (Path(preset.data_path) / t).exists()]
+    if missing:
+        raise SystemExit(f"--data-path {preset.data_path} has no data for {', '.join(missing)}; "
+                         "expected one folder per task: "
+                         f"{', '.join(f'{preset.data_path}/{t}/' for t in missing)}")
 
 
 def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
@@ -206,11 +232,13 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
         env_kwargs["scale"] = preset.scale
     if preset.model:
         env_kwargs["model"] = preset.model
-    from metaenv import ENV_IDS
+    from metaenv import env_ids
 
     specs = []
     for task in preset.tasks:
-        env_id = ENV_IDS[task]
+        env_id = env_ids()[task]
+        if preset.data_path:
+            env_kwargs = {**env_kwargs, "data_path": str(Path(preset.data_path) / task)}
         specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=a.threads))
         for seed in preset.seeds:
             for c in preset.controllers:
@@ -286,50 +314,7 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     console.print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; "
                   f"{len(todo)} to run with the {a.executor} executor")
 
-    failures: list[str] = []
-    if todo:
-        kwargs = {"address": a.ray_address, "threads": a.threads} if a.executor == "ray" else {}
-        executor = make_executor(a.executor, **kwargs)
-        by_key = {s.key: s for s in todo}
-        with _progress(console) as bars:
-            total = bars.add_task("all runs", total=sum(max(s.budget, 1) for s in todo))
-            run_bars: dict[tuple, Any] = {}  # run key -> its bar
-            spent: dict[tuple, int] = {}  # run key -> stages it has reported
-
-            def on_stage(key: tuple[str, str, int], n: int) -> None:
-                # Per-run bar: stages spent of the budget, with an ETA from the stage rate.
-                if key not in run_bars:
-                    spec = by_key[key]
-                    run_bars[key] = bars.add_task(f"  {spec.label()}", total=max(spec.budget, 1))
-                n = min(n, max(by_key[key].budget, 1))
-                bars.update(run_bars[key], completed=n)
-                bars.advance(total, n - spent.get(key, 0))
-                spent[key] = n
-
-            for spec, rec, err in executor.map(todo, on_stage):
-                # A run may stop under its budget: the overall bar still counts its whole budget.
-                bars.advance(total, max(spec.budget, 1) - spent.pop(spec.key, 0))
-                if spec.key in run_bars:
-                    bars.remove_task(run_bars.pop(spec.key))
-                err_path = out / "errors" / (runlog.run_filename(*spec.key)[:-3] + ".txt")
-                if rec is None:
-                    failures.append(spec.label())
-                    err_path.parent.mkdir(parents=True, exist_ok=True)
-                    err_path.write_text(err or "")
-                    last = (err or "").strip().splitlines()[-1:] or ["?"]
-                    bars.console.print(f"[red]FAILED[/] {spec.label()}: {last[0]} "
-                                       f"(traceback in {err_path})")
-                    continue
-                rec.settings["fingerprint"] = fingerprint(spec)
-                runlog.save_run(out, rec)
-                err_path.unlink(missing_ok=True)  # an earlier attempt's failure is history
-                done[rec.key] = rec
-                runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
-                bars.console.print(
-                    f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
-                    f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
-        executor.close()
-
+    failures = _execute(a, todo, specs, done, out, meta, console) if todo else []
     finished = [done[s.key] for s in specs if s.key in done]
     runlog.write_combined(out, finished, meta)
     if not a.no_report and finished:
@@ -345,6 +330,71 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     print(f"runs={runs} tasks={len(preset.tasks)} controllers={len(preset.controllers)} "
           f"wall_s={time.time() - t0:.1f}", flush=True)
     return 1 if failures else 0
+
+
+class RunBars:
+    """One overall bar (stages of every run to do) and one bar per running run."""
+
+    def __init__(self, progress: Progress, todo: list[RunSpec]) -> None:
+        self.progress, self.by_key = progress, {s.key: s for s in todo}
+        self.total = progress.add_task("all runs", total=sum(max(s.budget, 1) for s in todo))
+        self.bars: dict[tuple, Any] = {}  # run key -> its bar
+        self.spent: dict[tuple, int] = {}  # run key -> stages it has reported
+
+    def on_stage(self, key: tuple[str, str, int], n: int) -> None:
+        """Per-run bar: stages spent of the budget, with an ETA from the stage rate."""
+        budget = max(self.by_key[key].budget, 1)
+        if key not in self.bars:
+            self.bars[key] = self.progress.add_task(f"  {self.by_key[key].label()}", total=budget)
+        n = min(n, budget)
+        self.progress.update(self.bars[key], completed=n)
+        self.progress.advance(self.total, n - self.spent.get(key, 0))
+        self.spent[key] = n
+
+    def finish(self, spec: RunSpec) -> None:
+        # A run may stop under its budget: the overall bar still counts its whole budget.
+        self.progress.advance(self.total, max(spec.budget, 1) - self.spent.pop(spec.key, 0))
+        if spec.key in self.bars:
+            self.progress.remove_task(self.bars.pop(spec.key))
+
+
+def _execute(a: argparse.Namespace, todo: list[RunSpec], specs: list[RunSpec],
+             done: dict[tuple, runlog.RunRecord], out: Path, meta: dict[str, str],
+             console: Console) -> list[str]:
+    """Run `todo`, saving each finished run as it ends; returns the labels of failed runs."""
+    failures: list[str] = []
+    kwargs = {"address": a.ray_address, "threads": a.threads} if a.executor == "ray" else {}
+    executor = make_executor(a.executor, **kwargs)
+    with _progress(console) as progress:
+        bars = RunBars(progress, todo)
+        for spec, rec, err in executor.map(todo, bars.on_stage):
+            bars.finish(spec)
+            if rec is None:
+                failures.append(spec.label())
+                _save_failure(out, spec, err, progress.console)
+                continue
+            rec.settings["fingerprint"] = fingerprint(spec)
+            runlog.save_run(out, rec)
+            _error_path(out, spec).unlink(missing_ok=True)  # an earlier failure is history
+            done[rec.key] = rec
+            runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
+            progress.console.print(
+                f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
+                f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
+    executor.close()
+    return failures
+
+
+def _error_path(out: Path, spec: RunSpec) -> Path:
+    return out / "errors" / (runlog.run_filename(*spec.key)[:-3] + ".txt")
+
+
+def _save_failure(out: Path, spec: RunSpec, err: str | None, console: Console) -> None:
+    path = _error_path(out, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(err or "")
+    last = (err or "").strip().splitlines()[-1:] or ["?"]
+    console.print(f"[red]FAILED[/] {spec.label()}: {last[0]} (traceback in {path})")
 
 
 def _settings(preset: Preset) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import argparse
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from benchmarks.leaderboard.runlog import COMBINED, RunRecord, read_combined  # noqa: E402
+from benchmarks.leaderboard.runlog import BASE, COMBINED, RunRecord, read_combined  # noqa: E402
 
 # The paper's split of the hyperparameters: capacity accumulates, regularization oscillates.
 CAPACITY = ("max_completion_length", "num_generations")
 REGULARIZATION = ("learning_rate", "beta", "epsilon", "temperature")
-BASE = "base"  # the pseudo-controller whose record holds the untrained model's scores
 REFERENCE = "grid"  # the second of the paper's two figures is relative to grid search
 
 
@@ -100,49 +100,118 @@ def _cost(record: RunRecord, key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
+@dataclass(frozen=True)
+class Runs:
+    """The runs of one (task, controller) and what their columns are measured against."""
+
+    runs: list[RunRecord]  # sorted by seed; the base row holds the base records
+    base_test: float
+    base_dev: float
+    grid_test: float  # the reference's mean test score (NaN without a grid row)
+
+    def mean(self, value: Callable[[RunRecord], float]) -> float:
+        return _nanmean([value(r) for r in self.runs])
+
+    def structure(self, kind: tuple[str, ...]) -> float:
+        return _nanmean([v for r in self.runs for k, v in schedule_structure(r.schedule).items()
+                         if k in kind])
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: a CSV field and, when `header` is set, a per-task Markdown column.
+
+    `compute` measures a (task, controller) group; `base` overrides it on the base model's row;
+    `cell` writes the Markdown cell from the whole row; an `optional` column is shown only when
+    some row has a finite, non-zero value in it.
+    """
+
+    key: str
+    header: str | None
+    compute: Callable[[Runs], float]
+    cell: Callable[[dict[str, Any]], str] | None = None
+    base: Callable[[Runs], float] | None = None
+    optional: bool = False
+
+
+def _test_ci(group: Runs) -> tuple[float, float, float]:
+    return bootstrap_ci([r.test_score for r in group.runs])
+
+
+def _is_base(row: dict[str, Any]) -> bool:
+    return row["controller"] == BASE
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("n_seeds", "seeds", lambda g: len(g.runs), lambda r: str(r["n_seeds"])),
+    Column("test_mean", "test [95% CI]", lambda g: _test_ci(g)[0],
+           lambda r: _fmt(r["test_mean"]) if _is_base(r) else
+           f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"),
+    Column("test_ci_low", None, lambda g: _test_ci(g)[1]),
+    Column("test_ci_high", None, lambda g: _test_ci(g)[2]),
+    Column("rel_vs_base", "vs base", lambda g: relative(_test_ci(g)[0], g.base_test),
+           lambda r: "—" if _is_base(r) else _pct(r["rel_vs_base"]), base=lambda g: 0.0),
+    Column("rel_vs_grid", "vs grid", lambda g: relative(_test_ci(g)[0], g.grid_test),
+           lambda r: _pct(r["rel_vs_grid"])),
+    Column("dev_mean", "dev", lambda g: g.mean(lambda r: r.dev_score),
+           lambda r: _fmt(r["dev_mean"]), base=lambda g: g.base_dev),
+    Column("budget", None, lambda g: max(r.budget for r in g.runs), base=lambda g: 0),
+    Column("stages_mean", "stages", lambda g: g.mean(lambda r: r.stages_spent),
+           lambda r: _fmt(r["stages_mean"], ".1f"), base=lambda g: 0.0),
+    Column("seconds_mean", "seconds", lambda g: g.mean(lambda r: r.wall_s),
+           lambda r: _fmt(r["seconds_mean"], ".0f"), base=lambda g: 0.0),
+    Column("tokens_mean", None, lambda g: g.mean(lambda r: r.tokens), base=lambda g: 0.0),
+    Column("llm_tokens_mean", "LLM tokens",
+           lambda g: g.mean(lambda r: r.extra.get("llm_tokens", 0.0)),
+           lambda r: _fmt(r["llm_tokens_mean"], ".0f"), base=lambda g: 0.0, optional=True),
+    # Paid once before any run (the sb3 policy's meta-training), not per run.
+    Column("meta_train_seconds", "meta-train s (real stages)",
+           lambda g: g.mean(lambda r: _cost(r, "meta_train_seconds")), lambda r: _meta_cell(r),
+           base=lambda g: math.nan, optional=True),
+    Column("meta_train_real_stages", None,
+           lambda g: g.mean(lambda r: _cost(r, "meta_train_real_stages")),
+           base=lambda g: math.nan),
+    Column("capacity_nondecreasing", "cap.", lambda g: g.structure(CAPACITY),
+           lambda r: _fmt(r["capacity_nondecreasing"], ".2f"), base=lambda g: math.nan),
+    Column("regularization_direction_changes", "reg.", lambda g: g.structure(REGULARIZATION),
+           lambda r: _fmt(r["regularization_direction_changes"], ".1f"),
+           base=lambda g: math.nan),
+)
+# The per-task Markdown table's column order (the CSV keeps COLUMNS' order).
+MARKDOWN_ORDER = ("test_mean", "n_seeds", "rel_vs_base", "rel_vs_grid", "dev_mean",
+                  "stages_mean", "seconds_mean", "capacity_nondecreasing",
+                  "regularization_direction_changes", "llm_tokens_mean", "meta_train_seconds")
+
+
+def _row(task: str, controller: str, group: Runs) -> dict[str, Any]:
+    row: dict[str, Any] = {"task": task, "controller": controller}
+    for col in COLUMNS:
+        compute = col.base if controller == BASE and col.base is not None else col.compute
+        row[col.key] = compute(group)
+    return row
+
+
 def summarize(records: Sequence[RunRecord],
               order: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per (task, controller), the base model's row first in each task."""
     rows: list[dict[str, Any]] = []
     for task in sorted({r.task for r in records}):
         mine = [r for r in records if r.task == task]
-        base = [r.test_score for r in mine if r.controller == BASE]
-        base_test = _nanmean(base)
+        base_test = _nanmean([r.test_score for r in mine if r.controller == BASE])
         base_dev = _nanmean([r.base_dev_score for r in mine])
-        ctrls = _order(mine, order)
-        means = {c: _nanmean([r.test_score for r in mine if r.controller == c]) for c in ctrls}
-        grid = means.get(REFERENCE, math.nan)
-        rows.append({"task": task, "controller": BASE, "n_seeds": len(base), "test_mean": base_test,
-                     "test_ci_low": base_test, "test_ci_high": base_test, "rel_vs_base": 0.0,
-                     "rel_vs_grid": relative(base_test, grid), "dev_mean": base_dev,
-                     "budget": 0, "stages_mean": 0.0, "seconds_mean": 0.0, "tokens_mean": 0.0,
-                     "llm_tokens_mean": 0.0, "meta_train_seconds": math.nan,
-                     "meta_train_real_stages": math.nan, "capacity_nondecreasing": math.nan,
-                     "regularization_direction_changes": math.nan})
-        for c in ctrls:
+        grid_test = _nanmean([r.test_score for r in mine if r.controller == REFERENCE])
+        for c in [BASE, *_order(mine, order)]:
             runs = sorted((r for r in mine if r.controller == c), key=lambda r: r.seed)
-            mean, lo, hi = bootstrap_ci([r.test_score for r in runs])
-            structs = [schedule_structure(r.schedule) for r in runs]
-            rows.append({
-                "task": task, "controller": c, "n_seeds": len(runs),
-                "test_mean": mean, "test_ci_low": lo, "test_ci_high": hi,
-                "rel_vs_base": relative(mean, base_test), "rel_vs_grid": relative(mean, grid),
-                "dev_mean": _nanmean([r.dev_score for r in runs]),
-                "budget": max(r.budget for r in runs),
-                "stages_mean": _nanmean([r.stages_spent for r in runs]),
-                "seconds_mean": _nanmean([r.wall_s for r in runs]),
-                "tokens_mean": _nanmean([r.tokens for r in runs]),
-                "llm_tokens_mean": _nanmean([r.extra.get("llm_tokens", 0.0) for r in runs]),
-                # Paid once before any run (the sb3 policy's meta-training), not per run.
-                "meta_train_seconds": _nanmean([_cost(r, "meta_train_seconds") for r in runs]),
-                "meta_train_real_stages": _nanmean(
-                    [_cost(r, "meta_train_real_stages") for r in runs]),
-                "capacity_nondecreasing": _nanmean(
-                    [v for s in structs for k, v in s.items() if k in CAPACITY]),
-                "regularization_direction_changes": _nanmean(
-                    [v for s in structs for k, v in s.items() if k in REGULARIZATION]),
-            })
+            rows.append(_row(task, c, Runs(runs, base_test, base_dev, grid_test)))
     return rows
+
+
+def shown_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
+    """The per-task Markdown columns, optional ones only where some row has a value."""
+    by_key = {c.key: c for c in COLUMNS}
+    cols = [by_key[k] for k in MARKDOWN_ORDER]
+    return [c for c in cols if not c.optional
+            or any(_finite(r[c.key]) and r[c.key] != 0 for r in rows)]
 
 
 def structure_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
@@ -160,8 +229,12 @@ def structure_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     return rows
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _fmt(x: float, spec: str = ".3f") -> str:
-    return "n/a" if not (isinstance(x, (int, float)) and math.isfinite(x)) else format(x, spec)
+    return format(x, spec) if _finite(x) else "n/a"
 
 
 def _pct(x: float) -> str:
@@ -222,28 +295,13 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
         "capacity parameters (max_completion_length, num_generations) do not decrease; *reg.* = "
         "direction changes of the regularization parameters (learning_rate, beta, epsilon, "
         "temperature), mean over parameters and seeds.", ""]
-    # The LLM proposer's cost gets a column only when some row paid any.
-    llm = int(any(r["llm_tokens_mean"] > 0 for r in rows))
-    # So does meta-training (sb3): seconds and real env stages, paid once for all its runs.
-    meta = int(any(math.isfinite(r["meta_train_seconds"]) for r in rows))
+    cols = shown_columns(rows)
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
-                  "| controller | test [95% CI] | seeds | vs base | vs grid | dev | stages | "
-                  "seconds | cap. | reg. |" + (" LLM tokens |" if llm else "")
-                  + (" meta-train s (real stages) |" if meta else ""),
-                  "|---" * (10 + llm + meta) + "|"]
+                  "| controller | " + " | ".join(c.header for c in cols) + " |",
+                  "|---" * (1 + len(cols)) + "|"]
         for r in (r for r in rows if r["task"] == task):
-            ci = (f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
-                  if r["controller"] != BASE else _fmt(r["test_mean"]))
-            lines.append(
-                f"| {r['controller']} | {ci} | {r['n_seeds']} | "
-                f"{_pct(r['rel_vs_base']) if r['controller'] != BASE else '—'} | "
-                f"{_pct(r['rel_vs_grid'])} | {_fmt(r['dev_mean'])} | "
-                f"{_fmt(r['stages_mean'], '.1f')} | {_fmt(r['seconds_mean'], '.0f')} | "
-                f"{_fmt(r['capacity_nondecreasing'], '.2f')} | "
-                f"{_fmt(r['regularization_direction_changes'], '.1f')} |"
-                + (f" {_fmt(r['llm_tokens_mean'], '.0f')} |" if llm else "")
-                + (f" {_meta_cell(r)} |" if meta else ""))
+            lines.append(f"| {r['controller']} | " + " | ".join(c.cell(r) for c in cols) + " |")
         lines.append("")
         for p in plots.get(task, []):
             lines += [f"![{Path(p).stem}]({p})", ""]

@@ -31,6 +31,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
+BASE = "base"  # the pseudo-controller whose record scores the untrained model
 RUNS_DIR = "runs"
 COMBINED = "leaderboard.h5"
 STR = h5py.string_dtype()

@@ -33,11 +33,11 @@ from gymnasium import spaces
 from benchmarks.leaderboard import runlog
 from benchmarks.leaderboard.runlog import RunRecord, StageRecorder
 from metaenv import observation as obs_layout
+from metaenv.env import FAILURE_PATHOLOGY
 from metaenv.hparams import HParamSpace, InvalidAction
-from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY
 
-N_TRAINED = 9  # observation[:9] are the stage's training diagnostics (reward ... grad norm)
-DEV, DELTA = 9, 10  # observation indices of the dev score and its change over the stage
+DEV = obs_layout.observation_names(()).index("dev_score")
+N_TRAINED = DEV  # the stage's training diagnostics (reward ... grad norm) come before it
 RIDGES = (0.01, 0.1, 1.0, 10.0, 100.0)
 # Env arguments that change neither the dynamics nor the spaces: logs made with other values
 # of these still describe the same env.
@@ -92,7 +92,7 @@ def read_records(paths: Iterable[str | Path]) -> list[RunRecord]:
 
 
 def _truncated(pathologies: Sequence[str]) -> bool:
-    return DIVERGENCE in pathologies or OUT_OF_MEMORY in pathologies
+    return any(p in pathologies for p in FAILURE_PATHOLOGY.values())
 
 
 def root_observation(space: HParamSpace, base_dev: float) -> np.ndarray:
@@ -131,8 +131,8 @@ def transitions_from_record(rec: RunRecord, space: HParamSpace, stages: int) -> 
         truncated = _truncated(s.pathologies)
         diag = obs_layout.stage_diagnostics(s.metrics, float(s.hparams["max_completion_length"]),
                                             s.dev_score, dev_before)
-        if truncated:  # as the env: nothing was measured on the lost model
-            diag.update(kl=math.inf, grad_norm_squashed=1.0)
+        if truncated:
+            diag = obs_layout.failed(diag)
         nxt = obs_layout.build_observation(diag, s.dev_score, space.normalized(action),
                                            (s.stage + 1) / stages)
         after[i] = nxt
@@ -337,9 +337,9 @@ class SurrogateEnv(gym.Env):
         dev_before = float(self._obs[DEV])
         dev = 0.0 if diverged else float(np.clip(dev_before + y[-1], 0.0, 1.0))
         diag = {d[0]: float(v) for d, v in zip(obs_layout.DIAGNOSTICS, trained, strict=False)}
-        if diverged:
-            diag.update(kl=math.inf, grad_norm_squashed=1.0)
         diag.update(dev_score=dev, dev_delta=dev - dev_before)
+        if diverged:
+            diag = obs_layout.failed(diag)
         self.stage += 1
         position = a / np.maximum(m.nvec - 1, 1)
         self._obs = obs_layout.build_observation(diag, dev, position, self.stage / m.stages)

@@ -25,6 +25,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from benchmarks.meta_train.surrogate import (
     transitions_from_record,
 )
 from controllers.sb3 import CommonActions, fit_action
-from metaenv import ENV_IDS, LLMZeroEnv
+from metaenv import LLMZeroEnv, env_ids
 
 QUICK = PRESETS["quick"]
 SKIP_CONTROLLERS = ("base", "sb3")  # no stages; and never learn from the policy's own runs
@@ -123,8 +124,8 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
                 used.append(old)  # collected by an earlier run with these settings: reuse it
                 reused_wall += old.wall_s
                 continue
-            env = gym.make(ENV_IDS[task], **env_kwargs)
-            rec = collect_random(env, a.collect_episodes, a.seed, ENV_IDS[task], env_kwargs)
+            env = gym.make(env_ids()[task], **env_kwargs)
+            rec = collect_random(env, a.collect_episodes, a.seed, env_ids()[task], env_kwargs)
             env.close()
             runlog.save_run(data, rec)
             collected_new += len(rec.stages)
@@ -197,10 +198,68 @@ def random_act(nvec: np.ndarray) -> Callable[[np.ndarray, np.random.Generator], 
 # ---- main ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class TrainingEnvs:
+    """What PPO trains on in one mode (real envs, or surrogates fitted to logged stages)."""
+
+    thunks: list[Callable[[], gym.Env]]
+    models: dict[str, SurrogateModel] = field(default_factory=dict)  # surrogate mode only
+    records: list[runlog.RunRecord] = field(default_factory=list)  # the stages behind them
+    logs: dict[str, Any] = field(default_factory=dict)
+    surrogate: dict[str, Any] = field(default_factory=dict)  # per-task fit summary
+
+
+def real_envs(a: argparse.Namespace, env_kwargs: dict[str, Any], common: np.ndarray
+              ) -> TrainingEnvs:
+    return TrainingEnvs([lambda t=t: CommonActions(gym.make(env_ids()[t], **env_kwargs), common)
+                         for t in a.tasks for _ in range(a.envs_per_task)])
+
+
+def surrogate_envs(a: argparse.Namespace, env_kwargs: dict[str, Any],
+                   spaces_: dict[str, LLMZeroEnv], common: np.ndarray, out: Path) -> TrainingEnvs:
+    """Fit one surrogate per task to the logged (and collected) stages, and save them."""
+    records, logs = gather_records(a, env_kwargs, out)
+    models = fit_surrogates(records, spaces_, a.seed)
+    save_models(out / "surrogate.npz", models)
+    for t, m in models.items():
+        print(f"surrogate {t}: {m.n_transitions} transitions, ridge {m.ridge}, "
+              f"out-of-fold R2 of the dev change {m.cv_r2:.2f}", flush=True)
+    # null, not NaN, in the JSON: an R2 is undefined when every logged dev change is equal.
+    surrogate = {t: {"transitions": m.n_transitions, "ridge": m.ridge,
+                     "cv_r2_dev_delta": m.cv_r2 if math.isfinite(m.cv_r2) else None}
+                 for t, m in models.items()}
+    thunks = [lambda t=t: CommonActions(SurrogateEnv(models[t]), common)
+              for t in a.tasks for _ in range(a.envs_per_task)]
+    return TrainingEnvs(thunks, models, records, logs, surrogate)
+
+
+def real_cost(a: argparse.Namespace, vec: Any, envs: TrainingEnvs) -> tuple[int, float]:
+    """Real stages (and their seconds) behind the policy: trained now, or logged."""
+    if a.real:
+        budgets = [e.unwrapped.budget for e in vec.envs]
+        return int(sum(b.stages for b in budgets)), float(sum(b.seconds for b in budgets))
+    stages = [s for r in envs.records for s in r.stages]
+    return len(stages), float(np.nansum([s.seconds for s in stages]))
+
+
+def evaluate_on_surrogates(a: argparse.Namespace, model: Any,
+                           models: dict[str, SurrogateModel]) -> dict[str, Any]:
+    """Mean surrogate return of the policy and of uniform random actions, per task."""
+    ppo_r, rand_r = [], []
+    for t in a.tasks:
+        env = SurrogateEnv(models[t])
+        ppo_r.append(evaluate(policy_act(model, env.action_space.nvec), env, a.eval_episodes))
+        rand_r.append(evaluate(random_act(env.action_space.nvec), env, a.eval_episodes))
+    return {"episodes_per_task": a.eval_episodes,
+            "surrogate_return_ppo": float(np.mean(ppo_r)),
+            "surrogate_return_random": float(np.mean(rand_r)),
+            "by_task": {t: {"ppo": p, "random": r}
+                        for t, p, r in zip(a.tasks, ppo_r, rand_r, strict=True)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     a = parse_args(argv)
-    import stable_baselines3
     import torch
     from stable_baselines3 import PPO
 
@@ -215,30 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the tasks control different hyperparameters {sorted(names)}; "
                          "one policy needs one action layout")
     common = np.max([e.hparams.nvec for e in spaces_.values()], axis=0)
+    envs = (real_envs(a, env_kwargs, common) if a.real
+            else surrogate_envs(a, env_kwargs, spaces_, common, out))
 
-    surrogate: dict[str, Any] = {}
-    logs: dict[str, Any] = {}
-    if a.real:
-        thunks = [lambda t=t: CommonActions(gym.make(ENV_IDS[t], **env_kwargs), common)
-                  for t in a.tasks for _ in range(a.envs_per_task)]
-    else:
-        records, logs = gather_records(a, env_kwargs, out)
-        models = fit_surrogates(records, spaces_, a.seed)
-        save_models(out / "surrogate.npz", models)
-        for t, m in models.items():
-            print(f"surrogate {t}: {m.n_transitions} transitions, ridge {m.ridge}, "
-                  f"out-of-fold R2 of the dev change {m.cv_r2:.2f}", flush=True)
-        # null, not NaN, in the JSON: an R2 is undefined when every logged dev change is equal.
-        surrogate = {t: {"transitions": m.n_transitions, "ridge": m.ridge,
-                         "cv_r2_dev_delta": m.cv_r2 if math.isfinite(m.cv_r2) else None}
-                     for t, m in models.items()}
-        thunks = [lambda t=t: CommonActions(SurrogateEnv(models[t]), common)
-                  for t in a.tasks for _ in range(a.envs_per_task)]
-    vec = make_vec_env(thunks)
-    n_envs = len(thunks)
-    settings = ppo_settings(a, n_envs)
-    timesteps = a.timesteps or (8 * n_envs if a.real else 20_000)
-
+    vec = make_vec_env(envs.thunks)
+    settings = ppo_settings(a, len(envs.thunks))
+    timesteps = a.timesteps or (8 * len(envs.thunks) if a.real else 20_000)
     if not a.real:
         # A 64x64 MLP gains nothing from threads, and on a busy 2-core machine two threads ran
         # PPO 10x slower than one (measured); real envs keep theirs for GRPO.
@@ -247,33 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     model = PPO("MlpPolicy", vec, seed=a.seed, device="cpu", verbose=0, **settings)
     model.learn(total_timesteps=timesteps)
     ppo_wall = time.time() - t_ppo
-
-    if a.real:
-        budgets = [e.unwrapped.budget for e in vec.envs]
-        real_stages = int(sum(b.stages for b in budgets))
-        real_seconds = float(sum(b.seconds for b in budgets))
-    else:
-        real_stages = sum(len(r.stages) for r in records)
-        real_seconds = float(np.nansum([s.seconds for r in records for s in r.stages]))
+    real_stages, real_seconds = real_cost(a, vec, envs)
     vec.close()
-
-    evaluation: dict[str, Any] = {}
-    if not a.real and a.eval_episodes > 0:
-        ppo_r, rand_r = [], []
-        for t in a.tasks:
-            env = SurrogateEnv(models[t])
-            ppo_r.append(evaluate(policy_act(model, env.action_space.nvec), env, a.eval_episodes))
-            rand_r.append(evaluate(random_act(env.action_space.nvec), env, a.eval_episodes))
-        evaluation = {"episodes_per_task": a.eval_episodes,
-                      "surrogate_return_ppo": float(np.mean(ppo_r)),
-                      "surrogate_return_random": float(np.mean(rand_r)),
-                      "by_task": {t: {"ppo": p, "random": r}
-                                  for t, p, r in zip(a.tasks, ppo_r, rand_r, strict=True)}}
+    evaluation = (evaluate_on_surrogates(a, model, envs.models)
+                  if not a.real and a.eval_episodes > 0 else {})
 
     policy_path = out / "policy.zip"
     model.save(policy_path)
     # The pipeline's whole cost: random episodes an earlier run collected count as if run now.
-    wall = time.time() - t0 + logs.get("reused_collection_wall_s", 0.0)
+    wall = time.time() - t0 + envs.logs.get("reused_collection_wall_s", 0.0)
     meta = {
         "policy": policy_path.name,
         "trained_on": "real" if a.real else "surrogate",
@@ -288,27 +311,39 @@ def main(argv: list[str] | None = None) -> int:
         "ppo_wall_s": round(ppo_wall, 1),
         "real_stages": real_stages,
         "real_stage_seconds": round(real_seconds, 1),
-        "logs": logs,
-        "surrogate": surrogate,
+        "logs": envs.logs,
+        "surrogate": envs.surrogate,
         "ppo": settings,
         "seed": a.seed,
         "eval": evaluation,
         "command": shlex.join(["python", "-m", "benchmarks.meta_train",
                                *(sys.argv[1:] if argv is None else argv)]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {"stable_baselines3": stable_baselines3.__version__,
-                     "torch": torch.__version__, "gymnasium": gym.__version__},
+        "versions": _versions(),
     }
+    write_policy_card(out, meta, evaluation, model.num_timesteps)
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import stable_baselines3
+    import torch
+
+    return {"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__,
+            "gymnasium": gym.__version__}
+
+
+def write_policy_card(out: Path, meta: dict[str, Any], evaluation: dict[str, Any],
+                      timesteps: int) -> None:
+    """policy.json beside policy.zip, then the machine-readable last line."""
     (out / "policy.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {policy_path} and {out / 'policy.json'}")
+    print(f"wrote {out / meta['policy']} and {out / 'policy.json'}")
     tail = ""
     if evaluation:
         tail = (f" surrogate_return_ppo={evaluation['surrogate_return_ppo']:.4f}"
                 f" surrogate_return_random={evaluation['surrogate_return_random']:.4f}")
-    print(f"timesteps={model.num_timesteps} wall_s={wall:.1f} real_stages={real_stages} "
-          f"tasks={len(a.tasks)} trained_on={meta['trained_on']}{tail}", flush=True)
-    return 0
-
+    print(f"timesteps={timesteps} wall_s={meta['wall_s']:.1f} real_stages={meta['real_stages']} "
+          f"tasks={len(meta['tasks'])} trained_on={meta['trained_on']}{tail}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,9 @@
-"""The four tasks behind one interface: examples per split and a bounded, never-raising reward.
+"""Tasks behind one interface (examples per split, a bounded never-raising reward); their registry.
+
+A task is one class: its data and checks, and everything else that is specific to it (the gym id,
+difficulty levels, completion-length grid, split sizes, its part of the base model's SFT data).
+`register(TaskClass)` makes it known to `get_task`, the env ids (metaenv), the action grids and the
+benchmarks' task lists. The four built-in tasks register themselves the same way.
 
 Each task builds its data at two scales: "embedded" (procedural, from reasoning-gym, compact
 prompts for a tiny char-level model) and "paper" (the real dataset through `datasets`, from the
@@ -12,14 +17,15 @@ A problem is its prompt, or a task's coarser `problem_key` (e.g. Countdown's num
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
 SPLITS = ("train", "dev", "test")
 SCALES = ("embedded", "paper")
-TASK_NAMES = ("gsm8k", "math", "countdown", "logic")
 
 FORMAT_WEIGHT = 0.1  # score = 0.9 * correct + 0.1 * well-formatted final answer
 
@@ -39,15 +45,28 @@ _CACHE: dict[tuple, list[Example]] = {}
 
 
 class Task:
-    """Base class: split construction and caching, the reward; subclasses supply data and checks."""
+    """Base class: split construction and caching, the reward; subclasses supply data and checks.
+
+    A subclass sets `name`, `env_id`, and per scale it supports `levels` and
+    `completion_lengths`; it implements `generate` (embedded scale) and/or `load` (paper scale),
+    `extract` and `check`, and optionally `well_formatted`, `problem_key` and `answer_early`.
+    """
 
     name: str = ""
+    env_id: str = ""  # the Gymnasium id metaenv registers for it, e.g. "LLMZero-GSM8K-v0"
     # Per scale: (levels, default). Paper scale level 0 means "the dataset's natural mix".
     levels: dict[str, tuple[tuple[int, ...], int]] = {}
+    # Per scale: (max_completion_length grid, default), in tokens (characters at the embedded
+    # scale). The grid brackets the task's worked solutions, with one value that truncates them.
+    completion_lengths: dict[str, tuple[tuple[int, ...], int]] = {}
     sizes: dict[str, dict[str, int | None]] = {
         "embedded": {"train": 4000, "dev": 256, "test": 512},
         "paper": {"train": None, "dev": 200, "test": None},
     }
+    # The shipped base model's SFT data (inner.base_model): the fraction of this task's worked
+    # solutions replaced by `answer_early`, and how many times its pairs are repeated.
+    sft_early_fraction: float = 0.0
+    sft_repeats: int = 1
 
     def __init__(
         self,
@@ -61,6 +80,8 @@ class Task:
     ):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if scale not in self.levels:
+            raise ValueError(f"task {self.name!r} has no {scale} scale; it has {list(self.levels)}")
         self.scale = scale
         self.seed = seed
         self.data_path = None if data_path is None else str(data_path)
@@ -92,7 +113,7 @@ class Task:
                 "only the train distribution is controllable"
             )
         base = (
-            type(self).__name__,
+            type(self),
             self.scale,
             self.seed,
             self.data_path,
@@ -124,7 +145,11 @@ class Task:
             from inner.tasks.cache import cached  # the cache module imports this one
 
             params = dict(task=self.name, n=n, difficulty=difficulty, seed=seed)
-            return cached(self.name, params, lambda: self.generate(n, difficulty, seed))
+            # The task's own source is part of the cache key (a user's task lives outside
+            # inner/tasks); a task defined without a file (a notebook) is not cached.
+            source = getattr(sys.modules[type(self).__module__], "__file__", None)
+            build = partial(self.generate, n, difficulty, seed)
+            return build() if source is None else cached(self.name, params, build, Path(source))
         return self.load(split, difficulty)
 
     def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
@@ -138,6 +163,11 @@ class Task:
     def problem_key(self, example: Example) -> str:
         """What makes two examples the same problem for the split separation: the prompt."""
         return example.prompt
+
+    def answer_early(self, example: Example) -> str | None:
+        """The worked solution cut short so that its answer is wrong (a flaw of the base model
+        that GRPO can correct), or None where there is nothing to cut."""
+        return None
 
     def _unique(self, rows: Iterable[Example], n: int | None, exclude: set[str]) -> list[Example]:
         """The first `n` examples that are distinct problems and not in `exclude`."""
@@ -187,14 +217,89 @@ class Task:
         return (1.0 - FORMAT_WEIGHT) * correct + FORMAT_WEIGHT * formatted
 
 
-def get_task(name: str, scale: str = "embedded", **kwargs) -> Task:
-    """The task `name` (one of TASK_NAMES) at `scale`; kwargs go to the Task constructor."""
-    from inner.tasks.countdown import CountdownTask
-    from inner.tasks.gsm8k import GSM8KTask
-    from inner.tasks.logic import LogicTask
-    from inner.tasks.math_task import MathTask
+# ----- the registry -----
 
-    classes = {"gsm8k": GSM8KTask, "math": MathTask, "countdown": CountdownTask, "logic": LogicTask}
-    if name not in classes:
-        raise ValueError(f"unknown task {name!r}; choose one of {TASK_NAMES}")
-    return classes[name](scale, **kwargs)
+_REGISTRY: dict[str, type[Task]] = {}
+_HOOKS: list[Callable[[type[Task]], None]] = []
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Make the task class known by its `name`; returns it (usable as a class decorator).
+
+    Registering a class of the same module and name again (a re-run notebook cell) replaces it.
+    """
+    _check_task_class(cls)
+    old = _REGISTRY.get(cls.name)
+    if old is not None and _qualified(old) != _qualified(cls):
+        raise ValueError(f"task name {cls.name!r} is already registered by {_qualified(old)}")
+    clash = [c.name for c in _REGISTRY.values() if c.env_id == cls.env_id and c.name != cls.name]
+    if clash:
+        raise ValueError(f"{cls.__name__}: env_id {cls.env_id!r} is already task {clash[0]!r}'s")
+    _REGISTRY[cls.name] = cls
+    for hook in _HOOKS:
+        hook(cls)
+    return cls
+
+
+def on_register(hook: Callable[[type[Task]], None]) -> None:
+    """Call `hook(cls)` for every registered task class now and for every one registered later
+    (metaenv registers the gym ids this way, so inner never imports gymnasium)."""
+    _HOOKS.append(hook)
+    for cls in registered():
+        hook(cls)
+
+
+def registered() -> tuple[type[Task], ...]:
+    """The registered task classes, in registration order (the built-in tasks first)."""
+    return tuple(_REGISTRY.values())
+
+
+def task_names() -> tuple[str, ...]:
+    """The names of the registered tasks, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def task_class(name: str) -> type[Task]:
+    """The registered class of task `name`; ValueError naming the registered ones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; choose one of {task_names()}")
+    return _REGISTRY[name]
+
+
+def get_task(name: str, scale: str = "embedded", **kwargs) -> Task:
+    """The task `name` (one of task_names()) at `scale`; kwargs go to the Task constructor."""
+    return task_class(name)(scale, **kwargs)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_task_class(cls: type) -> None:
+    """Raise ValueError naming what a task class lacks before anything is built from it."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"register expects a subclass of inner.tasks.Task, got {cls!r}")
+    for attr in ("name", "env_id"):
+        if not isinstance(getattr(cls, attr), str) or not getattr(cls, attr):
+            raise ValueError(f"{cls.__name__}.{attr} must be a non-empty string")
+    scales = set(cls.levels)
+    if not scales or not scales <= set(SCALES):
+        raise ValueError(f"{cls.__name__}.levels must map some of {SCALES} to (levels, default)")
+    for attr in ("levels", "completion_lengths"):
+        table = getattr(cls, attr)
+        if set(table) != scales:
+            raise ValueError(f"{cls.__name__}.{attr} must cover the scales {sorted(scales)}")
+        for scale, (grid, default) in table.items():
+            if default not in grid:
+                raise ValueError(f"{cls.__name__}.{attr}[{scale!r}]: default {default!r} "
+                                 f"is not in {tuple(grid)}")
+    missing = scales - set(cls.sizes)
+    if missing:
+        raise ValueError(f"{cls.__name__}.sizes lacks the scales {sorted(missing)}")
+    if not 0.0 <= cls.sft_early_fraction <= 1.0 or cls.sft_repeats < 1:
+        raise ValueError(f"{cls.__name__}: sft_early_fraction must lie in [0, 1] and "
+                         "sft_repeats be >= 1")
+
+
+# The built-in tasks register themselves on import, in this order.
+from inner.tasks import gsm8k, math_task, countdown, logic  # noqa: E402, F401, I001

@@ -158,6 +158,17 @@ def steps(node: Node) -> list[str]:
     return lines
 
 
+def answered_after_first_step(solution: str, answer: str, *, expression: bool) -> str | None:
+    """A worked solution ("a op b=c" lines, then a line holding `answer`) cut after its first
+    step, that step's result (or, with `expression`, its expression) given as the answer; None
+    where there are not two steps to cut between."""
+    *lines, answer_line = solution.split("\n")
+    if answer not in answer_line or len(lines) < 2:
+        return None
+    left, result = lines[0].rsplit("=", 1)
+    return f"{lines[0]}\n{answer_line.replace(answer, left if expression else result)}"
+
+
 def to_text(node: Node) -> str:
     """Compact text of the tree with only the parentheses that precedence needs."""
     if node.op is None:

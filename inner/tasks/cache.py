@@ -1,7 +1,8 @@
 """On-disk cache of generated embedded examples (reasoning-gym's countdown costs ~6 ms an item).
 
 The key hashes everything the examples depend on: the caller's parameters, the reasoning-gym
-version and the source of the task modules, so an edited generator never reads stale data.
+version, the source of the built-in task modules and that of the task's own module (a user's task
+lives elsewhere), so an edited generator never reads stale data.
 The folder is $LLMZERO_CACHE or ~/.cache/llmzero_gym; LLMZERO_CACHE=off disables the cache.
 """
 
@@ -27,19 +28,23 @@ def cache_dir() -> Path | None:
     return None if value.lower() in ("", "0", "off", "none") else Path(value) / "tasks"
 
 
-def _code_hash() -> str:
+def _code_hash(source: Path) -> str:
     digest = hashlib.sha1(reasoning_gym.__version__.encode())
-    for f in sorted(_SOURCES.glob("*.py")):
+    for f in [*sorted(_SOURCES.glob("*.py")), source]:
         digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def cached(name: str, params: dict, build: Callable[[], Iterable[Example]]) -> list[Example]:
-    """`list(build())`, read from / written to the cache under a key of `name` and `params`."""
+def cached(
+    name: str, params: dict, build: Callable[[], Iterable[Example]], source: Path
+) -> list[Example]:
+    """`list(build())`, read from / written to the cache under a key of `name`, `params` and the
+    code (`source`: the file of the task's module)."""
     folder = cache_dir()
     if folder is None:
         return list(build())
-    key = hashlib.sha1(json.dumps([params, _code_hash()], sort_keys=True).encode()).hexdigest()
+    code = _code_hash(source)
+    key = hashlib.sha1(json.dumps([params, code], sort_keys=True).encode()).hexdigest()
     path = folder / f"{name}-{key[:20]}.json"
     if path.exists():
         try:

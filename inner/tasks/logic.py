@@ -17,9 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-import reasoning_gym
-
-from inner.tasks import Example, Task, sources
+from inner.tasks import Example, Task, register, sources
 from inner.tasks.answers import tagged_answer
 
 PEOPLE = {1: 2, 2: 3, 3: 4}
@@ -81,9 +79,15 @@ def parse_assignment(text: str, terms: tuple[str, str] = ("knight", "knave")) ->
 
 class LogicTask(Task):
     name = "logic"
+    env_id = "LLMZero-Logic-v0"
     levels = {"embedded": ((1, 2, 3), 2), "paper": ((0, 2, 3, 4, 5, 6, 7, 8), 0)}
+    # Embedded worked solutions: p95 44 tokens at the default level, 53 at the hardest.
+    completion_lengths = {"embedded": ((32, 48, 64), 48), "paper": ((256, 512, 1024), 512)}
+    sft_early_fraction = 0.5
 
     def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
+        import reasoning_gym  # embedded scale only, and slow to import
+
         people = PEOPLE[difficulty]
         data = reasoning_gym.create_dataset("knights_knaves", seed=seed, size=n, n_people=people)
         names = list(NAMES[:people])
@@ -130,3 +134,14 @@ class LogicTask(Task):
     def well_formatted(self, answer: str, example: Example) -> bool:
         found = parse_assignment(answer)
         return set(found) == {n.lower() for n in example.meta["names"]}
+
+    def answer_early(self, example: Example) -> str | None:
+        # Every person but the last: an incomplete assignment.
+        answer_line = example.solution.split("\n")[-1]
+        people = example.answer.split(",")
+        if example.answer not in answer_line or len(people) < 2:
+            return None
+        return answer_line.replace(example.answer, ",".join(people[:-1]))
+
+
+register(LogicTask)
