@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from controllers.base import BudgetExceeded, Controller, RunResult, Tracker
 from controllers.fixed import Fixed, Progressive
-from controllers.llmzero import LLMZero
+from controllers.llmzero import LLMZero, make_llmzero
 from controllers.pbt import PBT
 from controllers.sb3 import SB3
 from controllers.search import TPE, Grid, Random
@@ -30,8 +30,8 @@ def make(name: str, **kwargs) -> Controller:
 
 for _name, _factory in {"fixed": Fixed, "progressive": Progressive, "grid": Grid,
                         "random": Random, "tpe": TPE, "pbt": PBT, "skills": SkillAgent,
-                        "llmzero": LLMZero, "sb3": SB3}.items():
+                        "llmzero": make_llmzero, "sb3": SB3}.items():
     register(_name, _factory)
 
-__all__ = ["REGISTRY", "BudgetExceeded", "Controller", "RunResult", "SkillLibrary", "Tracker",
-           "make", "propose", "register", "register_skill"]
+__all__ = ["REGISTRY", "BudgetExceeded", "Controller", "LLMZero", "RunResult", "SkillLibrary",
+           "Tracker", "make", "propose", "register", "register_skill"]

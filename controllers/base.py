@@ -34,6 +34,10 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
+# What a run paid an LLM, in every RunResult.cost: chat completions answered, their prompt +
+# completion tokens, expansions an LLM was asked for, and those the skills answered instead.
+LLM_COST_KEYS = ("llm_calls", "llm_tokens", "llm_expansions", "llm_fallbacks")
+
 
 class BudgetExceeded(RuntimeError):
     """Raised when a controller asks for a stage its budget cannot pay for."""
@@ -51,7 +55,7 @@ class RunResult:
     base_dev_score: float = math.nan       # dev score of the root (the base model)
     trials: list[dict[str, Any]] = field(default_factory=list)   # what was explored
     tree: Any = None                       # tree-search controllers put their tree here
-    cost: dict[str, float] = field(default_factory=dict)  # stages, tokens, seconds, llm_tokens
+    cost: dict[str, float] = field(default_factory=dict)  # stages, tokens, seconds, LLM_COST_KEYS
     anytime: list[tuple[int, float]] = field(default_factory=list)  # (stages spent, best dev)
 
 
@@ -150,7 +154,7 @@ class Tracker:
         now = counters(self.env)
         c = {k: now[k] - self.start[k] + self.prior[k] for k in now}
         c["stages"] = int(c["stages"])
-        c["llm_tokens"] = 0
+        c.update(dict.fromkeys(LLM_COST_KEYS, 0))   # an LLM proposer fills these in
         return c
 
     def result(self, name: str, **extra: Any) -> RunResult:

@@ -1,86 +1,45 @@
-"""The LLM proposer of the LLMZero agent: diagnose a checkpoint, propose K next-stage settings.
+"""The LLM client of the LLMZero agent: asks an OpenAI-compatible endpoint for K next stages.
 
-Talks to any OpenAI-compatible chat-completions endpoint (OpenAI, `vllm serve`, ...) through the
-`openai` client. Replies are JSON validated against REPLY_SCHEMA and the env's grid; an invalid
-reply is retried with the error, then a fallback proposer (the skills) takes over.
+Talks to any chat-completions endpoint (OpenAI, `vllm serve`, Ollama, ...) through the `openai`
+client, and copes with what real servers do:
+- the reply schema goes in `response_format` (strict JSON schema, grid values as enums); a server
+  that refuses it gets plain JSON instructions for the rest of the run;
+- the token limit goes as `max_completion_tokens`, or as `max_tokens` where only that works;
+- connection errors, 429 and 5xx are retried with exponential backoff (at least Retry-After);
+- replies are read tolerantly and only invalid proposals are dropped (`controllers.llm_prompt`);
+  a reply with none usable is re-asked, then the fallback proposer (the skills) answers.
+`check()` sends a one-token chat before the run trains anything. Every request, reply and
+expansion goes to `<run_dir>/transcript.jsonl`, which `proposer="replay"` re-runs offline.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
-import re
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import openai
 
-# Shown to the model in the system prompt and checked on every reply.
-REPLY_SCHEMA: dict = {
-    "type": "object",
-    "required": ["diagnosis", "proposals"],
-    "properties": {
-        "diagnosis": {"type": "string"},
-        "proposals": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["hparams", "rationale"],
-                "properties": {"hparams": {"type": "object"}, "rationale": {"type": "string"}},
-            },
-        },
-    },
-}
-
-# The metrics shown per stage; the rest of TRL's metrics add tokens but little signal.
-PROMPT_METRICS = (
-    "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean",
-    "grad_norm", "completions/mean_length", "completions/clipped_ratio",
+from controllers.llm_prompt import (
+    build_prompt,
+    parse_reply,
+    reply_schema,
+    retry_prompt,
+    system_prompt,
 )
+from controllers.proposers import EXPANSION_EVENT, FALLBACK, LLM, Context, Proposal, Proposer
 
-SYSTEM_PROMPT = """\
-You are an expert in reinforcement-learning post-training of language models with GRPO. You steer \
-a training run stage by stage: at each checkpoint you diagnose the training dynamics from the \
-per-stage metrics (and the training-curve plot when given) and propose the hyperparameters of the \
-next stage. Watch for pathologies such as entropy collapse, KL blow-up, reward plateaus, \
-truncated completions and groups with zero reward variance. Capacity parameters \
-(max_completion_length, num_generations) usually grow across stages; regularization parameters \
-(learning_rate, beta, epsilon, temperature) move in either direction in response to the \
-dynamics. Propose coordinated changes of several parameters, each with a short rationale.
-Reply with only one JSON object, no prose around it, that follows this JSON schema:
-{schema}"""
+# Request parameters a server may refuse with a 400, and what the client does instead.
+RESPONSE_FORMAT, COMPLETION_LIMIT = "response_format", "max_completion_tokens"
 
 
 class LLMEndpointError(RuntimeError):
-    """The endpoint cannot be used (unreachable, rejects the key, no model to use)."""
-
-
-@dataclass
-class Context:
-    """What a proposer sees of the node it expands; built by the tree search."""
-
-    task: str
-    stage: int                      # stages trained from the root to this node
-    max_stages: int                 # episode length: the deepest a node can be
-    path: list[dict]                # root->node per stage: hparams, dev_score, metrics, pathologies
-    hparams: dict                   # the hyperparameters in force at this node
-    pathologies: list[str]          # detected at this node
-    siblings: list[dict] = field(default_factory=list)  # parent's other children: hparams, dev
-    tried: list[dict] = field(default_factory=list)     # hparams already tried from this node
-    base_dev_score: float = 0.0
-    node_id: int = 0
-    plot_png: bytes | None = None   # the training curves of the path, for vision models
-    state_summary: Any = None       # what the skills proposer reads, for the fallback
-
-
-class Proposer(Protocol):
-    def propose(self, ctx: Context, space: Any, k: int) -> list[dict]: ...
+    """The endpoint cannot be used (unreachable, rejects the key or the model, no usable reply)."""
 
 
 def resolve_endpoint(
@@ -95,48 +54,6 @@ def resolve_endpoint(
     return base_url.rstrip("/"), api_key, model
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: a small interpreter for the subset of JSON schema used by REPLY_SCHEMA.
-
-_JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float)}
-
-
-def check_schema(value: Any, schema: dict, where: str = "reply") -> None:
-    """Raise ValueError naming the first place where `value` breaks `schema`."""
-    expected = schema.get("type")
-    if expected and not isinstance(value, _JSON_TYPES[expected]):
-        raise ValueError(f"{where} must be a JSON {expected}, got {type(value).__name__}")
-    for key in schema.get("required", ()):
-        if key not in value:
-            raise ValueError(f"{where} is missing the required key {key!r}")
-    for key, sub in schema.get("properties", {}).items():
-        if key in value:
-            check_schema(value[key], sub, f"{where}.{key}")
-    if expected == "array":
-        if len(value) < schema.get("minItems", 0):
-            raise ValueError(f"{where} needs at least {schema['minItems']} item(s)")
-        for i, item in enumerate(value):
-            check_schema(item, schema.get("items", {}), f"{where}[{i}]")
-
-
-def extract_json(text: str) -> Any:
-    """Parse the JSON object of a reply; tolerates <think> blocks, code fences, prose around it."""
-    text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.DOTALL).strip()
-    candidates = [text]
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.DOTALL)
-    if fenced:
-        candidates.append(fenced.group(1))
-    if "{" in text:
-        candidates.append(text[text.index("{"): text.rindex("}") + 1])
-    error = None
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except json.JSONDecodeError as e:
-            error = e
-    raise ValueError(f"reply is not valid JSON ({error})")
-
-
 def _seconds(header: str | None) -> float:
     try:
         return max(0.0, float(header)) if header else 0.0
@@ -144,59 +61,14 @@ def _seconds(header: str | None) -> float:
         return 0.0
 
 
-def _number(value: Any) -> Any:
-    # Models sometimes quote numbers ("3e-5"); the grid holds numbers.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
-def on_grid(hparams: dict, space: Any) -> dict:
-    """The full hparam dict snapped through the grid; ValueError naming a bad parameter."""
-    unknown = sorted(set(hparams) - set(space.names))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; allowed: {list(space.names)}")
-    hparams = {name: _number(value) for name, value in hparams.items()}
-    try:
-        return space.decode(space.encode(hparams))
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(str(e)) from None
-
-
-def parse_reply(text: str, ctx: Context, space: Any, k: int) -> tuple[str, list[dict]]:
-    """(diagnosis, up to k new full hparam dicts) of a reply, or ValueError saying what is wrong."""
-    reply = extract_json(text)
-    check_schema(reply, REPLY_SCHEMA)
-    seen = [on_grid(h, space) for h in ctx.tried]
-    proposals = []
-    for i, proposal in enumerate(reply["proposals"]):
-        try:
-            hparams = on_grid({**ctx.hparams, **proposal["hparams"]}, space)
-        except ValueError as e:
-            raise ValueError(f"reply.proposals[{i}].hparams: {e}") from None
-        if hparams not in seen:  # repeats of tried settings would waste a stage
-            seen.append(hparams)
-            proposals.append(hparams)
-    if not proposals:
-        raise ValueError("every proposal repeats a setting already tried from this checkpoint")
-    return reply["diagnosis"], proposals[:k]
-
-
-# ---------------------------------------------------------------------------------------------
-# The prompt.
-
-def summarize_metrics(metrics: list[dict]) -> str:
-    """One line per stage: first -> last (mean) of the metrics worth showing."""
-    parts = []
-    for name in PROMPT_METRICS:
-        values = [m[name] for m in metrics if isinstance(m.get(name), int | float)]
-        if values:
-            mean = sum(values) / len(values)
-            parts.append(f"{name} {values[0]:.3g}->{values[-1]:.3g} ({mean:.3g})")
-    return "; ".join(parts) or "no metrics"
+def _refused(error: openai.APIStatusError, sent: dict) -> str | None:
+    """The parameter a 400 refuses, if it is one the client can do without."""
+    message = str(error).lower()
+    if RESPONSE_FORMAT in sent and ("response_format" in message or "json_schema" in message):
+        return RESPONSE_FORMAT
+    if COMPLETION_LIMIT in sent and COMPLETION_LIMIT in message:
+        return COMPLETION_LIMIT
+    return None
 
 
 def _text(content: str | list) -> str:
@@ -206,54 +78,20 @@ def _text(content: str | list) -> str:
     return "".join(part.get("text", "") for part in content)
 
 
-def _changes(before: dict, after: dict) -> dict:
-    return {k: v for k, v in after.items() if before.get(k) != v}
+def _fresh_usage() -> dict[str, int]:
+    return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "invalid_replies": 0,
+            "dropped_proposals": 0, "network_retries": 0, "fallbacks": 0, "expansions": 0,
+            "prompt_chars": 0}
 
-
-def build_prompt(ctx: Context, space: Any, k: int) -> str:
-    """The user message: task, grid, path from the root, siblings, pathologies, the request."""
-    lines = [
-        f"Task: {ctx.task}. Objective: the highest dev score (accuracy in [0, 1]) at any "
-        f"checkpoint. This checkpoint has trained {ctx.stage} of at most {ctx.max_stages} stages.",
-        "",
-        "Hyperparameter grid (use only these values):",
-    ]
-    lines += [f"  {name}: {json.dumps(list(space.grids[name]))}" for name in space.names]
-    lines += ["", "Path from the base model (hyperparameters: the changes of each stage):",
-              f"  base model: dev {ctx.base_dev_score:.3f}"]
-    previous: dict = {}
-    for i, stage in enumerate(ctx.path, 1):
-        changed = stage["hparams"] if i == 1 else _changes(previous, stage["hparams"])
-        lines.append(f"  stage {i}: {json.dumps(changed)} -> dev {stage['dev_score']:.3f}")
-        lines.append(f"    metrics first->last (mean): {summarize_metrics(stage['metrics'])}")
-        if stage.get("pathologies"):
-            lines.append(f"    pathologies: {', '.join(stage['pathologies'])}")
-        previous = stage["hparams"]
-    lines += ["", f"Current hyperparameters: {json.dumps(ctx.hparams)}",
-              f"Pathologies at this checkpoint: {', '.join(ctx.pathologies) or 'none detected'}"]
-    if ctx.siblings:
-        lines += ["", "Alternatives tried from the previous checkpoint (siblings of this one):"]
-        for sib in ctx.siblings:
-            flags = f" [{', '.join(sib['pathologies'])}]" if sib.get("pathologies") else ""
-            lines.append(f"  {json.dumps(_changes(ctx.hparams, sib['hparams']))} "
-                         f"-> dev {sib['dev_score']:.3f}{flags}")
-    if ctx.tried:
-        lines += ["", "Already tried from this checkpoint (do not repeat):"]
-        lines += [f"  {json.dumps(_changes(ctx.hparams, h))}" for h in ctx.tried]
-    lines += ["", f"Diagnose this checkpoint, then propose {k} distinct settings for the next "
-              "stage. In each proposal's \"hparams\" give only the parameters you change; the "
-              "others keep their current values."]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 
 class LLMProposer:
     """Proposes next-stage hyperparameters with an LLM; keeps usage counts and a JSONL transcript.
 
-    `max_retries`: re-asks after an invalid reply; `network_retries`: retries of a failed request
-    (connection errors, 429, 5xx) with exponential backoff `backoff * 2**i`, capped at `max_backoff`
-    seconds. The openai client's own retries are off so that every attempt is ours and recorded.
+    `max_retries`: re-asks after a reply with no usable proposal; `network_retries`: retries of a
+    failed request (connection errors, 429, 5xx) after `backoff * 2**i` seconds, at most
+    `max_backoff`. `max_completion_tokens`: the reply's token limit (None: the server's).
+    `structured=False` never sends `response_format`. The openai client's own retries are off so
+    that every attempt is ours and recorded.
     """
 
     def __init__(
@@ -263,13 +101,14 @@ class LLMProposer:
         api_key: str | None = None,
         model: str | None = None,
         vision: bool = False,
+        structured: bool = True,
         max_retries: int = 2,
         network_retries: int = 4,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         timeout: float = 120.0,
         temperature: float | None = None,
-        max_tokens: int | None = None,
+        max_completion_tokens: int | None = None,
         extra_body: dict | None = None,
         fallback: Proposer | None = None,
         run_dir: str | Path | None = None,
@@ -277,29 +116,54 @@ class LLMProposer:
         self.base_url, key, self.model = resolve_endpoint(base_url, api_key, model)
         self.vision, self.max_retries, self.network_retries = vision, max_retries, network_retries
         self.backoff, self.max_backoff = backoff, max_backoff
-        self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body
-        self.fallback = fallback
+        self.temperature, self.max_completion_tokens = temperature, max_completion_tokens
+        self.extra_body, self.fallback = extra_body, fallback
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # The key lives only inside the client (and is scrubbed from anything we write).
         self._client = openai.OpenAI(
             base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
         )
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0,
-                      "invalid_replies": 0, "network_retries": 0, "fallbacks": 0,
-                      "expansions": 0, "prompt_chars": 0}
-        self.last_source = "llm"  # who made the last proposals: "llm" or the fallback "skills"
+        self.structured = structured
+        self._reset()
 
     def __repr__(self) -> str:
         return (f"LLMProposer(base_url={self.base_url!r}, model={self.model!r}, "
                 f"vision={self.vision})")
 
+    # -- a run ------------------------------------------------------------------------------
+
+    def start(self, run_dir: Path | None, seed: int) -> Path:
+        """Begin a run: its folder (default runs/llmzero-<time>-seed<seed>), fresh counts, and
+        the endpoint check, so that a dead endpoint costs no stage."""
+        default = Path("runs") / f"llmzero-{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
+        self.run_dir = run_dir or default
+        self._reset()
+        self._log({"event": "start", "base_url": self.base_url, "model": self.model,
+                   "seed": seed})
+        self.check()
+        return self.run_dir
+
+    def _reset(self) -> None:
+        self.usage = _fresh_usage()
+        # Parameters this server refused; not sent again in this run.
+        self.refused: set[str] = set() if self.structured else {RESPONSE_FORMAT}
+
+    def cost(self) -> dict[str, int]:
+        """What this run paid the endpoint (RunResult.cost keys)."""
+        u = self.usage
+        return {"llm_calls": u["calls"], "llm_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                "llm_prompt_tokens": u["prompt_tokens"],
+                "llm_completion_tokens": u["completion_tokens"]}
+
     # -- the endpoint -------------------------------------------------------------------------
 
-    def check(self, timeout: float = 10.0) -> list[str]:
-        """Probe the endpoint (GET /models); a clear LLMEndpointError if it cannot be used."""
+    def check(self, timeout: float = 30.0) -> None:
+        """A one-token chat with the model; LLMEndpointError naming the endpoint and the model."""
         client = self._client.with_options(timeout=timeout, max_retries=0)
+        if self.model is None:
+            self.model = self._only_model(client)
         try:
-            served = [m.id for m in client.models.list()]
+            self._chat([{"role": "user", "content": "Reply with OK."}], limit=1, client=client)
         except openai.APIConnectionError as e:
             raise LLMEndpointError(
                 f"LLM endpoint {self.base_url} is unreachable ({type(e).__name__}: {e}). Start the "
@@ -310,18 +174,27 @@ class LLMProposer:
                 f"LLM endpoint {self.base_url} rejected the API key (HTTP 401); "
                 "set LLMZERO_API_KEY."
             ) from None
+        except openai.APIError as e:
+            raise LLMEndpointError(
+                f"LLM endpoint {self.base_url} cannot chat with model {self.model!r} "
+                f"({type(e).__name__}: {self._scrub(str(e))}); set LLMZERO_MODEL to a model it "
+                "serves."
+            ) from None
+
+    def _only_model(self, client: openai.OpenAI) -> str:
+        """The model of an endpoint that serves exactly one (as `vllm serve` does)."""
+        try:
+            served = [m.id for m in client.models.list()]
+        except openai.APIConnectionError as e:
+            raise LLMEndpointError(
+                f"LLM endpoint {self.base_url} is unreachable ({type(e).__name__}: {e})."
+            ) from None
         except openai.APIStatusError:
-            served = []  # it answers but lists no models; the first chat request will tell
-        if self.model is None:
-            if len(served) != 1:
-                raise LLMEndpointError(
-                    f"no model given and {self.base_url} serves {len(served)} models; set "
-                    f"LLMZERO_MODEL (served: {served[:10]})."
-                )
-            self.model = served[0]  # a `vllm serve` endpoint has exactly one
-        elif served and self.model not in served:
-            warnings.warn(f"{self.model!r} is not listed by {self.base_url}", stacklevel=2)
-        return served
+            served = []
+        if len(served) != 1:
+            raise LLMEndpointError(f"no model given and {self.base_url} serves {len(served)} "
+                                   f"models; set LLMZERO_MODEL (served: {served[:10]}).")
+        return served[0]
 
     def _scrub(self, text: str) -> str:
         # Servers may echo the key in an error message. Placeholder keys ("EMPTY", "x") are too
@@ -334,21 +207,13 @@ class LLMProposer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "transcript.jsonl", "a") as f:
-            f.write(self._scrub(json.dumps(record)) + "\n")
+            f.write(self._scrub(json.dumps(record, default=str)) + "\n")
 
-    def _chat(self, messages: list[dict]) -> str:
+    def _request(self, kwargs: dict, client: openai.OpenAI) -> Any:
         """One completion, retrying transient failures with exponential backoff."""
-        kwargs: dict = {"model": self.model, "messages": messages}
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            kwargs["max_tokens"] = self.max_tokens
-        if self.extra_body:
-            kwargs["extra_body"] = self.extra_body
         for attempt in range(self.network_retries + 1):
             try:
-                response = self._client.chat.completions.create(**kwargs)
-                break
+                return client.chat.completions.create(**kwargs)
             except (openai.APIConnectionError, openai.RateLimitError,
                     openai.InternalServerError) as e:
                 if attempt == self.network_retries:
@@ -361,7 +226,38 @@ class LLMProposer:
                 self._log({"event": "network_error", "error": f"{type(e).__name__}: {e}",
                            "retry_in_s": delay})
                 time.sleep(delay)
-        self.usage["requests"] += 1
+        raise AssertionError("unreachable")
+
+    def _chat(self, messages: list[dict], limit: int | None = None, schema: dict | None = None,
+              client: openai.OpenAI | None = None) -> str:
+        """The content of one reply; drops a parameter the server refuses and asks again."""
+        while True:
+            kwargs: dict = {"model": self.model, "messages": messages}
+            if self.temperature is not None:
+                kwargs["temperature"] = self.temperature
+            if limit is not None:
+                refused = COMPLETION_LIMIT in self.refused
+                kwargs["max_tokens" if refused else COMPLETION_LIMIT] = limit
+            if schema is not None and RESPONSE_FORMAT not in self.refused:
+                kwargs[RESPONSE_FORMAT] = {"type": "json_schema", "json_schema": {
+                    "name": "proposals", "strict": True, "schema": schema}}
+            if self.extra_body:
+                kwargs["extra_body"] = self.extra_body
+            try:
+                response = self._request(kwargs, client or self._client)
+                break
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                refused = _refused(e, kwargs)
+                if refused is None:
+                    raise
+                self.refused.add(refused)
+                self._log({"event": "refused", "parameter": refused,
+                           "error": f"{type(e).__name__}: {e}"})
+        return self._account(response, messages)
+
+    def _account(self, response: Any, messages: list[dict]) -> str:
+        # Only `content`: `reasoning_content` holds thoughts, never the answer.
+        self.usage["calls"] += 1
         text = (response.choices[0].message.content or "") if response.choices else ""
         if response.usage is not None:
             self.usage["prompt_tokens"] += response.usage.prompt_tokens or 0
@@ -373,71 +269,75 @@ class LLMProposer:
 
     # -- proposing ----------------------------------------------------------------------------
 
-    def _messages(self, ctx: Context, space: Any, k: int) -> list[dict]:
+    def _messages(self, ctx: Context, space: Any, k: int) -> tuple[list[dict], bytes | None]:
         text = build_prompt(ctx, space, k)
         content: str | list = text
-        if self.vision and ctx.plot_png:
-            url = "data:image/png;base64," + base64.b64encode(ctx.plot_png).decode()
+        png = ctx.plot() if self.vision and ctx.plot is not None else None
+        if png is not None:
+            url = "data:image/png;base64," + base64.b64encode(png).decode()
             content = [{"type": "text", "text": text},
                        {"type": "image_url", "image_url": {"url": url}}]
-        system = SYSTEM_PROMPT.format(schema=json.dumps(REPLY_SCHEMA))
-        return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+        messages = [{"role": "system", "content": system_prompt(space)},
+                    {"role": "user", "content": content}]
+        return messages, png
 
-    def _loggable(self, messages: list[dict], ctx: Context, expansion: int) -> list[dict]:
+    def _loggable(self, messages: list[dict], png: bytes | None, name: str) -> list[dict]:
         """Messages for the transcript, the image saved beside it as a PNG instead of base64."""
-        if not (self.vision and ctx.plot_png):
+        if png is None:
             return messages
-        name = f"curves_{expansion:04d}_node{ctx.node_id}.png"
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / name).write_bytes(ctx.plot_png)
-        out = []
-        for m in messages:
-            if isinstance(m["content"], list):
-                m = {**m, "content": [p if p["type"] == "text" else {"type": "image_url",
-                                                                     "image_url": {"url": name}}
-                                      for p in m["content"]]}
-            out.append(m)
-        return out
+            (self.run_dir / name).write_bytes(png)
+        image = {"type": "image_url", "image_url": {"url": name}}
+        return [{**m, "content": [p if p["type"] == "text" else image for p in m["content"]]}
+                if isinstance(m["content"], list) else m for m in messages]
 
-    def propose(self, ctx: Context, space: Any, k: int) -> list[dict]:
-        """Up to k new full hyperparameter dicts for the next stage from `ctx`'s node."""
+    def propose(self, ctx: Context, space: Any, k: int) -> list[Proposal]:
+        """Up to k new next-stage settings from `ctx`'s node; the fallback's if none is usable."""
         expansion = self.usage["expansions"]
         self.usage["expansions"] += 1
-        messages = self._messages(ctx, space, k)
+        messages, png = self._messages(ctx, space, k)
         self.usage["prompt_chars"] += sum(len(_text(m["content"])) for m in messages)
+        logged = self._loggable(messages, png, f"curves_{expansion:04d}_node{ctx.node_id}.png")
         base = {"expansion": expansion, "node": ctx.node_id}
         reason = ""
         for attempt in range(self.max_retries + 1):
             try:
-                reply = self._chat(messages)
+                reply = self._chat(messages, limit=self.max_completion_tokens,
+                                   schema=reply_schema(space))
             except openai.APIError as e:  # retries spent, or a non-transient HTTP error
                 reason = f"request failed: {type(e).__name__}: {e}"
                 break
-            record = {**base, "event": "chat", "attempt": attempt,
-                      "messages": self._loggable(messages, ctx, expansion), "reply": reply}
             try:
-                diagnosis, proposals = parse_reply(reply, ctx, space, k)
+                parsed = parse_reply(reply, ctx, space, k)
+                error = parsed.error if not parsed.proposals else None
             except ValueError as e:
-                self.usage["invalid_replies"] += 1
-                reason = f"invalid reply: {e}"
-                self._log({**record, "error": str(e)})
-                messages = messages + [
-                    {"role": "assistant", "content": reply},
-                    {"role": "user", "content": f"Your reply was invalid: {e}. Reply again with "
-                     "only the JSON object, following the schema and the grid."},
-                ]
-                continue
-            self._log({**record, "error": None})
-            self._log({**base, "event": "accepted", "source": "llm", "diagnosis": diagnosis,
-                       "proposals": proposals})
-            self.last_source = "llm"
-            return proposals
+                parsed, error = None, str(e)
+            dropped = parsed.dropped if parsed is not None else []
+            self.usage["dropped_proposals"] += len(dropped)
+            self._log({**base, "event": "chat", "attempt": attempt, "reply": reply,
+                       "dropped": dropped, "error": error,
+                       "messages": logged + messages[len(logged):]})
+            if error is None:
+                proposals = [Proposal(h, LLM, r) for h, r in parsed.proposals]
+                self._expansion(base, LLM, proposals, diagnosis=parsed.diagnosis)
+                return proposals
+            self.usage["invalid_replies"] += 1
+            reason = f"invalid reply: {error}"
+            messages = messages + [{"role": "assistant", "content": reply},
+                                   {"role": "user", "content": retry_prompt(error)}]
+        return self._fall_back(ctx, space, k, base, reason)
+
+    def _fall_back(self, ctx: Context, space: Any, k: int, base: dict,
+                   reason: str) -> list[Proposal]:
         if self.fallback is None:
             raise LLMEndpointError(f"no usable reply for node {ctx.node_id}: {self._scrub(reason)}")
         self.usage["fallbacks"] += 1
-        self.last_source = "skills"
-        proposals = self.fallback.propose(ctx, space, k)
-        self._log({**base, "event": "fallback", "source": "skills", "reason": reason,
-                   "proposals": proposals})
+        proposals = [dataclasses.replace(p, source=FALLBACK)
+                     for p in self.fallback.propose(ctx, space, k)]
+        self._expansion(base, FALLBACK, proposals, reason=reason)
         return proposals
+
+    def _expansion(self, base: dict, source: str, proposals: list[Proposal], **why: str) -> None:
+        self._log({**base, "event": EXPANSION_EVENT, "source": source, **why,
+                   "proposals": [p.record() for p in proposals]})

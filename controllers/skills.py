@@ -75,7 +75,7 @@ class Skill:
 
 
 @dataclass(frozen=True)
-class Proposal:
+class Candidate:
     """One candidate next stage: the skill that proposed it and the full hyperparameter dict."""
 
     skill: str
@@ -122,6 +122,11 @@ def _always(_: StateSummary) -> bool:
     return True
 
 
+def flagged(pathology: str) -> Callable[[StateSummary], bool]:
+    """A trigger that fires when the env's detector `pathology` (metaenv.pathologies) fired."""
+    return lambda s: s.has(pathology)
+
+
 def _regressed(s: StateSummary) -> bool:
     d = s.dev_scores
     return len(d) >= 2 and d[-1] < d[-2] - REGRESSION_DROP
@@ -141,21 +146,21 @@ def _plateau(saturated: bool) -> Callable[[StateSummary], bool]:
 
 
 DIAGNOSTIC_SKILLS: tuple[Skill, ...] = (
-    Skill("divergence", lambda s: s.has(P.DIVERGENCE),
+    Skill("divergence", flagged(P.DIVERGENCE),
           moves(("learning_rate", 0.5), ("beta", 1)), 100,
           "non-finite loss or weights: halve the learning rate, raise the KL coefficient"),
-    Skill("out_of_memory", lambda s: s.has(P.OUT_OF_MEMORY),
+    Skill("out_of_memory", flagged(P.OUT_OF_MEMORY),
           moves(("num_generations", -1), ("max_completion_length", -1)), 100,
           "out of memory: fewer generations and shorter completions"),
-    Skill("kl_blowup", lambda s: s.has(P.KL_BLOWUP),
+    Skill("kl_blowup", flagged(P.KL_BLOWUP),
           moves(("beta", 1), ("learning_rate", -1), ("epsilon", -1)), 90,
           "policy far from the reference: raise beta, lower lr, tighten the clip range"),
     Skill("regression", _regressed, moves(("learning_rate", -1), ("beta", 1)), 80,
           f"dev score fell by more than {REGRESSION_DROP}: smaller, more anchored steps"),
-    Skill("entropy_collapse", lambda s: s.has(P.ENTROPY_COLLAPSE),
+    Skill("entropy_collapse", flagged(P.ENTROPY_COLLAPSE),
           moves(("temperature", 1), ("learning_rate", -1), ("epsilon_high", 1)), 70,
           "sampling nearly greedy: hotter sampling, lower lr, clip-higher if controlled"),
-    Skill("high_truncation", lambda s: s.has(P.HIGH_TRUNCATION),
+    Skill("high_truncation", flagged(P.HIGH_TRUNCATION),
           moves(("max_completion_length", 1)), 60,
           "completions cut at the length limit: allow longer completions"),
     Skill("zero_variance_unsolved", _zero_var(low=True),
@@ -210,17 +215,17 @@ class SkillLibrary:
         return sorted((s for s in self.skills if s.trigger(summary)), key=lambda s: -s.priority)
 
     def proposals(self, summary: StateSummary | Mapping[str, Any], space: Any,
-                  k: int) -> list[Proposal]:
+                  k: int) -> list[Candidate]:
         """Up to ``k`` distinct candidate next stages, ranked by the priority of their skill."""
         summary = as_summary(summary, space)
         current = {n: summary.hparams.get(n, v) for n, v in default_hparams(space).items()}
-        out: list[Proposal] = []
+        out: list[Candidate] = []
         for skill in self.triggered(summary):
             hp = skill.remedy(dict(current), space)
             if hp == current and skill.trigger is not _always:
                 continue        # a diagnosis whose remedy is blocked at the grid's edge
             if all(hp != p.hparams for p in out):
-                out.append(Proposal(skill.name, hp, skill.description))
+                out.append(Candidate(skill.name, hp, skill.description))
             if len(out) >= k:
                 break
         return out

@@ -1,13 +1,16 @@
-"""Pathologies of a GRPO stage, detected from its per-step metrics and the dev-score history.
+"""Pathologies of a GRPO stage: a table of detectors on its per-step metrics and the dev history.
 
-Each detector is a threshold on a stage mean (non-finite values ignored); the thresholds are named
-constants so that controllers and the LLM agent's prompt can quote them.
+Each detector is one row of `DETECTORS`: its name, its rule with the numbers in it, a predicate and
+a one-line meaning. The env reports what fires, the skills react to the names, and the LLM agent's
+prompt and the README list the rows. A new pathology is one row (and, optionally, one skill).
+Thresholds are named constants so that controllers can quote them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 ENTROPY_COLLAPSE = "entropy_collapse"
 KL_BLOWUP = "kl_blowup"
@@ -16,15 +19,6 @@ HIGH_TRUNCATION = "high_truncation"
 ZERO_VARIANCE_GROUPS = "zero_variance_groups"
 DIVERGENCE = "divergence"
 OUT_OF_MEMORY = "out_of_memory"
-PATHOLOGIES = (
-    ENTROPY_COLLAPSE,
-    KL_BLOWUP,
-    REWARD_PLATEAU,
-    HIGH_TRUNCATION,
-    ZERO_VARIANCE_GROUPS,
-    DIVERGENCE,
-    OUT_OF_MEMORY,
-)
 
 # Mean token entropy (nats) below which sampling is nearly greedy and groups stop exploring ...
 ENTROPY_COLLAPSE_MIN = 0.05
@@ -49,6 +43,85 @@ def stage_mean(metrics: Sequence[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What a detector reads: one stage's per-step metrics, the path's steps, the dev scores."""
+
+    metrics: Sequence[dict]
+    history: Sequence[dict] = ()      # every step of the path so far; its first is the base's
+    dev_scores: Sequence[float] = ()  # base dev score, then one per stage, this one included
+    diverged: str | None = None       # the trainer's failure, if the stage failed
+
+    def mean(self, key: str) -> float:
+        return stage_mean(self.metrics, key)
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One pathology: `predicate(stage)` fires it; `threshold` states the rule with its numbers."""
+
+    name: str
+    threshold: str
+    predicate: Callable[[Stage], bool] | None   # None: reported by the env when the trainer fails
+    meaning: str
+
+    def describe(self) -> str:
+        """One line: name, rule, meaning (the README and the LLM prompt print these)."""
+        return f"`{self.name}`: {self.threshold}; {self.meaning}"
+
+
+def _entropy_collapse(s: Stage) -> bool:
+    base = stage_mean(s.history[:1], "entropy") if s.history else math.nan
+    entropy = s.mean("entropy")
+    return entropy < ENTROPY_COLLAPSE_MIN or (base > 0 and entropy < ENTROPY_COLLAPSE_RATIO * base)
+
+
+def _reward_plateau(s: Stage) -> bool:
+    if len(s.dev_scores) <= REWARD_PLATEAU_STAGES:
+        return False
+    window = s.dev_scores[-REWARD_PLATEAU_STAGES - 1 :]
+    return max(window[1:]) - window[0] < REWARD_PLATEAU_MIN_GAIN
+
+
+def _divergence(s: Stage) -> bool:
+    non_finite = any(not math.isfinite(float(m[k]))
+                     for m in s.metrics for k in ("loss", "kl", "grad_norm") if k in m)
+    return s.diverged is not None or non_finite
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector(ENTROPY_COLLAPSE,
+             f"stage-mean token entropy < {ENTROPY_COLLAPSE_MIN} nats, or < "
+             f"{ENTROPY_COLLAPSE_RATIO} x the episode's first-step entropy",
+             _entropy_collapse, "sampling is nearly greedy, so a group's completions agree"),
+    Detector(KL_BLOWUP, f"stage-mean k3 KL to the reference model > {KL_BLOWUP_MIN}",
+             lambda s: s.mean("kl") > KL_BLOWUP_MIN,
+             "the policy has moved far from the base model"),
+    Detector(REWARD_PLATEAU,
+             f"dev score gained < {REWARD_PLATEAU_MIN_GAIN} over the last {REWARD_PLATEAU_STAGES} "
+             "stages", _reward_plateau, "the dev score has stopped rising"),
+    Detector(HIGH_TRUNCATION,
+             "stage-mean share of completions cut at max_completion_length > "
+             f"{HIGH_TRUNCATION_MIN}",
+             lambda s: s.mean("completions/clipped_ratio") > HIGH_TRUNCATION_MIN,
+             "most sampled answers are cut before they end"),
+    Detector(ZERO_VARIANCE_GROUPS,
+             f"stage-mean share of groups whose rewards are all equal > {ZERO_VARIANCE_MIN}",
+             lambda s: s.mean("frac_reward_zero_std") > ZERO_VARIANCE_MIN,
+             "most groups have zero advantage and give no gradient"),
+    Detector(DIVERGENCE, "non-finite loss, KL, gradient norm or weights", _divergence,
+             "the stage failed, its model is lost (dev score 0) and the episode ends"),
+    Detector(OUT_OF_MEMORY, "training or evaluation ran out of memory (the env reports it)", None,
+             "the stage failed, its model is lost (dev score 0) and the episode ends"),
+)
+PATHOLOGIES = tuple(d.name for d in DETECTORS)
+
+
+def detector(name: str) -> Detector | None:
+    """The row of `name` in the table (as it is now: a user may have added rows)."""
+    return next((d for d in DETECTORS if d.name == name), None)
+
+
 def detect_pathologies(
     metrics: Sequence[dict],
     history: Sequence[dict] = (),
@@ -60,29 +133,5 @@ def detect_pathologies(
     `metrics`: the stage's per-step dicts; `history`: every step of the path so far (its first step
     gives the base entropy); `dev_scores`: base dev score then one per stage, this one included.
     """
-    found = set()
-    entropy = stage_mean(metrics, "entropy")
-    base_entropy = stage_mean(history[:1], "entropy") if history else math.nan
-    if entropy < ENTROPY_COLLAPSE_MIN or (
-        base_entropy > 0 and entropy < ENTROPY_COLLAPSE_RATIO * base_entropy
-    ):
-        found.add(ENTROPY_COLLAPSE)
-    if stage_mean(metrics, "kl") > KL_BLOWUP_MIN:
-        found.add(KL_BLOWUP)
-    if len(dev_scores) > REWARD_PLATEAU_STAGES:
-        window = dev_scores[-REWARD_PLATEAU_STAGES - 1 :]
-        if max(window[1:]) - window[0] < REWARD_PLATEAU_MIN_GAIN:
-            found.add(REWARD_PLATEAU)
-    if stage_mean(metrics, "completions/clipped_ratio") > HIGH_TRUNCATION_MIN:
-        found.add(HIGH_TRUNCATION)
-    if stage_mean(metrics, "frac_reward_zero_std") > ZERO_VARIANCE_MIN:
-        found.add(ZERO_VARIANCE_GROUPS)
-    non_finite = any(
-        not math.isfinite(float(m[k]))
-        for m in metrics
-        for k in ("loss", "kl", "grad_norm")
-        if k in m
-    )
-    if diverged is not None or non_finite:
-        found.add(DIVERGENCE)
-    return [p for p in PATHOLOGIES if p in found]
+    stage = Stage(metrics, history, dev_scores, diverged)
+    return [d.name for d in DETECTORS if d.predicate is not None and d.predicate(stage)]

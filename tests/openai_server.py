@@ -23,8 +23,21 @@ class Fail:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "2"}
 
 
-# A scripted item is the assistant's content (str), a Fail, or a callable(request_json) -> either.
-Item = str | Fail | Callable[[dict], "str | Fail"]
+@dataclass
+class Reply:
+    """A scripted reply with the extras some servers send (vLLM's reasoning parser)."""
+
+    content: str | None
+    reasoning_content: str | None = None
+
+
+# A scripted item is the assistant's content (str), a Reply, a Fail, or a
+# callable(request_json) -> one of those.
+Item = str | Reply | Fail | Callable[[dict], "str | Reply | Fail"]
+
+# What OpenAI answers a reasoning model's max_tokens (the wording the client must understand).
+MAX_TOKENS_REFUSED = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                      "Use 'max_completion_tokens' instead.")
 
 
 def approx_tokens(text: str) -> int:
@@ -44,10 +57,14 @@ class OpenAIServer:
     """Serves POST /v1/chat/completions from a queue of scripted items, and GET /v1/models.
 
     `default` answers when the queue is empty (else a 500). Every request is kept in `requests`.
+    As real servers do: a chat with a model other than `model` is a 404; a request carrying a
+    parameter in `refuse` is a 400 with that parameter's message; a one-token request (the
+    endpoint check) gets one token without using the script.
     """
 
     model: str = "test-model"
     default: Item | None = None
+    refuse: dict[str, str] = field(default_factory=dict)  # body parameter -> the 400's message
     script: deque = field(default_factory=deque)
     requests: list[dict] = field(default_factory=list)
 
@@ -69,7 +86,9 @@ class OpenAIServer:
             self.script.extend(items)
 
     def chat_requests(self) -> list[dict]:
-        return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+        """Bodies of the chats that got past the checks: the scripted ones."""
+        return [r["body"] for r in self.requests
+                if r["path"].endswith("/chat/completions") and r.get("scripted")]
 
     def __enter__(self) -> OpenAIServer:
         self._thread.start()
@@ -79,12 +98,22 @@ class OpenAIServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _next(self, body: dict) -> str | Fail:
+    def _answer(self, body: dict, record: dict) -> Reply | Fail:
+        """The checks a real server makes, then the next scripted item."""
+        if body.get("model") != self.model:
+            return Fail(404, f"The model `{body.get('model')}` does not exist.")
+        for name, message in self.refuse.items():
+            if name in body:
+                return Fail(400, message)
+        if 1 in (body.get("max_completion_tokens"), body.get("max_tokens")):
+            return Reply("O")
         with self._lock:
+            record["scripted"] = True
             item = self.script.popleft() if self.script else self.default
         if item is None:
             return Fail(500, "script exhausted")
-        return item(body) if callable(item) else item
+        item = item(body) if callable(item) else item
+        return Reply(item) if isinstance(item, str) else item
 
 
 def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
@@ -102,10 +131,11 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _record(self, body: dict | None) -> None:
+        def _record(self, body: dict | None) -> dict:
             with server._lock:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 server.requests.append({"path": self.path, "headers": headers, "body": body})
+                return server.requests[-1]
 
         def do_GET(self) -> None:
             self._record(None)
@@ -118,19 +148,23 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
-            self._record(body)
+            record = self._record(body)
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "nf"}})
                 return
-            item = server._next(body)
+            item = server._answer(body, record)
             if isinstance(item, Fail):
                 error = {"error": {"message": item.message, "type": "scripted"}}
                 self._send(item.status, error, item.headers)
                 return
             prompt = "".join(message_text(m) for m in body.get("messages", []))
-            p_tok, c_tok = approx_tokens(prompt), approx_tokens(item)
+            p_tok = approx_tokens(prompt)
+            c_tok = approx_tokens((item.reasoning_content or "") + (item.content or ""))
             usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok,
                      "total_tokens": p_tok + c_tok}
+            message = {"role": "assistant", "content": item.content}
+            if item.reasoning_content is not None:
+                message["reasoning_content"] = item.reasoning_content
             self._send(200, {
                 "id": f"chatcmpl-{len(server.requests)}",
                 "object": "chat.completion",
@@ -138,7 +172,7 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 "model": body.get("model", server.model),
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": item},
+                    "message": message,
                     "finish_reason": "stop",
                 }],
                 "usage": usage,

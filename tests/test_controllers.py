@@ -10,9 +10,11 @@ import torch
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from controllers.base import RunResult
+from controllers.base import LLM_COST_KEYS, RunResult
+from controllers.llm_prompt import build_prompt, system_prompt
 from controllers.pbt import Member, exploit
-from controllers.skills import Skill, SkillLibrary, StateSummary, moves, propose
+from controllers.proposers import Context
+from controllers.skills import Skill, SkillLibrary, StateSummary, flagged, moves, propose
 from inner.models import tiny_gpt2
 from inner.sft import sft
 from inner.tasks import get_task
@@ -63,7 +65,7 @@ def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> No
     space = env.unwrapped.hparams
     assert isinstance(result, RunResult)
     assert spent <= budget and result.cost["stages"] == spent
-    assert set(result.cost) >= {"stages", "tokens", "seconds", "llm_tokens"}
+    assert set(result.cost) >= {"stages", "tokens", "seconds", *LLM_COST_KEYS}
     assert len(result.schedule) <= STAGES
     for hp in result.schedule:
         space.encode(hp)  # every stage of the chosen path is on the grid
@@ -262,3 +264,23 @@ def test_users_can_add_skills():
     assert lib.proposals(hot, SPACE, 1)[0].skill == "cool_down"
     assert propose(hot, SPACE, 1, library=lib)[0]["temperature"] == 0.7
     assert "cool_down" not in [s.name for s in controllers.skills.DEFAULT_LIBRARY.skills]
+
+
+def test_a_new_pathology_is_one_table_row_and_optionally_one_skill(monkeypatch):
+    # The row: the env's detector reports it, the LLM's prompts quote its rule.
+    row = P.Detector("long_answers", "stage-mean completion length > 40 tokens",
+                     lambda s: s.mean("completions/mean_length") > 40, "answers ramble")
+    monkeypatch.setattr(P, "DETECTORS", (*P.DETECTORS, row))
+    metrics = [{"completions/mean_length": 45.0, "entropy": 1.0}]
+    assert P.detect_pathologies(metrics) == ["long_answers"]
+    assert f"- {row.describe()}" in system_prompt(SPACE)
+    ctx = Context(task="gsm8k", node_id=1, stage=1, max_stages=2, hparams=DEFAULTS, path=[],
+                  pathologies=["long_answers"])
+    assert "  - `long_answers`: stage-mean completion length > 40 tokens" in build_prompt(
+        ctx, SPACE, 1)
+    # The skill: reacts to the name the env reports.
+    shorter = Skill("shorten", flagged("long_answers"), moves(("max_completion_length", -1)), 95)
+    lib = SkillLibrary(extra=[shorter])
+    summary = StateSummary(DEFAULTS, metrics=metrics)  # detected from the metrics
+    assert summary.pathologies == ("long_answers",)
+    assert lib.proposals(summary, SPACE, 1)[0].skill == "shorten"

@@ -1,32 +1,31 @@
-"""LLMZero: the LLM proposer against a local OpenAI-compatible server, and the tree search."""
+"""LLMZero: the LLM proposer against a local OpenAI-compatible server that answers the way real
+servers do (one test per quirk), the tree search, the fallback cap and the replay."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
 import gymnasium as gym
 import pytest
-from openai_server import Fail, OpenAIServer, approx_tokens, message_text
+from openai_server import MAX_TOKENS_REFUSED, Fail, OpenAIServer, Reply, approx_tokens, message_text
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from controllers.llm_proposer import (
-    REPLY_SCHEMA,
-    Context,
-    LLMEndpointError,
-    LLMProposer,
-    build_prompt,
-    check_schema,
-)
-from controllers.llmzero import LLMZero, Node, SkillProposer, Tree
+from controllers.llm_prompt import build_prompt, reply_schema, system_prompt
+from controllers.llm_proposer import LLMEndpointError, LLMProposer
+from controllers.llmzero import LLMZero, Node, Tree
+from controllers.proposers import FALLBACK, LLM, Context, SkillProposer
 from controllers.skills import StateSummary
 from inner.models import tiny_gpt2
 from inner.tokenizer import build_char_tokenizer
+from metaenv import pathologies as P
 from metaenv.hparams import build_hparam_space
 
 FAKE_KEY = "sk-test-LLMZERO-do-not-write-7f3a9c2e"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -43,9 +42,12 @@ def make_context(space, **overrides) -> Context:
                "pathologies": ["kl_blowup"]}
     summary = StateSummary(hp, stage["metrics"], stage["metrics"], (0.2, 0.25),
                            ("entropy_collapse",))
-    fields = dict(task="LLMZero-GSM8K-v0", stage=1, max_stages=3, path=[stage], hparams=hp,
-                  pathologies=["entropy_collapse"], siblings=[sibling], base_dev_score=0.2,
-                  node_id=1, state_summary=summary)
+    samples = [{"prompt": "2+3+4=", "completion": "#### 9", "answer": "9", "correct": True}]
+    fields = dict(task="gsm8k (embedded scale)", node_id=1, stage=1, max_stages=3, hparams=hp,
+                  path=[stage], pathologies=["entropy_collapse"], siblings=[sibling],
+                  base_dev_score=0.2, samples=samples, remaining_stages=7, dev_size=64,
+                  steps_per_stage=20, best={"dev_score": 0.25, "node": 1, "path": [hp]},
+                  state_summary=summary)
     return Context(**(fields | overrides))
 
 
@@ -64,6 +66,15 @@ def transcript(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "transcript.jsonl").read_text().splitlines()]
 
 
+def chat_posts(server: OpenAIServer) -> list[dict]:
+    """Every chat request the server received, refused ones and the check included."""
+    return [r["body"] for r in server.requests if r["path"].endswith("/chat/completions")]
+
+
+def skills_answer(ctx, space, k) -> list[dict]:
+    return [p.hparams for p in SkillProposer().propose(ctx, space, k)]
+
+
 def assert_key_nowhere(root: Path) -> None:
     files = [p for p in root.rglob("*") if p.is_file()]
     assert files, "the run wrote nothing to check"
@@ -71,104 +82,184 @@ def assert_key_nowhere(root: Path) -> None:
         assert FAKE_KEY.encode() not in path.read_bytes(), f"API key written to {path}"
 
 
-def test_schema_checker_names_the_problem():
-    check_schema({"diagnosis": "d", "proposals": [{"hparams": {}, "rationale": "r"}]},
-                 REPLY_SCHEMA)
-    with pytest.raises(ValueError, match="reply.proposals needs at least 1"):
-        check_schema({"diagnosis": "d", "proposals": []}, REPLY_SCHEMA)
-    with pytest.raises(ValueError, match=r"reply.proposals\[0\] is missing .*'rationale'"):
-        check_schema({"diagnosis": "d", "proposals": [{"hparams": {}}]}, REPLY_SCHEMA)
-    with pytest.raises(ValueError, match="reply.diagnosis must be a JSON string"):
-        check_schema({"diagnosis": 3, "proposals": []}, REPLY_SCHEMA)
+# ---- the request: structured outputs, token limits, the prompt ---------------------------------
 
-
-def test_good_reply_is_decoded_and_the_prompt_has_the_context(space, tmp_path):
+def test_good_reply_is_decoded_and_the_request_carries_schema_and_context(space, tmp_path):
     ctx = make_context(space)
+    longest = max(space.grids["max_completion_length"])
     with OpenAIServer() as server:
-        # A <think> block and a code fence, as Qwen3 through vLLM may send.
-        longest = max(space.grids["max_completion_length"])
-        server.push("<think>hmm</think>```json\n" + reply(
-            {"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
-            {"max_completion_length": longest, "num_generations": 16},
-        ) + "\n```")
-        llm = proposer(server, tmp_path)
-        llm.check()
-        out = llm.propose(ctx, space, k=2)
+        server.push(reply({"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
+                          {"max_completion_length": longest, "num_generations": 16}))
+        out = proposer(server, tmp_path).propose(ctx, space, k=2)
         body = server.chat_requests()[0]
         auth = server.requests[-1]["headers"]["authorization"]
-    assert out == [ctx.hparams | {"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
-                   ctx.hparams | {"max_completion_length": longest, "num_generations": 16}]
-    assert llm.last_source == "llm"
+    assert [p.hparams for p in out] == [
+        ctx.hparams | {"learning_rate": 3e-5, "beta": 0.1, "temperature": 1.3},
+        ctx.hparams | {"max_completion_length": longest, "num_generations": 16}]
+    assert {p.source for p in out} == {LLM} and out[0].rationale == "why"
     assert auth == f"Bearer {FAKE_KEY}"  # sent to the endpoint, and only there
+    # Structured outputs: the strict schema with every grid's values as enums.
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"] == reply_schema(space)
+    hparams = fmt["json_schema"]["schema"]["$defs"]["HParams"]
+    assert hparams["additionalProperties"] is False and hparams["required"] == list(space.names)
+    for name in space.names:
+        assert hparams["properties"][name]["enum"] == list(space.grids[name])
+    assert "max_tokens" not in body and "max_completion_tokens" not in body  # none asked
     prompt = body["messages"][1]["content"]
-    assert body["model"] == "test-model"
-    assert "learning_rate: [1e-05, 3e-05, 0.0001, 0.0003, 0.001]" in prompt      # the grid
-    assert "stage 1:" in prompt and "-> dev 0.250" in prompt                      # the path
-    assert "entropy 0.9->0.02" in prompt                                          # metrics
-    assert "entropy_collapse" in prompt                                           # pathologies
-    assert '{"learning_rate": 0.001} -> dev 0.050 [kl_blowup]' in prompt          # a sibling
-    assert '"diagnosis"' in body["messages"][0]["content"]                        # the schema
     events = transcript(tmp_path)
-    assert [e["event"] for e in events] == ["chat", "accepted"]
-    assert events[0]["messages"][1]["content"] == prompt
-    assert events[1]["diagnosis"] == "entropy collapsed"
+    assert [e["event"] for e in events] == ["chat", "expansion"]
+    assert events[0]["messages"][1]["content"] == prompt and events[0]["dropped"] == []
+    assert events[1]["source"] == LLM and events[1]["diagnosis"] == "entropy collapsed"
 
 
-def test_tokens_are_counted_from_usage(space, tmp_path):
+def test_the_prompt_holds_what_an_expert_would_ask_for(space):
+    ctx = make_context(space, tried=[{"hparams": {**make_context(space).hparams, "beta": 0.1},
+                                      "dev_score": 0.3, "pathologies": []}])
+    prompt = build_prompt(ctx, space, 4)
+    for name in space.names:                                                     # the grid
+        assert f"  {name}: {json.dumps(list(space.grids[name]))}" in prompt
+    assert "Budget left: 7 stages" in prompt                                     # the budget
+    assert "after stage 1" in prompt and "at most 3 stages of 20 training steps" in prompt
+    assert "Dev set: 64 problems; one problem weighs 0.01562" in prompt           # dev noise
+    assert "standard error near 0.250: 0.054" in prompt
+    assert "Best dev score in the tree: 0.250 at node 1" in prompt               # the best
+    assert "stage 1:" in prompt and "-> dev 0.250 [entropy_collapse]" in prompt  # the path
+    assert re.search(r"entropy\s+0\.9\s+0\.02\s+0\.02\s+0\.9", prompt)          # trends
+    assert f"< {P.ENTROPY_COLLAPSE_MIN} nats" in prompt                          # threshold
+    assert '[correct] prompt "2+3+4=" completion "#### 9"' in prompt             # samples
+    assert '{"learning_rate": 0.001} -> dev 0.050 [kl_blowup]' in prompt         # a sibling
+    assert 'Already tried from this checkpoint' in prompt and '{"beta": 0.1} -> dev 0.300' in prompt
+    assert "propose 4 distinct settings" in prompt
+    root = make_context(space, stage=0, path=[], pathologies=[], siblings=[])
+    root = build_prompt(root, space, 3)
+    assert "the base model, no stage trained yet" in root and "base model: dev 0.200" in root
+    assert "Detectors fired at this checkpoint: none" in root and "[correct]" in root
+
+
+def test_the_system_prompt_describes_parameters_without_priming_a_direction(space):
+    text = system_prompt(space)
+    for name in space.names:
+        assert f"- {name}: " in text
+    for row in P.DETECTORS:
+        assert row.describe() in text
+    for primer in ("grow", "increase", "decrease", "usually", "either direction", "oscillat"):
+        assert primer not in text.lower()
+
+
+def test_max_completion_tokens_is_sent_and_max_tokens_only_where_it_is_refused(space, tmp_path):
+    ctx = make_context(space)
+    # OpenAI's reasoning models refuse max_tokens: the proposer never sends it unasked.
+    with OpenAIServer(refuse={"max_tokens": MAX_TOKENS_REFUSED}) as server:
+        server.push(reply({"beta": 0.0}))
+        llm = proposer(server, tmp_path / "a", max_completion_tokens=512)
+        llm.check()
+        assert llm.propose(ctx, space, k=1)[0].source == LLM
+        assert server.chat_requests()[0]["max_completion_tokens"] == 512
+    # A server that knows only max_tokens: refused once, then max_tokens for the rest of the run.
+    refusal = "Unrecognized request argument supplied: max_completion_tokens"
+    with OpenAIServer(refuse={"max_completion_tokens": refusal}) as server:
+        server.push(reply({"beta": 0.0}), reply({"beta": 0.1}))
+        llm = proposer(server, tmp_path / "b", max_completion_tokens=512)
+        llm.check()
+        llm.propose(ctx, space, k=1)
+        llm.propose(ctx, space, k=1)
+        posts = chat_posts(server)
+    assert [("max_tokens" in b, "max_completion_tokens" in b) for b in posts] == [
+        (False, True), (True, False), (True, False), (True, False)]  # the check learnt it
+    assert [e["parameter"] for e in transcript(tmp_path / "b") if e["event"] == "refused"] == [
+        "max_completion_tokens"]
+
+
+def test_a_refused_response_format_falls_back_to_plain_json_for_the_run(space, tmp_path):
+    ctx = make_context(space)
+    refusal = "response_format of type json_schema is not supported by this server"
+    with OpenAIServer(refuse={"response_format": refusal}) as server:
+        server.push(reply({"beta": 0.0}), reply({"beta": 0.1}))
+        llm = proposer(server, tmp_path)
+        first, second = llm.propose(ctx, space, k=1), llm.propose(ctx, space, k=1)
+        posts = chat_posts(server)
+    assert [p.hparams["beta"] for p in first + second] == [0.0, 0.1]
+    assert ["response_format" in b for b in posts] == [True, False, False]  # asked once
+    assert '"proposals": [{"hparams"' in posts[1]["messages"][0]["content"]  # plain instructions
+    assert [e["event"] for e in transcript(tmp_path)].count("refused") == 1
+
+
+# ---- tolerant parsing: the replies real servers send --------------------------------------------
+
+QUIRKS = {
+    # vLLM with a reasoning parser: thoughts (with a valid-looking object) in reasoning_content.
+    "reasoning_content": Reply(reply({"beta": 0.0}), reasoning_content=reply({"beta": 0.1})),
+    # A template that opened <think> in the prompt: thoughts, then only the closing tag.
+    "bare_think_close": 'Maybe {"learning_rate": 3e-4}? Or {"beta": 0.1, too high…</think>\n'
+                        + reply({"beta": 0.0}),
+    "think_block": "<think>{\"beta\": 0.1} looks risky</think>" + reply({"beta": 0.0}),
+    "fences": "Here you go:\n```json\n" + reply({"beta": 0.0}) + "\n```\nGood luck!",
+    "trailing_text_and_object": reply({"beta": 0.0}) + '\nAlso consider {"beta": 0.1}. {',
+}
+
+
+@pytest.mark.parametrize("quirk", QUIRKS)
+def test_each_server_quirk_is_read_in_one_request(space, tmp_path, quirk):
     ctx = make_context(space)
     with OpenAIServer() as server:
-        server.push("not json", reply({"beta": 0.0}))
+        server.push(QUIRKS[quirk])
         llm = proposer(server, tmp_path)
-        llm.propose(ctx, space, k=1)
-        bodies = server.chat_requests()
-    # The server's usage is ~chars/4 of each request and reply: the proposer sums both calls.
-    prompts = [approx_tokens("".join(message_text(m) for m in b["messages"])) for b in bodies]
-    assert llm.usage["prompt_tokens"] == sum(prompts)
-    assert llm.usage["completion_tokens"] == approx_tokens("not json") + approx_tokens(
-        reply({"beta": 0.0}))
-    assert llm.usage["requests"] == 2
+        out = llm.propose(ctx, space, k=1)
+        n = len(server.chat_requests())
+    assert n == 1 and llm.usage["invalid_replies"] == 0
+    assert [(p.hparams["beta"], p.source) for p in out] == [(0.0, LLM)]
 
 
-def test_malformed_replies_are_retried_with_the_error_then_skills_take_over(space, tmp_path):
+def test_one_off_grid_value_drops_only_that_proposal(space, tmp_path):
     ctx = make_context(space)
+    with OpenAIServer() as server:
+        server.push(reply({"learning_rate": 3e-5}, {"learning_rate": 5e-5},
+                          {"learning_rate": "1e-5"}, {"lr": 1e-4}))  # a quoted number is fine
+        llm = proposer(server, tmp_path)
+        out = llm.propose(ctx, space, k=3)
+        n = len(server.chat_requests())
+    assert n == 1 and [p.hparams["learning_rate"] for p in out] == [3e-5, 1e-5]
+    dropped = transcript(tmp_path)[0]["dropped"]
+    assert dropped[0].startswith("proposals[1].hparams.learning_rate: Input should be 1e-05")
+    assert "(got 5e-05)" in dropped[0]
+    assert dropped[1] == "proposals[3].hparams.lr: not a hyperparameter of this run"
+    assert llm.usage["dropped_proposals"] == 2 and llm.usage["invalid_replies"] == 0
+
+
+def test_a_reply_without_a_usable_proposal_is_reasked_in_the_models_terms(space, tmp_path):
+    ctx = make_context(space)
+    tried = [{"hparams": ctx.hparams | {"beta": 0.0}, "dev_score": 0.3, "pathologies": []}]
+    ctx = make_context(space, tried=tried)
     with OpenAIServer() as server:
         server.push(
-            "Sure! Here are my proposals: lower the learning rate.",       # not JSON
-            json.dumps({"diagnosis": "d", "proposals": []}),               # schema-invalid
-            reply({"learning_rate": 5e-5}),                                 # off the grid
+            "Sure! Lower the learning rate. {",                            # no JSON object
+            json.dumps({"diagnosis": "d", "proposals": []}),               # breaks the contract
+            reply({"learning_rate": 5e-5}, {"beta": 0.0}),                  # off grid, a repeat
         )
         llm = proposer(server, tmp_path, max_retries=2)
         out = llm.propose(ctx, space, k=2)
         bodies = server.chat_requests()
     assert len(bodies) == 3
-    # Each retry carries the previous reply and the validation error.
     second, third = bodies[1]["messages"], bodies[2]["messages"]
-    assert second[-2] == {"role": "assistant",
-                          "content": "Sure! Here are my proposals: lower the learning rate."}
-    assert "not valid JSON" in second[-1]["content"]
-    assert "reply.proposals needs at least 1" in third[-1]["content"]
-    # The fallback is the skills library's answer for the same checkpoint.
-    assert out == SkillProposer().propose(ctx, space, 2)
-    assert llm.last_source == "skills" and llm.usage["fallbacks"] == 1
+    assert second[-2] == {"role": "assistant", "content": "Sure! Lower the learning rate. {"}
+    assert "the reply holds no complete JSON object" in second[-1]["content"]
+    assert "proposals: List should have at least 1 item" in third[-1]["content"]
+    for body in bodies:
+        assert "snap" not in json.dumps(body["messages"])  # no internal hints
+    # Then the skills answer for this expansion, marked as a fallback.
+    assert [p.hparams for p in out] == skills_answer(ctx, space, 2)
+    assert {p.source for p in out} == {FALLBACK} and llm.usage["fallbacks"] == 1
     events = transcript(tmp_path)
-    assert [e["event"] for e in events] == ["chat", "chat", "chat", "fallback"]
-    assert "learning_rate=5e-05 is not on the grid" in events[2]["error"]
-    assert "invalid reply" in events[3]["reason"]
+    assert [e["event"] for e in events] == ["chat", "chat", "chat", "expansion"]
+    assert "repeats a setting already tried" in events[2]["error"]
+    assert events[3]["source"] == FALLBACK and "invalid reply" in events[3]["reason"]
 
 
-def test_an_invalid_reply_then_a_good_one_is_accepted(space, tmp_path):
-    ctx = make_context(space)
-    with OpenAIServer() as server:
-        server.push(reply({"lr": 1e-4}), reply({"learning_rate": "1e-5"}))  # a quoted number
-        llm = proposer(server, tmp_path)
-        out = llm.propose(ctx, space, k=3)
-        follow_up = server.chat_requests()[1]["messages"][-1]["content"]
-    assert "unknown hyperparameter(s) ['lr']" in follow_up
-    assert out == [ctx.hparams | {"learning_rate": 1e-5}]
-    assert llm.usage["invalid_replies"] == 1 and llm.usage["fallbacks"] == 0
+# ---- HTTP failures ---------------------------------------------------------------------------
 
-
-def test_server_errors_back_off_and_retry(space, tmp_path, monkeypatch):
+def test_429_with_retry_after_and_5xx_back_off_and_retry(space, tmp_path, monkeypatch):
     ctx = make_context(space)
     slept: list[float] = []
     monkeypatch.setattr("controllers.llm_proposer.time.sleep", slept.append)
@@ -178,10 +269,10 @@ def test_server_errors_back_off_and_retry(space, tmp_path, monkeypatch):
         llm = proposer(server, tmp_path, backoff=0.5, network_retries=4)
         out = llm.propose(ctx, space, k=1)
         n_requests = len(server.chat_requests())
-    assert out == [ctx.hparams | {"beta": 0.01}]
+    assert [p.hparams for p in out] == [ctx.hparams | {"beta": 0.01}]
     assert n_requests == 4
     assert slept == [0.5, 1.5, 2.0]  # exponential backoff; the 429's Retry-After is longer
-    assert llm.usage["network_retries"] == 3 and llm.usage["requests"] == 1
+    assert llm.usage["network_retries"] == 3 and llm.usage["calls"] == 1
     assert [e["event"] for e in transcript(tmp_path)][:3] == ["network_error"] * 3
 
 
@@ -189,11 +280,10 @@ def test_network_failure_after_retries_falls_back_to_skills(space, tmp_path, mon
     ctx = make_context(space)
     monkeypatch.setattr("controllers.llm_proposer.time.sleep", lambda s: None)
     with OpenAIServer() as server:
-        server.push(*[Fail(500)] * 3)
-        llm = proposer(server, tmp_path, network_retries=2)
-        out = llm.propose(ctx, space, k=2)
-    assert out == SkillProposer().propose(ctx, space, 2)
-    assert transcript(tmp_path)[-1]["event"] == "fallback"
+        server.push(*[Fail(502)] * 3)
+        out = proposer(server, tmp_path, network_retries=2).propose(ctx, space, k=2)
+    assert [p.hparams for p in out] == skills_answer(ctx, space, 2)
+    assert transcript(tmp_path)[-1]["source"] == FALLBACK
     assert "InternalServerError" in transcript(tmp_path)[-1]["reason"]
 
 
@@ -201,11 +291,38 @@ def test_a_server_error_echoing_the_key_is_not_written(space, tmp_path):
     ctx = make_context(space)
     with OpenAIServer() as server:
         server.push(Fail(400, f"Incorrect API key provided: {FAKE_KEY}"))  # not retried
-        llm = proposer(server, tmp_path)
-        out = llm.propose(ctx, space, k=1)
-    assert out == SkillProposer().propose(ctx, space, 1)
+        out = proposer(server, tmp_path).propose(ctx, space, k=1)
+    assert out[0].source == FALLBACK
     assert "BadRequestError" in transcript(tmp_path)[-1]["reason"]
     assert_key_nowhere(tmp_path)
+
+
+def test_tokens_and_calls_are_counted_from_usage(space, tmp_path):
+    ctx = make_context(space)
+    with OpenAIServer() as server:
+        server.push("not json", reply({"beta": 0.0}))
+        llm = proposer(server, tmp_path)
+        llm.propose(ctx, space, k=1)
+        bodies = server.chat_requests()
+    # The server's usage is ~chars/4 of each request and reply: the proposer sums both calls.
+    prompts = [approx_tokens("".join(message_text(m) for m in b["messages"])) for b in bodies]
+    completions = approx_tokens("not json") + approx_tokens(reply({"beta": 0.0}))
+    assert llm.cost() == {"llm_calls": 2, "llm_tokens": sum(prompts) + completions,
+                          "llm_prompt_tokens": sum(prompts), "llm_completion_tokens": completions}
+
+
+# ---- the endpoint check ------------------------------------------------------------------------
+
+def test_a_wrong_model_fails_the_check_naming_endpoint_and_model(tmp_path):
+    with OpenAIServer(model="Qwen/Qwen3-8B") as server:
+        llm = LLMProposer(base_url=server.base_url, api_key=FAKE_KEY, model="qwen3-8b",
+                          run_dir=tmp_path)
+        with pytest.raises(LLMEndpointError) as e:
+            llm.check()
+        probe = chat_posts(server)[0]
+    assert server.base_url in str(e.value) and "'qwen3-8b'" in str(e.value)
+    assert "NotFoundError" in str(e.value)
+    assert probe["max_completion_tokens"] == 1  # the check is a one-token chat
 
 
 def test_unreachable_endpoint_is_a_clear_error_naming_the_url(tmp_path):
@@ -221,7 +338,8 @@ def test_unreachable_endpoint_is_a_clear_error_naming_the_url(tmp_path):
 def test_model_is_taken_from_a_single_model_endpoint(tmp_path):
     with OpenAIServer(model="Qwen/Qwen3-8B") as server:
         llm = LLMProposer(base_url=server.base_url, api_key=FAKE_KEY, run_dir=tmp_path)
-        assert llm.check() == ["Qwen/Qwen3-8B"]
+        llm.check()
+        assert chat_posts(server)[0]["model"] == "Qwen/Qwen3-8B"
     assert llm.model == "Qwen/Qwen3-8B"
 
 
@@ -235,13 +353,27 @@ def test_settings_come_from_environment_variables_and_the_key_stays_hidden(monke
     assert FAKE_KEY not in repr(llm) and FAKE_KEY not in str(vars(llm).get("usage"))
 
 
+def test_make_routes_search_and_llm_settings_once(monkeypatch):
+    agent = controllers.make("llmzero", proposer="llm", base_url="http://127.0.0.1:9/v1",
+                             model="m", k=2, max_completion_tokens=64, vision=True)
+    assert isinstance(agent, LLMZero) and agent.k == 2
+    llm = agent.proposer
+    assert isinstance(llm, LLMProposer) and (llm.base_url, llm.model) == (
+        "http://127.0.0.1:9/v1", "m")
+    assert llm.max_completion_tokens == 64 and llm.vision
+    assert isinstance(llm.fallback, SkillProposer)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['max_tokenz'\]"):
+        controllers.make("llmzero", proposer="llm", max_tokenz=64)
+    with pytest.raises(ValueError, match="'replay', 'skills'"):
+        controllers.make("llmzero", proposer="gpt")
+
+
 def test_vision_sends_the_plot_as_a_data_url_and_saves_it_beside_the_transcript(space, tmp_path):
     png = b"\x89PNG\r\n\x1a\n" + b"0" * 64
-    ctx = make_context(space, plot_png=png)
+    ctx = make_context(space, plot=lambda: png)
     with OpenAIServer() as server:
         server.push(reply({"beta": 0.0}))
-        llm = proposer(server, tmp_path, vision=True)
-        llm.propose(ctx, space, k=1)
+        proposer(server, tmp_path, vision=True).propose(ctx, space, k=1)
         content = server.chat_requests()[0]["messages"][1]["content"]
     assert content[0]["type"] == "text" and content[1]["type"] == "image_url"
     assert content[1]["image_url"]["url"].startswith("data:image/png;base64,iVBORw0KGgo")
@@ -249,28 +381,27 @@ def test_vision_sends_the_plot_as_a_data_url_and_saves_it_beside_the_transcript(
     assert (tmp_path / logged).read_bytes() == png
 
 
-def test_prompt_lists_every_grid_and_asks_for_k(space):
-    prompt = build_prompt(make_context(space), space, 4)
-    for name in space.names:
-        assert f"  {name}: " in prompt
-    assert "propose 4 distinct settings" in prompt
+def test_the_detector_table_is_what_the_readme_lists():
+    section = README.read_text().split("### Pathology detectors")[1].split("\n#")[0]
+    items = [" ".join(item.split()) for item in section.split("\n* ")[1:]]
+    assert items == [d.describe() for d in P.DETECTORS]
 
 
 # ---- the tree search ---------------------------------------------------------------------------
 
-def node(tree: Tree, parent: Node, dev: float) -> Node:
-    return tree.add(parent, {"learning_rate": dev}, state=None, dev_score=dev)
+def node(tree: Tree, parent: Node, dev: float, **fields) -> Node:
+    return tree.add(parent, {"learning_rate": dev}, state=None, dev_score=dev, **fields)
 
 
 def test_early_stopping_prunes_a_branch_behind_the_best_curve():
     # Depth 1: A (0.6) and B (0.3); B trails the best at its depth by more than the margin.
     root = Node(id=0, depth=0, hparams={}, state=None, dev_score=0.5)
     tree = Tree(root, max_depth=3, c_uct=10.0, margin=0.1)
-    root.expanded = True
+    root.expansions = 1
     a, b = node(tree, root, 0.6), node(tree, root, 0.3)
     assert tree.behind(b) and not tree.behind(a)
     assert tree.next_leaf(cost=2) == (a, 0)
-    a.expanded = True
+    a.expansions = 1
     node(tree, a, 0.7)
     node(tree, a, 0.65)
     # A large exploration constant makes plain UCT pick the less-visited B next; early stopping
@@ -287,14 +418,27 @@ def test_early_stopping_prunes_a_branch_behind_the_best_curve():
 def test_uct_prefers_the_better_subtree_when_exploration_is_off():
     root = Node(id=0, depth=0, hparams={}, state=None, dev_score=0.0)
     tree = Tree(root, max_depth=3, c_uct=0.0, margin=1.0)
-    root.expanded = True
+    root.expansions = 1
     low, high = node(tree, root, 0.1), node(tree, root, 0.2)
     assert tree.select(root) is high
-    high.expanded = True
+    high.expansions = 1
     node(tree, high, 0.0)  # the subtree's value is its best node, not its newest
     assert high.best == 0.2 and root.visits == 4 and high.visits == 2
     assert tree.select(root).parent is high
     assert low.visits == 1
+
+
+def test_a_node_whose_subtree_is_closed_is_expanded_again_up_to_its_cap():
+    for cap, again in ((1, None), (2, "root")):
+        root = Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.0)
+        tree = Tree(root, max_depth=1, margin=1.0, max_expansions=cap)
+        root.expansions = 1
+        node(tree, root, 0.1), node(tree, root, 0.2)  # both terminal: the subtree is closed
+        tree.release_states()
+        assert tree.select(root) is (root if again else None)
+        assert (root.state is not None) == bool(again)  # kept only while it may be expanded
+        root.expansions = cap
+        assert tree.select(root) is None
 
 
 @pytest.fixture(scope="module")
@@ -337,13 +481,17 @@ def test_skills_tree_search_spends_exactly_its_budget_and_is_deterministic(tiny_
     nodes = check_tree(results[0])
     assert [n["depth"] for n in nodes] == [0, 1, 1, 2, 2]  # root's K, then the best child's K
     assert all(n["source"] == "skills" for n in nodes[1:])
-    assert results[0].cost["llm_tokens"] == 0
+    assert [e["source"] for e in results[0].tree["expansions"]] == ["skills", "skills"]
+    assert {k: results[0].cost[k] for k in ("llm_calls", "llm_tokens", "llm_expansions",
+                                            "llm_fallbacks")} == dict.fromkeys(
+        ("llm_calls", "llm_tokens", "llm_expansions", "llm_fallbacks"), 0)
     assert results[0].tree == results[1].tree
     assert results[0].schedule == results[1].schedule
 
 
 def test_tree_search_stops_when_the_tree_is_exhausted(tiny_model_dir):
-    # Two-stage episodes, K=2, nothing pruned: the whole tree is 2 + 2*2 = 6 stages < budget 10.
+    # Two-stage episodes, K=2, nothing pruned, the skills expand a node once: the whole tree is
+    # 2 + 2*2 = 6 stages < budget 10.
     env = make_env(tiny_model_dir, stages=2)
     result = LLMZero(k=2, margin=1.0).run(env, budget=10, seed=0)
     assert env.unwrapped.budget.stages == 6 < 10
@@ -351,10 +499,8 @@ def test_tree_search_stops_when_the_tree_is_exhausted(tiny_model_dir):
     assert sum(n["terminal"] for n in nodes) == 4 and result.tree["pruned"] == []
 
 
-def test_llm_tree_search_through_the_local_server(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMZERO_API_KEY", FAKE_KEY)
+def respond_with_distinct_pairs(calls: list) -> callable:
     lrs = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
-    calls = []
 
     def respond(body: dict) -> str:  # a different, valid pair of proposals for every request
         i = len(calls)
@@ -362,43 +508,86 @@ def test_llm_tree_search_through_the_local_server(tiny_model_dir, tmp_path, monk
         return reply({"learning_rate": lrs[i % 5], "beta": 0.0},
                      {"learning_rate": lrs[(i + 2) % 5], "temperature": 1.3},
                      diagnosis=f"expansion {i}")
+    return respond
 
-    env = make_env(tiny_model_dir)
-    with OpenAIServer(default=respond) as server:
-        server.push("no JSON here")  # the first reply is malformed and retried
-        agent = controllers.make("llmzero", proposer="llm", k=2, base_url=server.base_url,
-                                 model="test-model", run_dir=str(tmp_path / "run"), vision=True)
-        result = agent.run(env, budget=5, seed=0)
-        bodies = server.chat_requests()
-    assert env.unwrapped.budget.stages == 5
-    nodes = check_tree(result)
-    assert all(n["source"] == "llm" for n in nodes[1:])
-    assert nodes[1]["hparams"]["learning_rate"] == 1e-5 and nodes[1]["hparams"]["beta"] == 0.0
-    # Three expansions (root, then two leaves) took four requests: one retry.
-    usage = result.tree["llm_usage"]
-    assert (usage["expansions"], usage["requests"], usage["invalid_replies"]) == (3, 4, 1)
-    assert result.cost["llm_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
-    # Deeper prompts carry the path, the siblings and the plot.
-    last = bodies[-1]["messages"][1]["content"]
-    assert "stage 1:" in last[0]["text"] and "siblings" in last[0]["text"]
-    assert last[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+def test_llm_tree_search_records_sources_and_costs_and_replays_offline(
+        tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMZERO_API_KEY", FAKE_KEY)
+    calls: list = []
+    env = make_env(tiny_model_dir, stages=2)
     run = tmp_path / "run"
-    assert len(transcript(run)) >= 4 and (run / "tree.json").exists()
-    assert list(run.glob("curves_*.png"))
-    # The key reached the server, and nothing the run wrote or returned holds it.
-    assert server.requests[-1]["headers"]["authorization"] == f"Bearer {FAKE_KEY}"
+    settings = {"k": 2, "margin": 1.0, "run_dir": str(run)}
+    with OpenAIServer(default=respond_with_distinct_pairs(calls)) as server:
+        server.push("no JSON here")  # the first reply is malformed and re-asked
+        agent = controllers.make("llmzero", proposer="llm", base_url=server.base_url,
+                                 model="test-model", vision=True, **settings)
+        result = agent.run(env, budget=8, seed=0)
+        bodies = server.chat_requests()
+        probes = len(chat_posts(server)) - len(bodies)
+    assert env.unwrapped.budget.stages == 8 and probes == 1
+    nodes = check_tree(result)
+    assert all(n["source"] == LLM for n in nodes[1:])
+    assert nodes[1]["hparams"]["learning_rate"] == 1e-5 and nodes[1]["hparams"]["beta"] == 0.0
+    # Four expansions of two stages; a depth-1 node whose children ended the episode is expanded
+    # again, and its second prompt lists what was tried from it.
+    expansions = result.tree["expansions"]
+    assert len(expansions) == 4 and {e["source"] for e in expansions} == {LLM}
+    again = [e["node"] for e in expansions]
+    assert len(set(again)) == 3
+    prompts = [b["messages"][1]["content"][0]["text"] for b in bodies]
+    assert sum("Already tried from this checkpoint" in p for p in prompts) == 1
+    assert "Dev samples of this checkpoint" in prompts[0] and "base model: dev" in prompts[0]
+    assert bodies[-1]["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png")
+    # The cost: chats answered (the check's included) and tokens from usage; no fallback.
+    usage = result.tree["llm_usage"]
+    assert result.cost["llm_calls"] == len(bodies) + 1 == 6
+    assert result.cost["llm_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    assert (result.cost["llm_expansions"], result.cost["llm_fallbacks"]) == (4, 0)
+    assert (run / "tree.json").exists() and list(run.glob("curves_*.png"))
+    assert [e["source"] for e in transcript(run) if e["event"] == "expansion"] == [LLM] * 4
     assert_key_nowhere(tmp_path)
     for text in (repr(agent), repr(result.tree), repr(result.cost), repr(result.schedule)):
         assert FAKE_KEY not in text
 
+    # The replay: no endpoint, the same tree and scores.
+    env = make_env(tiny_model_dir, stages=2)
+    replay = controllers.make("llmzero", proposer="replay", transcript=str(run),
+                              **settings | {"run_dir": str(tmp_path / "replay")})
+    again = replay.run(env, budget=8, seed=0)
+    keys = ("id", "parent", "hparams", "dev_score", "source")
+    assert [[n[k] for k in keys] for n in again.tree["nodes"]] == [[n[k] for k in keys]
+                                                                   for n in nodes]
+    assert (again.dev_score, again.schedule) == (result.dev_score, result.schedule)
+    assert again.cost["llm_calls"] == 0 and again.cost["llm_expansions"] == 4
 
-def test_an_unreachable_endpoint_fails_before_any_stage(tiny_model_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+def test_a_garbage_server_stops_the_run_at_the_fallback_cap(tiny_model_dir, tmp_path):
     env = make_env(tiny_model_dir)
-    agent = LLMZero(proposer="llm", base_url=url, api_key=FAKE_KEY, model="m",
-                    run_dir=str(tmp_path))
-    with pytest.raises(LLMEndpointError, match=url):
-        agent.run(env, budget=3, seed=0)
+    with OpenAIServer(default="I am sorry, I cannot help with that.") as server:
+        agent = controllers.make("llmzero", proposer="llm", base_url=server.base_url,
+                                 model="test-model", api_key=FAKE_KEY, k=1, max_retries=0,
+                                 run_dir=str(tmp_path))
+        with pytest.raises(LLMEndpointError, match=r"skills fallback in 4 of 4 .*share 1\.00"):
+            agent.run(env, budget=10, seed=0)
+    # Three expansions of one stage each were trained; the fourth was refused before training.
+    assert env.unwrapped.budget.stages == 3
+    events = [e for e in transcript(tmp_path) if e["event"] == "expansion"]
+    assert [e["source"] for e in events] == [FALLBACK] * 4
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "wrong model"])
+def test_an_unusable_endpoint_fails_before_any_stage(tiny_model_dir, tmp_path, failure):
+    env = make_env(tiny_model_dir)
+    with OpenAIServer() as server:
+        url, model = server.base_url, "gpt-typo"
+        if failure == "unreachable":
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                url, model = f"http://127.0.0.1:{s.getsockname()[1]}/v1", "test-model"
+        agent = controllers.make("llmzero", proposer="llm", base_url=url, api_key=FAKE_KEY,
+                                 model=model, run_dir=str(tmp_path))
+        with pytest.raises(LLMEndpointError, match=re.escape(url)) as e:
+            agent.run(env, budget=3, seed=0)
+    assert model in str(e.value) or failure == "unreachable"
     assert env.unwrapped.budget.stages == 0

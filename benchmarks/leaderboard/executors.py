@@ -61,6 +61,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
 
     import controllers
     import metaenv  # noqa: F401  (registers the env ids)
+    from controllers.base import LLM_COST_KEYS
 
     torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
@@ -102,8 +103,12 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
             for i, s in enumerate(rec_env.stages, 1):
                 best = max(best, s.dev_score)
                 anytime.append((i, best))
-        extra = {"cost": cost, "llm_tokens": cost.get("llm_tokens", 0.0),
+        extra = {"cost": cost, **{k: cost.get(k, 0.0) for k in LLM_COST_KEYS},
                  "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
+        # Who proposed each stage, in training order, where the controller says (llmzero does).
+        sources = [t["source"] for t in result.trials or [] if "source" in t]
+        if sources:
+            extra["stage_sources"] = sources
         if spent != len(rec_env.stages):
             # Stages trained without going through env.step would escape the run log: say so.
             extra["warning"] = (f"the env trained {spent} stages, "
