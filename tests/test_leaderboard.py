@@ -137,6 +137,25 @@ def test_meta_training_cost_gets_its_own_column_only_when_paid():
     assert ends == {"base": "—", "grid": "—", "sb3": "556 (24)"}
 
 
+def test_llm_rows_show_their_fallback_share_and_other_rows_do_not():
+    def rec(ctrl, seed, cost):
+        return RunRecord(task="t", controller=ctrl, seed=seed, test_score=0.3, dev_score=0.3,
+                         base_dev_score=0.2, budget=4, stages_spent=4, extra={"cost": cost})
+
+    plain = [rec("base", 0, {}), rec("llmzero", 0, {"stages": 4})]
+    assert "LLM fallbacks" not in report.markdown(report.summarize(plain), [], {})
+    llm = [rec("llmzero-llm", s, {"llm_expansions": 4, "llm_fallbacks": f})
+           for s, f in ((0, 1), (1, 0))]
+    table = report.markdown(report.summarize([*plain, *llm]), [], {})
+    header = next(line for line in table.splitlines() if line.startswith("| controller | test"))
+    column = [c.strip() for c in header.split("|")].index("LLM fallbacks")
+    width = header.count("|")  # the per-task table's rows, not the overview's
+    cells = {line.split("|")[1].strip(): line.split("|")[column].strip()
+             for line in table.splitlines()
+             if line.startswith(("| llmzero", "| base")) and line.count("|") == width}
+    assert cells == {"base": "n/a", "llmzero": "n/a", "llmzero-llm": "12%"}  # (1/4 + 0/4) / 2
+
+
 def test_overview_has_a_row_per_controller_and_a_column_per_task():
     def rec(task, ctrl, score):
         return RunRecord(task=task, controller=ctrl, seed=0, test_score=score, dev_score=score,

@@ -123,7 +123,7 @@ class Column:
 
     `compute` measures a (task, controller) group; `base` overrides it on the base model's row;
     `cell` writes the Markdown cell from the whole row; an `optional` column is shown only when
-    some row has a finite, non-zero value in it.
+    some row `has_value` (by default a finite, non-zero one).
     """
 
     key: str
@@ -132,6 +132,7 @@ class Column:
     cell: Callable[[dict[str, Any]], str] | None = None
     base: Callable[[Runs], float] | None = None
     optional: bool = False
+    has_value: Callable[[Any], bool] = lambda x: _finite(x) and x != 0
 
 
 def _test_ci(group: Runs) -> tuple[float, float, float]:
@@ -164,6 +165,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("llm_tokens_mean", "LLM tokens",
            lambda g: g.mean(lambda r: r.extra.get("llm_tokens", 0.0)),
            lambda r: _fmt(r["llm_tokens_mean"], ".0f"), base=lambda g: 0.0, optional=True),
+    # Share of the LLM proposer's expansions that fell back to the skills (LLM rows only).
+    Column("llm_fallback_share", "LLM fallbacks",
+           lambda g: g.mean(lambda r: _cost(r, "llm_fallbacks") / _cost(r, "llm_expansions")
+                            if _cost(r, "llm_expansions") > 0 else math.nan),
+           lambda r: _fmt(r["llm_fallback_share"], ".0%"), base=lambda g: math.nan,
+           optional=True, has_value=lambda x: _finite(x)),
     # Paid once before any run (the sb3 policy's meta-training), not per run.
     Column("meta_train_seconds", "meta-train s (real stages)",
            lambda g: g.mean(lambda r: _cost(r, "meta_train_seconds")), lambda r: _meta_cell(r),
@@ -180,7 +187,8 @@ COLUMNS: tuple[Column, ...] = (
 # The per-task Markdown table's column order (the CSV keeps COLUMNS' order).
 MARKDOWN_ORDER = ("test_mean", "n_seeds", "rel_vs_base", "rel_vs_grid", "dev_mean",
                   "stages_mean", "seconds_mean", "capacity_nondecreasing",
-                  "regularization_direction_changes", "llm_tokens_mean", "meta_train_seconds")
+                  "regularization_direction_changes", "llm_tokens_mean", "llm_fallback_share",
+                  "meta_train_seconds")
 
 
 def _row(task: str, controller: str, group: Runs) -> dict[str, Any]:
@@ -210,8 +218,7 @@ def shown_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
     """The per-task Markdown columns, optional ones only where some row has a value."""
     by_key = {c.key: c for c in COLUMNS}
     cols = [by_key[k] for k in MARKDOWN_ORDER]
-    return [c for c in cols if not c.optional
-            or any(_finite(r[c.key]) and r[c.key] != 0 for r in rows)]
+    return [c for c in cols if not c.optional or any(c.has_value(r[c.key]) for r in rows)]
 
 
 def structure_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
