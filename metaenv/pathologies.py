@@ -50,7 +50,6 @@ class Stage:
     metrics: Sequence[dict]
     history: Sequence[dict] = ()      # every step of the path so far; its first is the base's
     dev_scores: Sequence[float] = ()  # base dev score, then one per stage, this one included
-    diverged: str | None = None       # the trainer's failure, if the stage failed
 
     def mean(self, key: str) -> float:
         return stage_mean(self.metrics, key)
@@ -84,9 +83,9 @@ def _reward_plateau(s: Stage) -> bool:
 
 
 def _divergence(s: Stage) -> bool:
-    non_finite = any(not math.isfinite(float(m[k]))
-                     for m in s.metrics for k in ("loss", "kl", "grad_norm") if k in m)
-    return s.diverged is not None or non_finite
+    # A stage the trainer stopped gets this pathology from the env (metaenv.env.FAILURE_PATHOLOGY).
+    return any(not math.isfinite(float(m[k]))
+               for m in s.metrics for k in ("loss", "kl", "grad_norm") if k in m)
 
 
 DETECTORS: tuple[Detector, ...] = (
@@ -126,12 +125,11 @@ def detect_pathologies(
     metrics: Sequence[dict],
     history: Sequence[dict] = (),
     dev_scores: Sequence[float] = (),
-    diverged: str | None = None,
 ) -> list[str]:
     """Names (in PATHOLOGIES order) of the pathologies shown by one stage.
 
     `metrics`: the stage's per-step dicts; `history`: every step of the path so far (its first step
     gives the base entropy); `dev_scores`: base dev score then one per stage, this one included.
     """
-    stage = Stage(metrics, history, dev_scores, diverged)
+    stage = Stage(metrics, history, dev_scores)
     return [d.name for d in DETECTORS if d.predicate is not None and d.predicate(stage)]

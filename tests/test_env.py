@@ -161,7 +161,7 @@ def test_pathologies_fire_on_their_thresholds_only():
     assert detect_pathologies(_steps(3, frac_reward_zero_std=1.0)) == [ZERO_VARIANCE_GROUPS]
     assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.305]) == [REWARD_PLATEAU]
     assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.35]) == []
-    assert detect_pathologies([], diverged="divergence: non-finite loss") == [DIVERGENCE]
+    assert detect_pathologies(_steps(2, grad_norm=math.inf)) == [DIVERGENCE]
 
 
 def test_render_gives_an_rgb_image_and_png():
