@@ -236,8 +236,8 @@ class LLMProposer:
             if self.temperature is not None:
                 kwargs["temperature"] = self.temperature
             if limit is not None:
-                refused = COMPLETION_LIMIT in self.refused
-                kwargs["max_tokens" if refused else COMPLETION_LIMIT] = limit
+                legacy = COMPLETION_LIMIT in self.refused
+                kwargs["max_tokens" if legacy else COMPLETION_LIMIT] = limit
             if schema is not None and RESPONSE_FORMAT not in self.refused:
                 kwargs[RESPONSE_FORMAT] = {"type": "json_schema", "json_schema": {
                     "name": "proposals", "strict": True, "schema": schema}}

@@ -116,11 +116,11 @@ def test_good_reply_is_decoded_and_the_request_carries_schema_and_context(space,
 
 def test_the_prompt_holds_what_an_expert_would_ask_for(space):
     ctx = make_context(space, tried=[{"hparams": {**make_context(space).hparams, "beta": 0.1},
-                                      "dev_score": 0.3, "pathologies": []}])
+                                      "dev_score": 0.3, "pathologies": []}], tokens_left=12000)
     prompt = build_prompt(ctx, space, 4)
     for name in space.names:                                                     # the grid
         assert f"  {name}: {json.dumps(list(space.grids[name]))}" in prompt
-    assert "Budget left: 7 stages" in prompt                                     # the budget
+    assert "Budget left: 7 stages and 12,000 training tokens" in prompt         # the budget
     assert "after stage 1" in prompt and "at most 3 stages of 20 training steps" in prompt
     assert "Dev set: 64 problems; one problem weighs 0.01562" in prompt           # dev noise
     assert "standard error near 0.250: 0.054" in prompt
