@@ -330,7 +330,7 @@ def test_unreachable_endpoint_is_a_clear_error_naming_the_url(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    llm = LLMProposer(base_url=url, api_key=FAKE_KEY, model="m", run_dir=tmp_path)
+    llm = LLMProposer(base_url=url, api_key=FAKE_KEY, model="m", run_dir=tmp_path, backoff=0.001)
     with pytest.raises(LLMEndpointError, match=f"LLM endpoint {url} is unreachable"):
         llm.check(timeout=2)
 
@@ -586,7 +586,7 @@ def test_an_unusable_endpoint_fails_before_any_stage(tiny_model_dir, tmp_path, f
                 s.bind(("127.0.0.1", 0))
                 url, model = f"http://127.0.0.1:{s.getsockname()[1]}/v1", "test-model"
         agent = controllers.make("llmzero", proposer="llm", base_url=url, api_key=FAKE_KEY,
-                                 model=model, run_dir=str(tmp_path))
+                                 model=model, run_dir=str(tmp_path), backoff=0.001)
         with pytest.raises(LLMEndpointError, match=re.escape(url)) as e:
             agent.run(env, budget=3, seed=0)
     assert model in str(e.value) or failure == "unreachable"
