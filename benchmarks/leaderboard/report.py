@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,11 @@ class Runs:
     base_dev: float
     grid_test: float  # the reference's mean test score (NaN without a grid row)
 
+    @cached_property
+    def test_ci(self) -> tuple[float, float, float]:
+        """(mean, low, high) of the test score over seeds; bootstrapped once per group."""
+        return bootstrap_ci([r.test_score for r in self.runs])
+
     def mean(self, value: Callable[[RunRecord], float]) -> float:
         return _nanmean([value(r) for r in self.runs])
 
@@ -135,24 +141,20 @@ class Column:
     has_value: Callable[[Any], bool] = lambda x: _finite(x) and x != 0
 
 
-def _test_ci(group: Runs) -> tuple[float, float, float]:
-    return bootstrap_ci([r.test_score for r in group.runs])
-
-
 def _is_base(row: dict[str, Any]) -> bool:
     return row["controller"] == BASE
 
 
 COLUMNS: tuple[Column, ...] = (
     Column("n_seeds", "seeds", lambda g: len(g.runs), lambda r: str(r["n_seeds"])),
-    Column("test_mean", "test [95% CI]", lambda g: _test_ci(g)[0],
+    Column("test_mean", "test [95% CI]", lambda g: g.test_ci[0],
            lambda r: _fmt(r["test_mean"]) if _is_base(r) else
            f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"),
-    Column("test_ci_low", None, lambda g: _test_ci(g)[1]),
-    Column("test_ci_high", None, lambda g: _test_ci(g)[2]),
-    Column("rel_vs_base", "vs base", lambda g: relative(_test_ci(g)[0], g.base_test),
+    Column("test_ci_low", None, lambda g: g.test_ci[1]),
+    Column("test_ci_high", None, lambda g: g.test_ci[2]),
+    Column("rel_vs_base", "vs base", lambda g: relative(g.test_ci[0], g.base_test),
            lambda r: "—" if _is_base(r) else _pct(r["rel_vs_base"]), base=lambda g: 0.0),
-    Column("rel_vs_grid", "vs grid", lambda g: relative(_test_ci(g)[0], g.grid_test),
+    Column("rel_vs_grid", "vs grid", lambda g: relative(g.test_ci[0], g.grid_test),
            lambda r: _pct(r["rel_vs_grid"])),
     Column("dev_mean", "dev", lambda g: g.mean(lambda r: r.dev_score),
            lambda r: _fmt(r["dev_mean"]), base=lambda g: g.base_dev),
