@@ -4,7 +4,9 @@ Per-step metrics use TRL's names and meanings, with these conventions:
   * a step is one batch of prompts_per_step * num_generations completions followed by
     num_iterations optimizer updates; loss, kl, entropy, clip_ratio/* and grad_norm are averaged
     over those updates;
-  * kl is 0.0 when beta == 0 (the reference pass is skipped; TRL omits the key);
+  * with beta == 0 the loss skips the reference pass (TRL omits its kl key); so that a KL blow-up
+    stays visible, the stage's last step then measures kl on a subsample of its batch
+    (KL_PROBE_SEQUENCES completions, policy after the update) and the other steps omit the key;
   * num_tokens is cumulative over the Trainer's life (prompt + completion tokens, TRL's
     num_input_tokens_seen) and is restored by load_state; StageResult.num_tokens is per stage;
   * frac_reward_zero_std is the fraction of groups whose rewards are all equal;
@@ -41,6 +43,8 @@ def _own_copy(value: Any, device: torch.device) -> Any:
     return value.clone().to(device) if value.dim() else value.clone().cpu()
 
 
+# Completions on which the KL to the reference is measured at beta == 0 (a cheap stage-end probe).
+KL_PROBE_SEQUENCES = 16
 STAT_KEYS = (
     "loss",
     "kl",
@@ -229,8 +233,8 @@ class Trainer:
         metrics: list[dict[str, float]] = []
         failure, evaluation = None, None
         try:
-            for _ in range(num_steps):
-                step_metrics, failure = self._train_step(config, difficulty)
+            for i in range(num_steps):
+                step_metrics, failure = self._train_step(config, difficulty, i == num_steps - 1)
                 if failure is not None:
                     break
                 metrics.append(step_metrics)
@@ -249,7 +253,7 @@ class Trainer:
         return StageResult(metrics, failure, self.num_tokens - tokens_before, seconds, evaluation)
 
     def _train_step(
-        self, config: GRPOConfig, difficulty: int | None
+        self, config: GRPOConfig, difficulty: int | None, probe_kl: bool = False
     ) -> tuple[dict[str, float], Failure | None]:
         """One GRPO step: rollout, reference and old log-probs, num_iterations updates, metrics."""
         t0 = time.perf_counter()
@@ -260,6 +264,10 @@ class Trainer:
             return {}, failure
         self.step += 1
         metrics = self._step_metrics(config, batch, stats)
+        if config.beta == 0.0:
+            del metrics["kl"]
+            if probe_kl:
+                metrics["kl"] = self._probe_kl(config, batch)
         metrics["step_time"] = time.perf_counter() - t0
         return metrics, None
 
@@ -328,6 +336,20 @@ class Trainer:
         if config.num_iterations > 1:  # with one update, old == current: an exp(0) ratio
             old_logps, _ = self._logps(self.model, config, batch)
         return ref_logps, old_logps
+
+    @torch.no_grad()
+    def _probe_kl(self, config: GRPOConfig, batch: Rollout) -> float:
+        """Mean per-token k3 KL of the policy to the reference on the batch's first completions."""
+        rows = KL_PROBE_SEQUENCES
+        # Whole groups share one prompt pass; a group size that does not divide the probe does not.
+        group = config.num_generations if rows % config.num_generations == 0 else 1
+        args = (batch.input_ids[:rows], batch.attention_mask[:rows],
+                batch.completion_ids.size(1), config.temperature)
+        logps, _ = completion_logps(self.model, *args, num_generations=group)
+        ref_logps, _ = completion_logps(self.ref_model, *args, num_generations=group)
+        diff = ref_logps - logps
+        mask = batch.completion_mask[:rows].to(diff.dtype)
+        return float(((torch.exp(diff) - diff - 1) * mask).sum() / mask.sum().clamp(min=1.0))
 
     def _update(
         self,
