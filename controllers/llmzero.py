@@ -187,7 +187,7 @@ class LLMZero:
             dev_size=getattr(u, "dev_size", None),
             steps_per_stage=getattr(u, "steps_per_stage", None),
             plot=functools.partial(_plot, u, leaf.state),
-            state_summary=state_summary(leaf, tracker.base_dev),
+            state_summary=state_summary(leaf, tracker.base_dev, getattr(u, "dev_size", None)),
         )
 
     def result(self, tracker: Tracker, proposer: Proposer, tree: Tree, stages_saved: int,
@@ -365,14 +365,14 @@ class Tree:
         return leaf, saved
 
 
-def state_summary(node: Node, base_dev: float) -> StateSummary:
-    """The node as the skills library reads it."""
+def state_summary(node: Node, base_dev: float, dev_size: int | None = None) -> StateSummary:
+    """The node as the skills library reads it (`dev_size` sets its noise margins)."""
     path = node.path()
     return StateSummary(
         hparams=dict(node.hparams), metrics=node.metrics,
         history=[m for n in path for m in n.metrics],
         dev_scores=tuple([base_dev] + [n.dev_score for n in path]),
-        pathologies=tuple(node.pathologies),
+        pathologies=tuple(node.pathologies), dev_size=dev_size,
     )
 
 

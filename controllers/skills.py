@@ -23,8 +23,9 @@ from controllers.base import RunResult, Tracker, default_hparams, episode_stages
 from metaenv import pathologies as P
 from metaenv.pathologies import stage_mean
 
-# Thresholds the env does not define. A dev drop this large over one stage is a regression ...
-REGRESSION_DROP = 0.02
+# Thresholds the env does not define. A dev drop of more than this many standard errors of the dev
+# score (metaenv.pathologies.dev_standard_error) over one stage is a regression ...
+REGRESSION_SE = 1.0
 # ... mean training reward above this means the task is too easy for the current policy ...
 SATURATED_REWARD = 0.8
 # ... and a stage-mean k3 KL below this (with no plateau-breaking gain) means updates are too small.
@@ -40,10 +41,12 @@ class StateSummary:
     history: Sequence[Mapping[str, float]] = ()      # every step since the root
     dev_scores: Sequence[float] = ()                 # base dev score, then one per stage
     pathologies: Sequence[str] | None = None         # None -> detected from the metrics
+    dev_size: int | None = None                      # items behind each dev score
 
     def __post_init__(self) -> None:
         if self.pathologies is None:
-            found = P.detect_pathologies(self.metrics, self.history, self.dev_scores)
+            found = P.detect_pathologies(self.metrics, self.history, self.dev_scores,
+                                         self.dev_size)
             object.__setattr__(self, "pathologies", tuple(found))
 
     @classmethod
@@ -53,11 +56,17 @@ class StateSummary:
         found = info.get("pathologies")
         return cls(hparams=dict(hparams), metrics=info.get("metrics", ()),
                    history=info.get("history", ()), dev_scores=tuple(dev_scores),
-                   pathologies=None if found is None else tuple(found))
+                   pathologies=None if found is None else tuple(found),
+                   dev_size=info.get("dev_size"))
 
     def mean(self, key: str) -> float:
         """Stage mean of a metric (NaN if absent)."""
         return stage_mean(self.metrics, key)
+
+    @property
+    def dev_noise(self) -> float:
+        """Standard error of one dev score: the margin below which a dev change is noise."""
+        return P.dev_standard_error(self.dev_size)
 
     def has(self, pathology: str) -> bool:
         return pathology in (self.pathologies or ())
@@ -129,12 +138,12 @@ def flagged(pathology: str) -> Callable[[StateSummary], bool]:
 
 def _regressed(s: StateSummary) -> bool:
     d = s.dev_scores
-    return len(d) >= 2 and d[-1] < d[-2] - REGRESSION_DROP
+    return len(d) >= 2 and d[-1] < d[-2] - REGRESSION_SE * s.dev_noise
 
 
 def _under_update(s: StateSummary) -> bool:
     return s.mean("kl") < UNDER_UPDATE_KL and len(s.dev_scores) >= 2 and (
-        s.dev_scores[-1] - s.dev_scores[-2] < P.REWARD_PLATEAU_MIN_GAIN)
+        s.dev_scores[-1] - s.dev_scores[-2] < P.DEV_PLATEAU_SE * s.dev_noise)
 
 
 def _zero_var(low: bool) -> Callable[[StateSummary], bool]:
@@ -142,7 +151,7 @@ def _zero_var(low: bool) -> Callable[[StateSummary], bool]:
 
 
 def _plateau(saturated: bool) -> Callable[[StateSummary], bool]:
-    return lambda s: s.has(P.REWARD_PLATEAU) and (s.mean("reward") >= SATURATED_REWARD) == saturated
+    return lambda s: s.has(P.DEV_PLATEAU) and (s.mean("reward") >= SATURATED_REWARD) == saturated
 
 
 DIAGNOSTIC_SKILLS: tuple[Skill, ...] = (
@@ -156,7 +165,7 @@ DIAGNOSTIC_SKILLS: tuple[Skill, ...] = (
           moves(("beta", 1), ("learning_rate", -1), ("epsilon", -1)), 90,
           "policy far from the reference: raise beta, lower lr, tighten the clip range"),
     Skill("regression", _regressed, moves(("learning_rate", -1), ("beta", 1)), 80,
-          f"dev score fell by more than {REGRESSION_DROP}: smaller, more anchored steps"),
+          f"dev score fell by more than {REGRESSION_SE} standard error: smaller, anchored steps"),
     Skill("entropy_collapse", flagged(P.ENTROPY_COLLAPSE),
           moves(("temperature", 1), ("learning_rate", -1), ("epsilon_high", 1)), 70,
           "sampling nearly greedy: hotter sampling, lower lr, clip-higher if controlled"),

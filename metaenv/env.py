@@ -32,10 +32,11 @@ from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
 from metaenv.render import training_curves_png, training_curves_rgb
 from metaenv.store import StateStore
 
-# Per-scale defaults. Embedded: a stage of 20 steps takes 5-12 s on 2 CPU cores (at 10 steps the
-# default schedule gained nothing on GSM8K; benchmarks/learnability.py).
+# Per-scale defaults. Embedded: 8 stages of 5 steps give a controller 8 decisions per episode,
+# long enough for entropy collapse, zero-variance groups and plateaus to appear and be answered,
+# while a stage stays under 10 s on 2 CPU cores (benchmarks/learnability.py, headroom.py).
 SCALE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedded": {"stages": 4, "steps_per_stage": 20, "dev_size": 64, "test_size": 256,
+    "embedded": {"stages": 8, "steps_per_stage": 5, "dev_size": 64, "test_size": 256,
                  "max_states_in_memory": 16},
     # Large models: every saved state goes straight to disk (an AdamW state is 3x the weights).
     "paper": {"stages": 8, "steps_per_stage": 25, "dev_size": 128, "test_size": 500,
@@ -57,7 +58,7 @@ FAILURE_PATHOLOGY = {
 
 
 class BudgetExhausted(RuntimeError):
-    """step() was called after the env's `max_stages` budget was spent."""
+    """step() was called after the env's `max_stages` or `max_tokens` budget was spent."""
 
 
 @dataclass
@@ -70,10 +71,24 @@ class Budget:
     test_evals: int = 0  # evaluate_test() calls, counted apart from the search's cost
     test_seconds: float = 0.0
     max_stages: int | None = None
+    max_tokens: int | None = None  # prompt + completion tokens sampled, as counted in `tokens`
 
     @property
     def remaining_stages(self) -> float:
         return math.inf if self.max_stages is None else self.max_stages - self.stages
+
+    @property
+    def remaining_tokens(self) -> float:
+        return math.inf if self.max_tokens is None else self.max_tokens - self.tokens
+
+    def refusal(self) -> str | None:
+        """Why the next stage may not start, or None. A stage is refused once the budget is spent
+        (its cost is known only afterwards, so the last stage may overshoot `max_tokens`)."""
+        if self.remaining_stages < 1:
+            return f"the budget of {self.max_stages} stages is spent"
+        if self.remaining_tokens <= 0:
+            return f"the budget of {self.max_tokens} tokens is spent ({self.tokens} used)"
+        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,9 +136,11 @@ class LLMZeroEnv(gym.Env):
     hparam_grid: {name: [values] | None} overrides the task's grids (metaenv.hparams);
     fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
     dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
-    max_stages: budget after which step() raises BudgetExhausted. max_states_in_memory /
-    state_dir: bound of the saved-state store before it spills to disk. shuffle_rewards: a
-    control for benchmarks (rewards permuted across each batch, so nothing can be learned).
+    max_stages / max_tokens: budgets (stages trained; prompt + completion tokens sampled) after
+    which step() raises BudgetExhausted; each counts every stage this env trains.
+    max_states_in_memory / state_dir: bound of the saved-state store before it spills to disk.
+    shuffle_rewards: a control for benchmarks (rewards permuted across each batch, so nothing can
+    be learned).
     data_path (paper scale): local files in the hub dataset's columns instead of the hub.
     enable_thinking: Qwen3's switch in the chat template (chat models only; default off).
     """
@@ -146,6 +163,7 @@ class LLMZeroEnv(gym.Env):
         seed: int | None = None,
         render_mode: str | None = None,
         max_stages: int | None = None,
+        max_tokens: int | None = None,
         max_states_in_memory: int | None = None,
         state_dir: str | None = None,
         dev_metric: str = "accuracy",
@@ -175,7 +193,10 @@ class LLMZeroEnv(gym.Env):
         self._data_path = data_path
         self._build_task_and_spaces(difficulty, hparam_grid, fixed_hparams)
 
-        self.budget = Budget(max_stages=max_stages)
+        for name, value in (("max_stages", max_stages), ("max_tokens", max_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        self.budget = Budget(max_stages=max_stages, max_tokens=max_tokens)
         n_mem = d["max_states_in_memory"] if max_states_in_memory is None else max_states_in_memory
         self._store = StateStore(
             n_mem,
@@ -351,11 +372,9 @@ class LLMZeroEnv(gym.Env):
                 "the episode is over (last stage reached, or truncated by divergence/OOM); "
                 "call reset() or load_state()"
             )
-        if self.budget.remaining_stages < 1:
-            raise BudgetExhausted(
-                f"the budget of {self.budget.max_stages} stages is spent; "
-                "evaluate_test() and load_state() still work"
-            )
+        refusal = self.budget.refusal()
+        if refusal is not None:
+            raise BudgetExhausted(f"{refusal}; evaluate_test() and load_state() still work")
         values = self.hparams.decode(idx)
         config, difficulty = self._config(values)
         dev_before = self.dev_score
@@ -395,7 +414,8 @@ class LLMZeroEnv(gym.Env):
 
     def _pathologies(self, result: StageResult) -> list[str]:
         """The detectors' findings, and the failure's pathology when the stage failed."""
-        found = detect_pathologies(result.metrics, self.trainer.history, self.dev_scores)
+        found = detect_pathologies(result.metrics, self.trainer.history, self.dev_scores,
+                                   self.dev_size)
         if result.failure is not None and FAILURE_PATHOLOGY[result.failure] not in found:
             found.append(FAILURE_PATHOLOGY[result.failure])
         return found
@@ -428,6 +448,7 @@ class LLMZeroEnv(gym.Env):
             "samples": copy.deepcopy(self._last.get("samples", [])),
             "pathologies": list(self._last.get("pathologies", [])),
             "failure": self._last.get("failure"),
+            "dev_size": self.dev_size,
             "cost": dict(self.path_cost),
             "hparams": dict(self._last.get("hparams", {})),
         }

@@ -28,7 +28,6 @@ ALLOWED_NAMES = (*CONFIG_NAMES, DIFFICULTY)
 _EMBEDDED_COMMON: dict[str, tuple] = {
     "learning_rate": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
     "beta": (0.0, 0.01, 0.04, 0.1),
-    "epsilon": (0.1, 0.2, 0.3),
     "temperature": (0.7, 1.0, 1.3),
     "num_generations": (4, 8, 16),
 }
@@ -36,19 +35,20 @@ _EMBEDDED_COMMON: dict[str, tuple] = {
 _PAPER_COMMON: dict[str, tuple] = {
     "learning_rate": (1e-7, 3e-7, 1e-6, 3e-6, 1e-5),
     "beta": (0.0, 0.001, 0.01, 0.04),
-    "epsilon": (0.1, 0.2, 0.28),
     "temperature": (0.6, 0.8, 1.0, 1.2),
     "num_generations": (4, 8, 16),
 }
 
+# The clip range `epsilon` is not on these grids: with num_iterations = 1 (both scales' default)
+# the policy ratio is exactly 1 and the clip never acts. Control it together with num_iterations,
+# e.g. hparam_grid={"epsilon": [0.1, 0.2, 0.3], "num_iterations": [2]}.
+CLIP_NAMES = ("epsilon", "epsilon_high")
 COMMON_GRIDS = {"embedded": _EMBEDDED_COMMON, "paper": _PAPER_COMMON}
 # Default value of each shared name (what `default_action()` selects and `encode` fills in when
 # given no base). Names absent here default to the GRPOConfig default.
 COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedded": {"learning_rate": 1e-4, "beta": 0.04, "epsilon": 0.2, "temperature": 1.0,
-                 "num_generations": 8},
-    "paper": {"learning_rate": 1e-6, "beta": 0.0, "epsilon": 0.2, "temperature": 1.0,
-              "num_generations": 8},
+    "embedded": {"learning_rate": 1e-4, "beta": 0.04, "temperature": 1.0, "num_generations": 8},
+    "paper": {"learning_rate": 1e-6, "beta": 0.0, "temperature": 1.0, "num_generations": 8},
 }
 # Hyperparameters that are not controlled but differ from GRPOConfig's defaults, per scale.
 DEFAULT_FIXED: dict[str, dict[str, Any]] = {
@@ -243,7 +243,22 @@ def build_hparam_space(
         defaults[name] = _nearest(grid, want)
     if DIFFICULTY not in grids and DIFFICULTY not in fixed and default_difficulty is not None:
         fixed[DIFFICULTY] = default_difficulty
+    _check_clip_acts(grids, fixed, config_defaults["num_iterations"])
     return HParamSpace(grids, defaults), fixed
+
+
+def _check_clip_acts(grids: Mapping[str, tuple], fixed: Mapping[str, Any],
+                     default_iterations: int) -> None:
+    """A clip range on the grid is an action that does nothing unless some stage makes more than
+    one update per batch (num_iterations > 1): refuse it rather than offer a dead action."""
+    iterations = grids.get("num_iterations", (fixed.get("num_iterations", default_iterations),))
+    controlled = [n for n in CLIP_NAMES if len(grids.get(n, ())) > 1]
+    if controlled and max(iterations) <= 1:
+        raise ValueError(
+            f"{controlled[0]} is controlled but num_iterations is 1, where the policy ratio is "
+            "exactly 1 and the clip never acts; also control or fix num_iterations > 1, e.g. "
+            'fixed_hparams={"num_iterations": 2}'
+        )
 
 
 def _is_numeric_grid(grid: Sequence) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 ENTROPY_COLLAPSE = "entropy_collapse"
 KL_BLOWUP = "kl_blowup"
-REWARD_PLATEAU = "reward_plateau"
+DEV_PLATEAU = "dev_plateau"
 HIGH_TRUNCATION = "high_truncation"
 ZERO_VARIANCE_GROUPS = "zero_variance_groups"
 DIVERGENCE = "divergence"
@@ -27,14 +27,21 @@ ENTROPY_COLLAPSE_RATIO = 0.2
 # Mean per-token k3 KL to the reference above which the policy has left the base model behind;
 # healthy GRPO runs stay well below 0.1.
 KL_BLOWUP_MIN = 1.0
-# Dev score gain over the last REWARD_PLATEAU_STAGES stages below which learning has stalled.
-REWARD_PLATEAU_STAGES = 2
-REWARD_PLATEAU_MIN_GAIN = 0.01
+# The dev score has stalled when its best gain over the last DEV_PLATEAU_STAGES stages is below
+# DEV_PLATEAU_SE standard errors of the dev score: a gain of one item out of 32 (0.031) is noise.
+DEV_PLATEAU_STAGES = 2
+DEV_PLATEAU_SE = 1.0
 # Fraction of completions cut at max_completion_length above which length is the bottleneck.
 HIGH_TRUNCATION_MIN = 0.5
 # Fraction of groups whose rewards are all equal (zero advantage, no gradient) above which the
 # group size or the difficulty no longer yields a learning signal.
 ZERO_VARIANCE_MIN = 0.8
+
+
+def dev_standard_error(dev_size: int | None) -> float:
+    """Worst-case (p = 0.5) standard error of an accuracy on `dev_size` items; the unit in which
+    dev-score thresholds are set. 0 when the size is unknown (every change then counts)."""
+    return 0.5 / math.sqrt(dev_size) if dev_size else 0.0
 
 
 def stage_mean(metrics: Sequence[dict], key: str) -> float:
@@ -50,6 +57,7 @@ class Stage:
     metrics: Sequence[dict]
     history: Sequence[dict] = ()      # every step of the path so far; its first is the base's
     dev_scores: Sequence[float] = ()  # base dev score, then one per stage, this one included
+    dev_size: int | None = None       # items behind each dev score (sets the noise thresholds)
 
     def mean(self, key: str) -> float:
         return stage_mean(self.metrics, key)
@@ -75,11 +83,11 @@ def _entropy_collapse(s: Stage) -> bool:
     return entropy < ENTROPY_COLLAPSE_MIN or (base > 0 and entropy < ENTROPY_COLLAPSE_RATIO * base)
 
 
-def _reward_plateau(s: Stage) -> bool:
-    if len(s.dev_scores) <= REWARD_PLATEAU_STAGES:
+def _dev_plateau(s: Stage) -> bool:
+    if len(s.dev_scores) <= DEV_PLATEAU_STAGES:
         return False
-    window = s.dev_scores[-REWARD_PLATEAU_STAGES - 1 :]
-    return max(window[1:]) - window[0] < REWARD_PLATEAU_MIN_GAIN
+    window = s.dev_scores[-DEV_PLATEAU_STAGES - 1 :]
+    return max(window[1:]) - window[0] < DEV_PLATEAU_SE * dev_standard_error(s.dev_size)
 
 
 def _divergence(s: Stage) -> bool:
@@ -96,9 +104,10 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(KL_BLOWUP, f"stage-mean k3 KL to the reference model > {KL_BLOWUP_MIN}",
              lambda s: s.mean("kl") > KL_BLOWUP_MIN,
              "the policy has moved far from the base model"),
-    Detector(REWARD_PLATEAU,
-             f"dev score gained < {REWARD_PLATEAU_MIN_GAIN} over the last {REWARD_PLATEAU_STAGES} "
-             "stages", _reward_plateau, "the dev score has stopped rising"),
+    Detector(DEV_PLATEAU,
+             f"best dev-score gain over the last {DEV_PLATEAU_STAGES} stages < {DEV_PLATEAU_SE} "
+             "standard error of the dev score (0.5 / sqrt(dev size): 0.0625 at 64 items)",
+             _dev_plateau, "the dev score has stopped rising beyond its noise"),
     Detector(HIGH_TRUNCATION,
              "stage-mean share of completions cut at max_completion_length > "
              f"{HIGH_TRUNCATION_MIN}",
@@ -125,11 +134,13 @@ def detect_pathologies(
     metrics: Sequence[dict],
     history: Sequence[dict] = (),
     dev_scores: Sequence[float] = (),
+    dev_size: int | None = None,
 ) -> list[str]:
     """Names (in PATHOLOGIES order) of the pathologies shown by one stage.
 
     `metrics`: the stage's per-step dicts; `history`: every step of the path so far (its first step
-    gives the base entropy); `dev_scores`: base dev score then one per stage, this one included.
+    gives the base entropy); `dev_scores`: base dev score then one per stage, this one included;
+    `dev_size`: the items behind each dev score (None: thresholds without a noise margin).
     """
-    stage = Stage(metrics, history, dev_scores)
+    stage = Stage(metrics, history, dev_scores, dev_size)
     return [d.name for d in DETECTORS if d.predicate is not None and d.predicate(stage)]

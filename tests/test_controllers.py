@@ -26,7 +26,7 @@ STAGES = 2
 # 2 prompts x 4 generations of <= 24 chars, 8 dev examples, 1 step a stage: ~0.2 s a stage.
 # lr 3e-2 wrecks the model and 1e-3 helps it, so dev scores differ between schedules.
 GRID = {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0],
-        "epsilon": [0.2], "num_generations": [4], "max_completion_length": [16, 24]}
+        "num_generations": [4], "max_completion_length": [16, 24]}
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,11 @@ def test_pbt_exploit_copies_the_parents_state(env):
 
 # ---- the skills library (the real action space, no training) ------------------------------------
 
-SPACE, _ = build_hparam_space("gsm8k", difficulty_levels=(1, 2, 3), default_difficulty=2)
+# The clip range is controlled here (with two updates per batch, where it acts) so that the
+# skills' clip moves are exercised.
+SPACE, _ = build_hparam_space("gsm8k", hparam_grid={"epsilon": [0.1, 0.2, 0.3]},
+                              fixed_hparams={"num_iterations": 2}, difficulty_levels=(1, 2, 3),
+                              default_difficulty=2)
 DEFAULTS = SPACE.decode(SPACE.default_action())
 
 

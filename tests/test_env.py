@@ -20,11 +20,11 @@ from metaenv import observation as obs_layout
 from metaenv.env import LLMZeroEnv
 from metaenv.hparams import InvalidAction, build_hparam_space, default_grids
 from metaenv.pathologies import (
+    DEV_PLATEAU,
     DIVERGENCE,
     ENTROPY_COLLAPSE,
     HIGH_TRUNCATION,
     KL_BLOWUP,
-    REWARD_PLATEAU,
     ZERO_VARIANCE_GROUPS,
     detect_pathologies,
 )
@@ -42,8 +42,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-REQUIRED = ("learning_rate", "beta", "epsilon", "temperature", "num_generations",
-            "max_completion_length", "difficulty")
+REQUIRED = ("learning_rate", "beta", "temperature", "num_generations", "max_completion_length",
+            "difficulty")
 
 
 # ---------------------------------------------------------------- hyperparameter grids
@@ -52,6 +52,7 @@ REQUIRED = ("learning_rate", "beta", "epsilon", "temperature", "num_generations"
 def test_default_grids_cover_required_names(task, scale):
     space, _ = build_hparam_space(task, scale, difficulty_levels=(1, 2, 3), default_difficulty=2)
     assert set(REQUIRED) <= set(space.names)
+    assert "epsilon" not in space.names  # inert at num_iterations = 1, so not a default action
     assert space.defaults["difficulty"] == 2
     assert np.array_equal(space.nvec, [len(space.grids[n]) for n in space.names])
     assert space.decode(space.default_action()) == space.defaults
@@ -62,9 +63,9 @@ def test_encode_decode_round_trip_and_missing_keys():
     a = space.encode({"learning_rate": 3e-5, "beta": 0.01, "temperature": 1.0})
     hp = space.decode(a)
     assert hp["learning_rate"] == 3e-5 and hp["beta"] == 0.01
-    assert hp["epsilon"] == space.defaults["epsilon"]  # missing -> default without a base
-    from_base = space.decode(space.encode({"epsilon": 0.3}, base=hp))
-    assert from_base == hp | {"epsilon": 0.3}
+    assert hp["num_generations"] == space.defaults["num_generations"]  # missing -> default
+    from_base = space.decode(space.encode({"num_generations": 16}, base=hp))
+    assert from_base == hp | {"num_generations": 16}
     # Extra names in the base (a full GRPOConfig dict, say) are ignored; missing ones are named.
     assert space.decode(space.encode({}, base=hp | {"top_p": 0.9})) == hp
     with pytest.raises(InvalidAction, match="base lacks.*'beta'"):
@@ -81,11 +82,22 @@ def test_encode_rejects_off_grid_and_unknown_names_unless_snapping():
         space.encode({"lr": 1e-4})
     assert space.decode(space.encode({"learning_rate": 2e-4}, snap=True))["learning_rate"] == 3e-4
     with pytest.raises(ValueError, match="temperature"):
-        space.validate([0, 0, 0, 7, 0, 0, 0])
+        space.validate([0, 0, 7, 0, 0, 0])
     with pytest.raises(ValueError, match="shape"):
         space.validate([0, 0])
     with pytest.raises(InvalidAction, match="beta"):
-        space.validate(np.array([0, -1, 0, 0, 0, 0, 0]))
+        space.validate(np.array([0, -1, 0, 0, 0, 0]))
+
+
+def test_a_clip_range_on_the_grid_needs_more_than_one_update_per_batch():
+    with pytest.raises(ValueError, match="epsilon is controlled but num_iterations is 1"):
+        build_hparam_space("gsm8k", hparam_grid={"epsilon": [0.1, 0.2, 0.3]})
+    for extra in ({"fixed_hparams": {"num_iterations": 2}},
+                  {"hparam_grid": {"epsilon": [0.1, 0.3], "num_iterations": [1, 2]}}):
+        grid = extra.get("hparam_grid", {"epsilon": [0.1, 0.2, 0.3]})
+        space, _ = build_hparam_space("gsm8k", hparam_grid=grid,
+                                      fixed_hparams=extra.get("fixed_hparams"))
+        assert "epsilon" in space.names
 
 
 def test_user_grid_overrides_and_fixed_values():
@@ -159,8 +171,12 @@ def test_pathologies_fire_on_their_thresholds_only():
     assert detect_pathologies(_steps(3, kl=3.0)) == [KL_BLOWUP]
     assert detect_pathologies(_steps(3, **{"completions/clipped_ratio": 0.9})) == [HIGH_TRUNCATION]
     assert detect_pathologies(_steps(3, frac_reward_zero_std=1.0)) == [ZERO_VARIANCE_GROUPS]
-    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.305]) == [REWARD_PLATEAU]
-    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.35]) == []
+    # Without a dev size there is no noise margin: a plateau is two stages below the start.
+    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.29, 0.28]) == [DEV_PLATEAU]
+    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.305]) == []
+    # The plateau margin is one standard error of the dev score: 0.0625 at 64 items, 0.016 at 1024.
+    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.35], dev_size=64) == [DEV_PLATEAU]
+    assert detect_pathologies(_steps(1), dev_scores=[0.3, 0.3, 0.35], dev_size=1024) == []
     assert detect_pathologies(_steps(2, grad_norm=math.inf)) == [DIVERGENCE]
 
 
@@ -201,7 +217,7 @@ TINY = dict(
     test_size=4,
     eval_max_new_tokens=16,
     hparam_grid={"learning_rate": [1e-4, 1e-3], "num_generations": [2], "temperature": [1.0],
-                 "max_completion_length": [4, 8], "beta": [0.0, 0.04], "epsilon": [0.2]},
+                 "max_completion_length": [4, 8], "beta": [0.0, 0.04]},
     fixed_hparams={"prompts_per_step": 2},
 )
 
@@ -382,6 +398,45 @@ def test_budget_cannot_be_escaped_and_test_evals_are_counted_apart():
     score = uenv.evaluate_test()
     assert 0.0 <= score <= 1.0
     assert uenv.budget.stages == 2 and uenv.budget.test_evals == 1 and uenv.budget.seconds > 0
+
+
+def test_token_budget_refuses_the_stage_after_it_is_spent_whatever_the_path():
+    probe = make()
+    probe.reset(seed=0)
+    probe.step(probe.unwrapped.hparams.default_action())
+    one_stage = probe.unwrapped.budget.tokens
+    env = make(max_tokens=one_stage + 1)  # the second stage may start, and overshoots
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    root = uenv.save_state()
+    a = uenv.hparams.default_action()
+    env.step(a)
+    assert uenv.budget.tokens == one_stage and uenv.budget.remaining_tokens == 1
+    uenv.load_state(root)
+    env.step(a)
+    for escape in (lambda: uenv.load_state(root), lambda: env.reset(seed=0)):
+        escape()
+        with pytest.raises(BudgetExhausted, match=f"{one_stage + 1} tokens is spent"):
+            env.step(a)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        make(max_tokens=0)
+
+
+def test_kl_to_the_reference_is_measured_at_stage_end_even_without_a_kl_penalty():
+    env = make(steps_per_stage=3)
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    # Move the policy off the reference, as training would (tiny groups may carry no signal).
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in uenv.trainer.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    _, _, _, _, info = env.step(uenv.hparams.encode({"beta": 0.0, "learning_rate": 1e-3}))
+    steps = info["metrics"]
+    # TRL omits kl at beta = 0; the stage's last step measures it on a subsample instead.
+    assert ["kl" in m for m in steps] == [False, False, True] and steps[-1]["kl"] > 0
+    _, _, _, _, info = env.step(uenv.hparams.encode({"beta": 0.04, "learning_rate": 1e-3}))
+    assert all(m["kl"] > 0 for m in info["metrics"])  # with the penalty, every step has it
 
 
 def test_render_returns_the_training_curves():

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_ENV = {"eval_max_new_tokens": 8, "fixed_hparams": {"prompts_per_step": 2},
             "hparam_grid": {"learning_rate": [1e-4, 1e-3], "num_generations": [2],
                             "temperature": [1.0], "max_completion_length": [4, 8],
-                            "beta": [0.0, 0.04], "epsilon": [0.2]}}
+                            "beta": [0.0, 0.04]}}
 TINY = ["--tasks", "countdown", "--controllers", "fixed", "grid", "--budget", "2", "--stages", "1",
         "--steps-per-stage", "1", "--dev-size", "4", "--test-size", "4", "--threads", "1",
         "--env-kwargs", json.dumps(TINY_ENV)]

@@ -30,7 +30,7 @@ from inner.trainer import Trainer
 
 # The local GSM8K rows take one or four calculation steps: difficulty levels 1 and 2 (0 = all).
 GRID = {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0],
-        "epsilon": [0.2], "num_generations": [4], "max_completion_length": [16, 24],
+        "num_generations": [4], "max_completion_length": [16, 24],
         "difficulty": [0, 2]}
 # Two stages of one step, 2 prompts x 4 completions of <= 24 tokens, 8 dev and 4 test answers.
 PAPER = dict(scale="paper", stages=2, steps_per_stage=1, dev_size=8, test_size=4,

@@ -41,7 +41,7 @@ EPISODES = 6  # random episodes logged from the real env: 12 stages, ~10 s
 # Completion lengths fit the default problems' worked solutions (three two-digit terms: ~25
 # characters), so that rewards vary within a group and the learning rate can matter at all.
 GRID = {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0],
-        "epsilon": [0.2], "num_generations": [4], "max_completion_length": [32, 48],
+        "num_generations": [4], "max_completion_length": [32, 48],
         "difficulty": [2, 3, 4]}
 TINY = {"stages": 2, "steps_per_stage": 1, "dev_size": 8, "test_size": 4,
         "eval_max_new_tokens": 48, "dev_metric": "mean_score",
