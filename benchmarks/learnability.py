@@ -1,6 +1,6 @@
 """Learnability of the embedded tasks: base model, the default GRPO schedule, a shuffled control.
 
-Per task, on the embedded default env (4 stages x 20 GRPO steps, default hyperparameters, dev 64):
+Per task, on the embedded default env (8 stages x 5 GRPO steps, default hyperparameters, dev 64):
 greedy accuracy of the base model on dev and test, the same after the default schedule, and after
 the same schedule with rewards shuffled across each batch (nothing to learn from), plus the wall
 time of each stage (training + dev evaluation). Test uses the task's whole test split (512).
