@@ -6,7 +6,7 @@ Per-step metrics use TRL's names and meanings, with these conventions:
     over those updates;
   * with beta == 0 the loss skips the reference pass (TRL omits its kl key); so that a KL blow-up
     stays visible, the stage's last step then measures kl on a subsample of its batch
-    (KL_PROBE_SEQUENCES completions, policy after the update) and the other steps omit the key;
+    (KL_PROBE_SEQUENCES completions, policy before the update) and the other steps omit the key;
   * num_tokens is cumulative over the Trainer's life (prompt + completion tokens, TRL's
     num_input_tokens_seen) and is restored by load_state; StageResult.num_tokens is per stage;
   * frac_reward_zero_std is the fraction of groups whose rewards are all equal;
@@ -259,6 +259,9 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self._rollout(config, difficulty)
         ref_logps, old_logps = self._frozen_logps(config, batch)
+        # Measured before the update, like the loss's kl: after it, the batch just trained on
+        # reads several times further from the reference than fresh samples do.
+        probed = self._probe_kl(config, batch) if probe_kl and config.beta == 0.0 else None
         stats, failure = self._update(config, batch, ref_logps, old_logps)
         if failure is not None:
             return {}, failure
@@ -266,8 +269,8 @@ class Trainer:
         metrics = self._step_metrics(config, batch, stats)
         if config.beta == 0.0:
             del metrics["kl"]
-            if probe_kl:
-                metrics["kl"] = self._probe_kl(config, batch)
+            if probed is not None:
+                metrics["kl"] = probed
         metrics["step_time"] = time.perf_counter() - t0
         return metrics, None
 
@@ -339,7 +342,8 @@ class Trainer:
 
     @torch.no_grad()
     def _probe_kl(self, config: GRPOConfig, batch: Rollout) -> float:
-        """Mean per-token k3 KL of the policy to the reference on the batch's first completions."""
+        """Mean per-token k3 KL of the sampling policy to the reference on the batch's first
+        completions (what the loss's kl measures at beta > 0, on a subsample)."""
         rows = KL_PROBE_SEQUENCES
         # Whole groups share one prompt pass; a group size that does not divide the probe does not.
         group = config.num_generations if rows % config.num_generations == 0 else 1
