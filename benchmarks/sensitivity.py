@@ -2,9 +2,10 @@
 
 Per task, from the same base state (seed 0): one stage of the default hyperparameters, then one
 stage per variant in which a single controlled parameter takes another value of its grid. Each row
-gives the dev accuracy after the stage and the stage's mean training metrics (TRL names), so the
-effect of each parameter reads as a difference from the default row; the last column names the
-largest one. Every controlled parameter of the env is moved (to its grid's ends).
+gives the dev accuracy after the stage and the stage's mean training metrics (TRL names; kl is
+read at each stage's last step, where it is measured at every beta), so the effect of each
+parameter reads as a difference from the default row; the last column names the largest one.
+Every controlled parameter of the env is moved (to its grid's ends).
 
     python -m benchmarks.sensitivity [--tasks ...] [--stages 1]
 
@@ -68,15 +69,18 @@ def measure_task(task: str, seed: int, stages: int, model: str | None,
             continue
         uenv.load_state(root)
         action = uenv.hparams.encode(values)
-        steps, info = [], {}
+        steps, last_steps, info = [], [], {}
         for _ in range(stages):
             _, _, terminated, truncated, info = env.step(action)
             steps += info["metrics"]
+            last_steps += info["metrics"][-1:]
             if terminated or truncated:
                 break
         row = {"task": task, "param": name, "value": value, "dev": info["dev_score"],
                "pathologies": info["pathologies"]}
-        row |= {m: stage_mean(steps, m) for m in METRICS}  # kl: its stage-end probe at beta 0
+        row |= {m: stage_mean(steps, m) for m in METRICS}
+        # At beta = 0 only a stage's last step has kl (a probe); read every beta there alike.
+        row["kl"] = stage_mean(last_steps, "kl")
         row["effect"], row["effect_size"] = largest_effect(row, rows[0] if rows else row)
         rows.append(row)
         print(json.dumps(row), flush=True)
