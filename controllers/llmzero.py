@@ -172,7 +172,6 @@ class LLMZero:
         best = max(tree.nodes, key=lambda n: n.dev_score)  # max keeps the earliest of equals
         siblings = [] if leaf.parent is None else [s for s in leaf.parent.children if s is not leaf]
         budget = u.budget
-        limit = getattr(budget, "max_tokens", None)  # a token budget, where the env has one
         return Context(
             task=f"{u.task_name} ({u.scale} scale)", node_id=leaf.id, stage=leaf.depth,
             max_stages=tree.max_depth, hparams=dict(leaf.hparams),
@@ -183,7 +182,7 @@ class LLMZero:
             best={"dev_score": best.dev_score, "node": best.id,
                   "path": [n.hparams for n in best.path()]},
             remaining_stages=tracker.remaining,
-            tokens_left=None if limit is None else int(limit - budget.tokens),
+            tokens_left=None if budget.max_tokens is None else int(budget.remaining_tokens),
             dev_size=getattr(u, "dev_size", None),
             steps_per_stage=getattr(u, "steps_per_stage", None),
             plot=functools.partial(_plot, u, leaf.state),
