@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from inner.models import autocast_forward
 from inner.prompts import PromptFormat, final_answer
 from inner.rollout import generate
 from inner.state import TrainState
+
+if TYPE_CHECKING:
+    from inner.tasks import Example
 
 
 def _own_copy(value: Any, device: torch.device) -> Any:
@@ -430,7 +433,11 @@ class Trainer:
         examples = self.task.examples(split)
         if n is None:
             n = self.dev_size if split == "dev" else len(examples)
-        examples = examples[:n]
+        return self.evaluate_examples(examples[:n])
+
+    @torch.no_grad()
+    def evaluate_examples(self, examples: list[Example]) -> EvalResult:
+        """Greedy, batched decoding on `examples`, scored by the task."""
         samples = []
         for start in range(0, len(examples), self.eval_batch_size):
             batch = examples[start : start + self.eval_batch_size]

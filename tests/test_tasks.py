@@ -78,6 +78,23 @@ def test_difficulty_controls_train_only(name):
         task.examples("train", 99)
 
 
+@pytest.mark.parametrize("name", ["math", "countdown"])
+def test_held_out_problems_at_every_level_never_meet_a_train_or_dev_problem(name):
+    task = get_task(name, **{**SMALL, "train_size": 60})
+    assert task.held_out_at(task.default_difficulty, 5) == task.examples("test")[:5]
+    trained = {task.problem_key(e) for lv in task.difficulty_levels
+               for e in task.examples("train", lv)}
+    dev = {task.problem_key(e) for e in task.examples("dev")}
+    for level in task.difficulty_levels:
+        if level == task.default_difficulty:
+            continue
+        held = task.held_out_at(level, 20)
+        assert len(held) == 20 and {e.meta["difficulty"] for e in held} == {level}
+        assert not {task.problem_key(e) for e in held} & (trained | dev)
+    with pytest.raises(ValueError, match="difficulty 99"):
+        task.held_out_at(99, 5)
+
+
 @pytest.mark.parametrize("name", task_names())
 def test_embedded_prompts_and_solutions_are_compact(name):
     dev = get_task(name, **SMALL).examples("dev")

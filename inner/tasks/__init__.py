@@ -134,6 +134,24 @@ class Task:
                 _CACHE[(*base, "test", level)] = test
         return _CACHE[(*base, split, level)]
 
+    def held_out_at(self, level: int, n: int) -> list[Example]:
+        """`n` test-like problems at `level`, for per-level analyses (the env never uses them).
+
+        At the default level they are the test split's first `n`. At any other level they are
+        drawn like a test split and kept apart from the dev split and from the train split of
+        every level, so that no analysis scores a problem some stage may have trained on.
+        """
+        if level == self.default_difficulty:
+            return self.examples("test")[:n]
+        if level not in self.difficulty_levels:
+            raise ValueError(
+                f"{self.name}: difficulty {level} not in {self.difficulty_levels} ({self.scale})"
+            )
+        seen = {self.problem_key(e) for e in self.examples("dev")}
+        seen |= {self.problem_key(e) for d in self.difficulty_levels
+                 for e in self.examples("train", d)}
+        return self._unique(self._build("test", level), n, seen)
+
     def _build(self, split: str, difficulty: int) -> Iterable[Example]:
         """Raw examples of a split before de-duplication; dev/test may return extra."""
         if self.scale == "embedded":
