@@ -208,3 +208,31 @@ def test_other_bad_input():
         stats.holm([0.1, 1.5])
     with pytest.raises(ValueError, match="level must be in"):
         stats.paired_difference({0: [1], 1: [0]}, {0: [1], 1: [0]}, level=95)
+
+
+def test_bootstrap_p_value_inverts_the_percentile_ci():
+    assert stats.bootstrap_p_value([1.0, 2.0, 3.0]) == pytest.approx(2 * 1 / 4)
+    assert stats.bootstrap_p_value([0.0] * 10) == 1.0
+    assert stats.bootstrap_p_value([-1.0, 1.0]) == 1.0
+    for p_x, p_ref, verdict in ((0.75, 0.3, "better"), (0.3, 0.75, "worse"),
+                                (0.5, 0.5, "no difference")):
+        d = stats.paired_difference(bernoulli_runs(p_x, seed=11), bernoulli_runs(p_ref, seed=12),
+                                    n_boot=2000)
+        assert d.verdict == verdict
+        assert (d.p_boot < 0.05) == (verdict != "no difference")
+    with pytest.raises(ValueError, match="bootstrap draws"):
+        stats.bootstrap_p_value([])
+
+
+def test_performance_profile_known_values_and_band():
+    scores = np.array([[0.1, 0.5], [0.3, 0.7]])
+    point, lo, hi = stats.performance_profile(scores, [0.0, 0.3, 0.6, 1.0], n_boot=500)
+    assert point.tolist() == [1.0, 0.75, 0.25, 0.0]
+    assert np.all(lo <= point) and np.all(point <= hi)
+    assert (lo[0], hi[0], lo[-1], hi[-1]) == (1.0, 1.0, 0.0, 0.0)  # every resample agrees there
+    # Seeds that agree leave nothing to resample: a zero-width band.
+    same = np.array([[0.2, 0.8]] * 3)
+    point, lo, hi = stats.performance_profile(same, [0.5], n_boot=200)
+    assert point.tolist() == lo.tolist() == hi.tolist() == [0.5]
+    with pytest.raises(ValueError, match="2 seeds"):
+        stats.performance_profile(scores[:1], [0.5])

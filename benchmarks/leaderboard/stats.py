@@ -6,10 +6,12 @@ and evaluation items), so a controller is compared with its reference (grid sear
 default schedule) seed by seed and item by item, never as two independent samples. A run's test
 score is the mean of its item vector.
 
+- ``bootstrap_ci``: the mean of one sample (a controller's test scores over seeds) and its CI.
 - ``paired_difference`` / ``compare_tasks``: the mean paired difference on a task, a bootstrap CI
   over seeds and items, a verdict, and a sign-flip p-value over seeds, Holm-adjusted across tasks.
 - ``probability_of_improvement``: P(X > Y) over paired seeds, averaged over tasks.
 - ``iqm`` / ``iqm_ci``: the interquartile mean across tasks x seeds, with a stratified bootstrap.
+- ``performance_profile``: the share of runs scoring at least tau, with a stratified bootstrap band.
 
 Every bootstrap takes a ``seed`` (default 0), so tables are stable from one build to the next.
 
@@ -36,7 +38,7 @@ _GATHER_LIMIT = 1 << 21  # values gathered per bootstrap chunk: bounds memory fo
 
 
 class Estimate(NamedTuple):
-    """A point estimate and its percentile bootstrap CI; unpacks like report.bootstrap_ci."""
+    """A point estimate and its percentile bootstrap CI; unpacks like bootstrap_ci."""
 
     point: float
     low: float
@@ -54,6 +56,9 @@ class PairedDiff:
     n_seeds: int
     n_items: int
     p_holm: float = math.nan  # p_value Holm-adjusted across the tasks compared (compare_tasks)
+    # The two-sided p-value the bootstrap CI inverts: below 1 - level exactly when the CI
+    # excludes 0 (up to ties at 0), so its Holm adjustment corrects the CI's verdict.
+    p_boot: float = math.nan
 
     @property
     def verdict(self) -> str:
@@ -183,6 +188,22 @@ def _stratified_resamples(scores: np.ndarray, n_boot: int, rng: np.random.Genera
     return scores[rows, np.arange(n_tasks)]
 
 
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 10_000,
+                 seed: int = 0) -> Estimate:
+    """(mean, low, high): percentile bootstrap CI of the mean of one sample (e.g. over seeds).
+
+    Empty input gives NaNs, one value a zero-width CI: the tables show what there is.
+    """
+    _check_bootstrap(level, n_boot)
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return Estimate(math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    return Estimate(float(x.mean()),
+                    *_percentiles(x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1),
+                                  level))
+
+
 # ---- paired differences -------------------------------------------------------------------------
 
 
@@ -217,6 +238,19 @@ def sign_flip_p_value(diffs: Sequence[float], n_perm: int = 10_000, seed: int = 
     return (1 + hits) / (1 + n_perm)
 
 
+def bootstrap_p_value(boot: ArrayLike) -> float:
+    """Two-sided p-value of "the difference is 0" from bootstrap draws of it.
+
+    Twice the smaller share of draws on either side of 0 (draws at 0 count on both), each share
+    as (1 + hits) / (1 + draws) so it is never 0; capped at 1. Inverts the percentile CI.
+    """
+    b = np.asarray(boot, dtype=np.float64)
+    if b.ndim != 1 or b.size == 0:
+        raise ValueError(f"expected a non-empty 1-D vector of bootstrap draws, got shape {b.shape}")
+    below, above = (1 + np.sum(b <= 0)) / (1 + b.size), (1 + np.sum(b >= 0)) / (1 + b.size)
+    return float(min(1.0, 2 * min(below, above)))
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values, in the input order (family-wise error control).
 
@@ -246,10 +280,11 @@ def paired_difference(x: ItemScores, ref: ItemScores, level: float = 0.95, n_boo
     _require_seeds(len(seeds), "a paired-difference CI")
     d = xs - rs
     per_seed = d.mean(axis=1)
-    low, high = _percentiles(_seed_item_means(d, n_boot, np.random.default_rng(seed)), level)
+    boot = _seed_item_means(d, n_boot, np.random.default_rng(seed))
+    low, high = _percentiles(boot, level)
     return PairedDiff(mean_diff=float(per_seed.mean()), ci_low=low, ci_high=high,
                       p_value=sign_flip_p_value(per_seed, seed=seed), n_seeds=len(seeds),
-                      n_items=d.shape[1])
+                      n_items=d.shape[1], p_boot=bootstrap_p_value(boot))
 
 
 def compare_tasks(x_by_task: Mapping[str, ItemScores], ref_by_task: Mapping[str, ItemScores],
@@ -304,3 +339,27 @@ def iqm_ci(scores: ArrayLike, level: float = 0.95, n_boot: int = 10_000, seed: i
     _require_seeds(s.shape[0], "an IQM CI")
     boot = _stratified_resamples(s, n_boot, np.random.default_rng(seed)).reshape(n_boot, -1)
     return Estimate(iqm(s), *_percentiles(trim_mean(boot, proportiontocut=0.25, axis=1), level))
+
+
+def performance_profile(scores: ArrayLike, taus: ArrayLike, level: float = 0.95,
+                        n_boot: int = 10_000, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(profile, low, high): for each tau the share of runs (seeds x tasks) scoring >= tau.
+
+    rliable's run-score performance profile (``create_performance_profile``), its band from the
+    same stratified bootstrap over seeds as iqm_ci (``plot_utils.plot_performance_profiles``).
+    """
+    _check_bootstrap(level, n_boot)
+    s = _score_matrix(scores, "scores")
+    _require_seeds(s.shape[0], "a performance-profile band")
+    t = np.asarray(taus, dtype=np.float64)
+    if t.ndim != 1 or t.size == 0:
+        raise ValueError(f"taus must be a non-empty 1-D vector, got shape {t.shape}")
+    point = (s.reshape(-1, 1) >= t).mean(axis=0)
+    boot = _stratified_resamples(s, n_boot, np.random.default_rng(seed)).reshape(n_boot, -1)
+    # Sorted runs: the share >= tau is one searchsorted per tau, not a (boot, runs, taus) cube.
+    runs = boot.shape[1]
+    shares = 1.0 - np.stack([np.searchsorted(b, t, side="left") for b in np.sort(boot, axis=1)]
+                            ) / runs
+    lows, highs = np.quantile(shares, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
+    return point, lows, highs
