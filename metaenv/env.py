@@ -211,6 +211,7 @@ class LLMZeroEnv(gym.Env):
         self._seeds: OrderedDict[int, list] = OrderedDict()
         self.trainer: Trainer | None = None
         self._trainer_seed: int | None = None
+        self.last_test_correct: tuple[bool, ...] = ()  # per test item, set by evaluate_test()
         self._reset_episode_fields()
 
     # ------------------------------------------------------------------ construction helpers
@@ -523,14 +524,22 @@ class LLMZeroEnv(gym.Env):
 
     # ------------------------------------------------------------------ harness
     def evaluate_test(self) -> float:
-        """Score of the current state on the held-out test split (harness only; counted apart)."""
+        """Score of the current state on the held-out test split (harness only; counted apart).
+
+        Also sets `last_test_correct`: each test item's correctness, in test-item order, which
+        the same items under every seed make comparable item by item across runs.
+        """
         if self.trainer is None:
             raise RuntimeError("call reset() or load_state() before evaluate_test()")
         t0 = time.perf_counter()
         if self._last.get("failure") is not None:
             score = 0.0  # the model of a failed stage is lost, as on dev
+            n_items = len(self.task.examples("test")[: self.test_size])
+            self.last_test_correct = (False,) * n_items
         else:
-            score = self._score(self.trainer.evaluate("test", n=self.test_size))
+            result = self.trainer.evaluate("test", n=self.test_size)
+            score = self._score(result)
+            self.last_test_correct = tuple(bool(s["correct"]) for s in result.samples)
         self.budget.test_evals += 1
         self.budget.test_seconds += time.perf_counter() - t0
         return score

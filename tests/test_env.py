@@ -395,8 +395,13 @@ def test_budget_cannot_be_escaped_and_test_evals_are_counted_apart():
         escape()
         with pytest.raises(BudgetExhausted, match="2 stages"):
             env.step(a)
+    assert uenv.last_test_correct == ()  # nothing scored on test yet
     score = uenv.evaluate_test()
     assert 0.0 <= score <= 1.0
+    # Each test item's correctness, in order; the (accuracy) score is their mean.
+    correct = uenv.last_test_correct
+    assert len(correct) == uenv.test_size and all(isinstance(c, bool) for c in correct)
+    assert score == pytest.approx(sum(correct) / len(correct))
     assert uenv.budget.stages == 2 and uenv.budget.test_evals == 1 and uenv.budget.seconds > 0
 
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from benchmarks.leaderboard import report, runlog
+from benchmarks.leaderboard import report, runlog, stats
 from benchmarks.leaderboard.executors import RAY_MISSING, RunSpec, make_executor
 from benchmarks.leaderboard.harness import main
 from benchmarks.leaderboard.runlog import RunRecord, StageRecord
@@ -50,7 +50,7 @@ def test_bootstrap_ci_matches_the_exact_binomial_quantiles():
     # The bootstrap mean of 0/1 data is Binomial(n, p)/n exactly, so its 2.5% and 97.5% quantiles
     # are known in closed form. n=7, p=3/7 keeps both quantiles away from a CDF jump.
     values = [0, 0, 0, 0, 1, 1, 1]
-    mean, lo, hi = report.bootstrap_ci(values, n_boot=40_000, seed=1)
+    mean, lo, hi = stats.bootstrap_ci(values, n_boot=40_000, seed=1)
     assert mean == pytest.approx(3 / 7)
     assert lo == pytest.approx(_binomial_quantile(7, 3 / 7, 0.025))
     assert hi == pytest.approx(_binomial_quantile(7, 3 / 7, 0.975))
@@ -58,49 +58,18 @@ def test_bootstrap_ci_matches_the_exact_binomial_quantiles():
 
 
 def test_bootstrap_ci_degenerate_cases_and_determinism():
-    assert report.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4, 0.4))
-    assert report.bootstrap_ci([0.25]) == pytest.approx((0.25, 0.25, 0.25))
-    assert all(math.isnan(x) for x in report.bootstrap_ci([]))
+    assert stats.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4, 0.4))
+    assert stats.bootstrap_ci([0.25]) == pytest.approx((0.25, 0.25, 0.25))
+    assert all(math.isnan(x) for x in stats.bootstrap_ci([]))
     rng = np.random.default_rng(0)
     x = rng.normal(size=12)
-    assert report.bootstrap_ci(x, seed=3) == report.bootstrap_ci(x, seed=3)
+    assert stats.bootstrap_ci(x, seed=3) == stats.bootstrap_ci(x, seed=3)
     # Normal data: the percentile CI is close to mean +- 1.96 s/sqrt(n) (within bootstrap noise).
     x = rng.normal(loc=2.0, scale=1.0, size=400)
-    mean, lo, hi = report.bootstrap_ci(x)
+    mean, lo, hi = stats.bootstrap_ci(x)
     half = 1.96 * x.std() / math.sqrt(x.size)
     assert lo == pytest.approx(mean - half, abs=0.1 * half)
     assert hi == pytest.approx(mean + half, abs=0.1 * half)
-
-
-def _turning_points(values):
-    """Independent count of direction changes: collapse repeats, count strict local extrema."""
-    v = [x for i, x in enumerate(values) if i == 0 or x != values[i - 1]]
-    return sum(1 for i in range(1, len(v) - 1) if (v[i] > v[i - 1]) != (v[i + 1] > v[i]))
-
-
-def _share_not_down(values):
-    pairs = list(zip(values, values[1:], strict=False))
-    return sum(b >= a for a, b in pairs) / len(pairs)
-
-
-def test_structural_statistic_on_hand_made_schedules():
-    lr = [1e-4, 3e-5, 1e-4, 1e-4, 3e-5, 3e-5]  # down, up, flat, down: turns at 3e-5 and 1e-4
-    length = [32, 48, 48, 64, 32, 96]  # five transitions, one of them down
-    schedule = [{"learning_rate": a, "max_completion_length": b, "loss_type": "grpo"}
-                for a, b in zip(lr, length, strict=True)]
-    s = report.schedule_structure(schedule)
-    assert set(s) == {"learning_rate", "max_completion_length"}  # strings are not structured
-    assert s["learning_rate"] == _turning_points(lr) == 2
-    assert s["max_completion_length"] == pytest.approx(_share_not_down(length))
-    assert _share_not_down(length) == pytest.approx(4 / 5)
-    assert math.isnan(report.nondecreasing_fraction([64]))
-    assert report.direction_changes([0.1]) == 0
-    # Random schedules on small grids (many repeats): both formulations agree.
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        v = list(rng.choice([0.0, 0.01, 0.04, 0.1], size=rng.integers(2, 9)))
-        assert report.direction_changes(v) == _turning_points(v)
-        assert report.nondecreasing_fraction(v) == pytest.approx(_share_not_down(v))
 
 
 def test_summary_relative_improvements_follow_their_definitions():
@@ -125,11 +94,11 @@ def test_meta_training_cost_gets_its_own_column_only_when_paid():
                          base_dev_score=0.2, budget=4, stages_spent=4, extra={"cost": cost})
 
     plain = [rec("base", {}), rec("grid", {"stages": 4})]
-    assert "meta-train" not in report.markdown(report.summarize(plain), [], {})
+    assert "meta-train" not in report.markdown(report.summarize(plain))
     sb3 = rec("sb3", {"stages": 4, "meta_train_seconds": 556.2, "meta_train_real_stages": 24})
     rows = report.summarize([*plain, sb3])
     assert [r["meta_train_seconds"] for r in rows][2] == pytest.approx(556.2)
-    table = report.markdown(rows, [], {})
+    table = report.markdown(rows)
     assert "meta-train s (real stages)" in table
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
              if line.startswith(("| base", "| grid", "| sb3"))]
@@ -143,10 +112,10 @@ def test_llm_rows_show_their_fallback_share_and_other_rows_do_not():
                          base_dev_score=0.2, budget=4, stages_spent=4, extra={"cost": cost})
 
     plain = [rec("base", 0, {}), rec("llmzero", 0, {"stages": 4})]
-    assert "LLM fallbacks" not in report.markdown(report.summarize(plain), [], {})
+    assert "LLM fallbacks" not in report.markdown(report.summarize(plain))
     llm = [rec("llmzero-llm", s, {"llm_expansions": 4, "llm_fallbacks": f})
            for s, f in ((0, 1), (1, 0))]
-    table = report.markdown(report.summarize([*plain, *llm]), [], {})
+    table = report.markdown(report.summarize([*plain, *llm]))
     header = next(line for line in table.splitlines() if line.startswith("| controller | test"))
     column = [c.strip() for c in header.split("|")].index("LLM fallbacks")
     width = header.count("|")  # the per-task table's rows, not the overview's
@@ -168,7 +137,7 @@ def test_overview_has_a_row_per_controller_and_a_column_per_task():
     assert cells[0] == ["controller", "a", "b", "stages", "seconds"]
     assert cells[2] == ["base", "0.200", "0.500", "0.0", "0"]
     assert cells[3][:4] == ["grid", "0.300 (+50.0%)", "0.250 (-50.0%)", "4.0"]
-    assert "\n".join(lines) in report.markdown(report.summarize(records), [], {})
+    assert "\n".join(lines) in report.markdown(report.summarize(records))
 
 
 # ---- the HDF5 run log ----------------------------------------------------------------------------
@@ -210,6 +179,22 @@ def test_runlog_round_trip_and_resume_listing(tmp_path):
 
     path = runlog.write_combined(tmp_path, list(loaded.values()))
     assert {r.key for r in runlog.read_combined(path)} == {a.key, b.key}
+
+
+def test_per_item_test_correctness_round_trips_and_is_empty_in_old_logs(tmp_path):
+    rec = _record("grid", 3)
+    rec.test_correct = [True, False, False, True, True]
+    path = runlog.save_run(tmp_path, rec)
+    with h5py.File(path, "r") as f:
+        assert f["test_correct"].dtype == np.uint8
+        assert f["test_correct"][()].tolist() == [1, 0, 0, 1, 1]
+    got = runlog.load_runs(tmp_path)[rec.key]
+    assert got.test_correct == [True, False, False, True, True]
+    combined = runlog.write_combined(tmp_path, [rec])
+    assert runlog.read_combined(combined)[0].test_correct == rec.test_correct
+    with h5py.File(path, "a") as f:
+        del f["test_correct"]  # as a log written before per-item correctness was stored
+    assert runlog.load_runs(tmp_path)[rec.key].test_correct == []
 
 
 def test_combined_file_survives_a_writer_that_dies_midway(tmp_path):
@@ -332,6 +317,9 @@ def test_end_to_end_killed_with_sigkill_then_resumed(tmp_path):
         assert all(len(s.metrics) == 1 and "reward" in s.metrics[0] for s in r.stages)
         assert all("learning_rate" in s.hparams for s in r.stages)
         assert 0.0 <= r.test_score <= 1.0 and r.anytime[0] == (0, r.base_dev_score)
+        # Per-item test correctness: one per test item, and the score is its mean.
+        assert len(r.test_correct) == 4 and all(isinstance(c, bool) for c in r.test_correct)
+        assert r.test_score == pytest.approx(sum(r.test_correct) / 4)
         # The chosen state is one stage deep unless no stage beat the base model on dev.
         assert len(r.schedule) == (1 if r.dev_score > r.base_dev_score else 0)
     assert records[("countdown", "grid", 0)].stages_spent == 2  # two one-stage trials
@@ -343,7 +331,16 @@ def test_end_to_end_killed_with_sigkill_then_resumed(tmp_path):
     md = (out / "leaderboard.md").read_text()
     assert "## countdown" in md and "| fixed |" in md and "| grid |" in md
     assert "--steps-per-stage 1" in md  # the command that made it
-    for name in ("anytime_countdown", "schedule_countdown", "improvement"):
+    assert "Smoke run, not for conclusions" in md  # a budget of 2 stages and one seed
+    assert "smoke run, not for conclusions" in done.stdout
+    runs_csv = (out / "runs.csv").read_text().splitlines()
+    assert runs_csv[0].startswith("task,controller,seed,test_score,dev_score,stages,tokens,seconds")
+    assert len(runs_csv) == 4  # the header, base, fixed, grid
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0] and set(summary["pairs"]["countdown"]) == {"base", "fixed",
+                                                                               "grid"}
+    for name in ("anytime_countdown", "schedule_countdown", "differences", "iqm", "profile",
+                 "structure"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
 
 

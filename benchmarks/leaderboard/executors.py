@@ -54,6 +54,11 @@ def _test_score(env: gym.Env) -> float:
     return float(getattr(score, "accuracy", score))
 
 
+def _test_correct(env: gym.Env) -> list[bool]:
+    """Per-item correctness of the last evaluate_test (empty for an env that does not keep it)."""
+    return [bool(c) for c in getattr(env.unwrapped, "last_test_correct", ())]
+
+
 def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     """Run one (task, controller, seed) under the protocol and return its record."""
     import optuna
@@ -82,6 +87,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
             base_dev = float(env.unwrapped.base_dev_score)
             test = _test_score(env)
             return RunRecord(task=spec.task, controller=BASE, seed=spec.seed, test_score=test,
+                             test_correct=_test_correct(env),
                              dev_score=base_dev, base_dev_score=base_dev, budget=0,
                              stages_spent=0, wall_s=time.time() - started, started_at=started,
                              finished_at=time.time(), anytime=[(0, base_dev)],
@@ -91,6 +97,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
         # The protocol: the controller decided on dev; the harness scores its choice once on test.
         env.unwrapped.load_state(result.final_state)
         test = _test_score(env)
+        test_correct = _test_correct(env)  # now: a later evaluate_test would overwrite it
         # The env's own counters are the authority on what was spent (a fresh env per run).
         budget = env.unwrapped.budget
         spent = int(budget.stages)
@@ -115,7 +122,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
                                 f"env.step saw {len(rec_env.stages)}")
         return RunRecord(
             task=spec.task, controller=spec.controller, seed=spec.seed, test_score=test,
-            dev_score=float(result.dev_score), base_dev_score=base_dev,
+            test_correct=test_correct, dev_score=float(result.dev_score), base_dev_score=base_dev,
             budget=spec.budget, stages_spent=spent, tokens=float(budget.tokens),
             seconds=float(budget.seconds), wall_s=time.time() - started, started_at=started,
             finished_at=time.time(), schedule=[plain(h) for h in result.schedule],

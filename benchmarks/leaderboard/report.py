@@ -1,7 +1,9 @@
-"""The leaderboard's report: tables (md, csv), plots, and the paper's schedule-structure statistic.
+"""The leaderboard's report: runs.csv, summary.json, leaderboard.md/csv, structure.csv, plots.
 
 Everything here is computed from RunRecords (``runlog``), so a report can be rebuilt from
-``leaderboard.h5`` alone: ``python -m benchmarks.leaderboard.report results/``.
+``leaderboard.h5`` alone: ``python -m benchmarks.leaderboard.report results/standard/``.
+The statistics are paired by seed (``pairs``, ``stats``); the structure statistic and its null
+are in ``structure``; the figures in ``plots``.
 """
 
 from __future__ import annotations
@@ -10,68 +12,26 @@ import argparse
 import csv
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import h5py
+import numpy as np
 
-matplotlib.use("Agg")  # files only, never a window
-import h5py  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from benchmarks.leaderboard import pairs, plots, stats, structure
+from benchmarks.leaderboard.pairs import N_BOOT, REFERENCES
+from benchmarks.leaderboard.runlog import BASE, COMBINED, RunRecord, read_combined
 
-from benchmarks.leaderboard.runlog import BASE, COMBINED, RunRecord, read_combined  # noqa: E402
-
-# The paper's split of the hyperparameters: capacity accumulates, regularization oscillates.
-CAPACITY = ("max_completion_length", "num_generations")
-REGULARIZATION = ("learning_rate", "beta", "epsilon", "temperature")
-REFERENCE = "grid"  # the second of the paper's two figures is relative to grid search
+REFERENCE = REFERENCES["pairs"]  # grid search: the paper's second figure is relative to it
+SMOKE_BUDGET = 6  # the quick preset's budget: a run this small answers nothing
+TREE = "llmzero"  # rows whose name starts with this are the tree search (the LLM row too)
 
 
-# ---- statistics ---------------------------------------------------------------------------------
-
-
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 10_000,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap CI of the mean, seeded so tables are stable."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(x.mean()), float(lo), float(hi)
-
-
-def nondecreasing_fraction(values: Sequence[float]) -> float:
-    """Fraction of stage transitions that keep or raise the value; NaN with fewer than 2 stages."""
-    d = np.diff(np.asarray(values, dtype=np.float64))
-    return float(np.mean(d >= 0)) if d.size else math.nan
-
-
-def direction_changes(values: Sequence[float]) -> int:
-    """How often the value turns around (up then down, or down then up); flat runs don't count."""
-    d = np.diff(np.asarray(values, dtype=np.float64))
-    signs = np.sign(d[d != 0])
-    return int(np.sum(signs[1:] != signs[:-1]))
-
-
-def schedule_structure(schedule: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """The structural statistic of one chosen schedule, for each parameter it holds numerically."""
-    out: dict[str, float] = {}
-    for name in CAPACITY + REGULARIZATION:
-        values = [hp.get(name) for hp in schedule]
-        if not values or not all(isinstance(v, (int, float)) and v is not None for v in values):
-            continue
-        if name in CAPACITY:
-            out[name] = nondecreasing_fraction(values)
-        else:
-            out[name] = float(direction_changes(values))
-    return out
+# ---- tables --------------------------------------------------------------------------------------
 
 
 def relative(x: float, ref: float) -> float:
@@ -81,24 +41,24 @@ def relative(x: float, ref: float) -> float:
     return (x - ref) / abs(ref)
 
 
-# ---- tables --------------------------------------------------------------------------------------
-
-
 def _nanmean(values: Sequence[float]) -> float:
-    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    v = [x for x in values if _finite(x)]
     return float(np.mean(v)) if v else math.nan
 
 
 def _order(records: Sequence[RunRecord], order: Sequence[str] | None) -> list[str]:
     """Controllers in the given order, then any others alphabetically; never the base."""
-    present = {r.controller for r in records} - {BASE}
-    first = [c for c in (order or []) if c in present]
-    return first + sorted(present - set(first))
+    return plots._order(records, order)
 
 
 def _cost(record: RunRecord, key: str) -> float:
     value = record.extra.get("cost", {}).get(key)
     return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+NO_PAIR: dict[str, Any] = {"mean_diff": math.nan, "ci": [math.nan, math.nan], "verdict": "",
+                           "p_holm": math.nan, "verdict_holm": "", "ci_method": "none",
+                           "poi": math.nan}
 
 
 @dataclass(frozen=True)
@@ -109,18 +69,19 @@ class Runs:
     base_test: float
     base_dev: float
     grid_test: float  # the reference's mean test score (NaN without a grid row)
+    vs: dict[str, dict[str, Any]] = field(default_factory=dict)  # reference -> pairs.pair
+    transfer: dict[str, Any] = field(default_factory=dict)  # pairs.transfer's entry
 
     @cached_property
     def test_ci(self) -> tuple[float, float, float]:
         """(mean, low, high) of the test score over seeds; bootstrapped once per group."""
-        return bootstrap_ci([r.test_score for r in self.runs])
+        return stats.bootstrap_ci([r.test_score for r in self.runs])
 
     def mean(self, value: Callable[[RunRecord], float]) -> float:
         return _nanmean([value(r) for r in self.runs])
 
-    def structure(self, kind: tuple[str, ...]) -> float:
-        return _nanmean([v for r in self.runs for k, v in schedule_structure(r.schedule).items()
-                         if k in kind])
+    def pair(self, reference: str) -> dict[str, Any]:
+        return self.vs.get(reference) or NO_PAIR
 
 
 @dataclass(frozen=True)
@@ -134,9 +95,9 @@ class Column:
 
     key: str
     header: str | None
-    compute: Callable[[Runs], float]
+    compute: Callable[[Runs], Any]
     cell: Callable[[dict[str, Any]], str] | None = None
-    base: Callable[[Runs], float] | None = None
+    base: Callable[[Runs], Any] | None = None
     optional: bool = False
     has_value: Callable[[Any], bool] = lambda x: _finite(x) and x != 0
 
@@ -145,25 +106,69 @@ def _is_base(row: dict[str, Any]) -> bool:
     return row["controller"] == BASE
 
 
+def _diff_cell(row: dict[str, Any], key: str) -> str:
+    """A paired difference as "+0.012 [-0.010, +0.031] no difference"."""
+    verdict = row[f"{key}_verdict"]
+    if verdict == "reference":
+        return "—"
+    if not _finite(row[f"{key}_diff"]):
+        return "n/a"
+    ci = ""
+    if _finite(row[f"{key}_ci_low"]):
+        ci = f" [{_fmt(row[f'{key}_ci_low'], '+.3f')}, {_fmt(row[f'{key}_ci_high'], '+.3f')}]"
+    return f"{_fmt(row[f'{key}_diff'], '+.3f')}{ci} {verdict}".strip()
+
+
+def _pair_columns(key: str, get: Callable[[Runs], dict[str, Any]], header: str | None,
+                  optional: bool = False) -> tuple[Column, ...]:
+    """The CSV fields of one paired difference, and its Markdown column (if `header`)."""
+    return (
+        Column(f"{key}_diff", header, lambda g: get(g)["mean_diff"],
+               lambda r: _diff_cell(r, key), optional=optional),
+        Column(f"{key}_ci_low", None, lambda g: get(g)["ci"][0]),
+        Column(f"{key}_ci_high", None, lambda g: get(g)["ci"][1]),
+        Column(f"{key}_verdict", None, lambda g: get(g)["verdict"]),
+        Column(f"{key}_p_holm", None, lambda g: get(g)["p_holm"]),
+        Column(f"{key}_verdict_holm", None, lambda g: get(g)["verdict_holm"]),
+        Column(f"{key}_poi", None, lambda g: get(g)["poi"]),
+        Column(f"{key}_ci_method", None, lambda g: get(g)["ci_method"]),
+    )
+
+
+def _transfer(g: Runs) -> dict[str, Any]:
+    return g.transfer or {"mean": math.nan, "ci": [math.nan, math.nan], "vs_grid": None}
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("n_seeds", "seeds", lambda g: len(g.runs), lambda r: str(r["n_seeds"])),
     Column("test_mean", "test [95% CI]", lambda g: g.test_ci[0],
-           lambda r: _fmt(r["test_mean"]) if _is_base(r) else
+           lambda r: _fmt(r["test_mean"]) if _is_base(r) or not _finite(r["test_ci_low"]) else
            f"{_fmt(r['test_mean'])} [{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"),
-    Column("test_ci_low", None, lambda g: g.test_ci[1]),
-    Column("test_ci_high", None, lambda g: g.test_ci[2]),
+    Column("test_ci_low", None, lambda g: g.test_ci[1] if len(g.runs) > 1 else math.nan),
+    Column("test_ci_high", None, lambda g: g.test_ci[2] if len(g.runs) > 1 else math.nan),
+    *_pair_columns("vs_grid", lambda g: g.pair(REFERENCES["pairs"]), "vs grid"),
+    *_pair_columns("vs_fixed", lambda g: g.pair(REFERENCES["pairs_vs_fixed"]), "vs fixed"),
+    Column("transfer_mean", "transfer", lambda g: _transfer(g)["mean"],
+           lambda r: _fmt(r["transfer_mean"]), optional=True, has_value=lambda x: _finite(x)),
+    Column("transfer_ci_low", None, lambda g: _transfer(g)["ci"][0]),
+    Column("transfer_ci_high", None, lambda g: _transfer(g)["ci"][1]),
+    *_pair_columns("transfer_vs_grid", lambda g: _transfer(g)["vs_grid"] or NO_PAIR,
+                   "transfer vs grid", optional=True),
     Column("rel_vs_base", "vs base", lambda g: relative(g.test_ci[0], g.base_test),
            lambda r: "—" if _is_base(r) else _pct(r["rel_vs_base"]), base=lambda g: 0.0),
-    Column("rel_vs_grid", "vs grid", lambda g: relative(g.test_ci[0], g.grid_test),
-           lambda r: _pct(r["rel_vs_grid"])),
+    Column("rel_vs_grid", None, lambda g: relative(g.test_ci[0], g.grid_test)),
     Column("dev_mean", "dev", lambda g: g.mean(lambda r: r.dev_score),
            lambda r: _fmt(r["dev_mean"]), base=lambda g: g.base_dev),
     Column("budget", None, lambda g: max(r.budget for r in g.runs), base=lambda g: 0),
-    Column("stages_mean", "stages", lambda g: g.mean(lambda r: r.stages_spent),
-           lambda r: _fmt(r["stages_mean"], ".1f"), base=lambda g: 0.0),
-    Column("seconds_mean", "seconds", lambda g: g.mean(lambda r: r.wall_s),
+    Column("stages_mean", "stages / budget", lambda g: g.mean(lambda r: r.stages_spent),
+           lambda r: f"{_fmt(r['stages_mean'], '.1f')} / {r['budget']}", base=lambda g: 0.0),
+    Column("unspent_runs", None, lambda g: sum(r.stages_spent < r.budget for r in g.runs),
+           base=lambda g: 0),
+    Column("tokens_mean", "tokens", lambda g: g.mean(lambda r: r.tokens),
+           lambda r: _count(r["tokens_mean"]), base=lambda g: 0.0),
+    Column("seconds_mean", "seconds", lambda g: g.mean(lambda r: r.seconds),
            lambda r: _fmt(r["seconds_mean"], ".0f"), base=lambda g: 0.0),
-    Column("tokens_mean", None, lambda g: g.mean(lambda r: r.tokens), base=lambda g: 0.0),
+    Column("wall_s_mean", None, lambda g: g.mean(lambda r: r.wall_s)),
     Column("llm_tokens_mean", "LLM tokens",
            lambda g: g.mean(lambda r: r.extra.get("llm_tokens", 0.0)),
            lambda r: _fmt(r["llm_tokens_mean"], ".0f"), base=lambda g: 0.0, optional=True),
@@ -180,16 +185,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("meta_train_real_stages", None,
            lambda g: g.mean(lambda r: _cost(r, "meta_train_real_stages")),
            base=lambda g: math.nan),
-    Column("capacity_nondecreasing", "cap.", lambda g: g.structure(CAPACITY),
-           lambda r: _fmt(r["capacity_nondecreasing"], ".2f"), base=lambda g: math.nan),
-    Column("regularization_direction_changes", "reg.", lambda g: g.structure(REGULARIZATION),
-           lambda r: _fmt(r["regularization_direction_changes"], ".1f"),
-           base=lambda g: math.nan),
 )
 # The per-task Markdown table's column order (the CSV keeps COLUMNS' order).
-MARKDOWN_ORDER = ("test_mean", "n_seeds", "rel_vs_base", "rel_vs_grid", "dev_mean",
-                  "stages_mean", "seconds_mean", "capacity_nondecreasing",
-                  "regularization_direction_changes", "llm_tokens_mean", "llm_fallback_share",
+MARKDOWN_ORDER = ("test_mean", "n_seeds", "vs_grid_diff", "vs_fixed_diff", "transfer_mean",
+                  "transfer_vs_grid_diff", "rel_vs_base", "dev_mean", "stages_mean",
+                  "tokens_mean", "seconds_mean", "llm_tokens_mean", "llm_fallback_share",
                   "meta_train_seconds")
 
 
@@ -201,9 +201,23 @@ def _row(task: str, controller: str, group: Runs) -> dict[str, Any]:
     return row
 
 
-def summarize(records: Sequence[RunRecord],
-              order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per (task, controller), the base model's row first in each task."""
+def paired_analysis(records: Sequence[RunRecord], order: Sequence[str] | None = None,
+                    n_boot: int = N_BOOT) -> dict[str, Any]:
+    """summary.json's "pairs", "pairs_vs_fixed" (by test item) and "transfer"."""
+    ctrls = _order(records, order)
+    out: dict[str, Any] = {key: pairs.compare(records, ref, ctrls, n_boot=n_boot)
+                           for key, ref in REFERENCES.items()}
+    out["transfer"] = pairs.transfer(records, ctrls, n_boot)
+    return out
+
+
+def summarize(records: Sequence[RunRecord], order: Sequence[str] | None = None,
+              analysis: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per (task, controller), the base model's row first in each task.
+
+    `analysis` (paired_analysis or analyze) is computed here when not given.
+    """
+    analysis = analysis if analysis is not None else paired_analysis(records, order)
     rows: list[dict[str, Any]] = []
     for task in sorted({r.task for r in records}):
         mine = [r for r in records if r.task == task]
@@ -212,7 +226,13 @@ def summarize(records: Sequence[RunRecord],
         grid_test = _nanmean([r.test_score for r in mine if r.controller == REFERENCE])
         for c in [BASE, *_order(mine, order)]:
             runs = sorted((r for r in mine if r.controller == c), key=lambda r: r.seed)
-            rows.append(_row(task, c, Runs(runs, base_test, base_dev, grid_test)))
+            if not runs:
+                continue
+            vs = {ref: analysis[key].get(task, {}).get(c) for key, ref in REFERENCES.items()}
+            group = Runs(runs, base_test, base_dev, grid_test,
+                         {k: v for k, v in vs.items() if v},
+                         analysis["transfer"].get(task, {}).get(c, {}))
+            rows.append(_row(task, c, group))
     return rows
 
 
@@ -223,23 +243,106 @@ def shown_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
     return [c for c in cols if not c.optional or any(c.has_value(r[c.key]) for r in rows)]
 
 
-def structure_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per (task, controller, seed, parameter) of each chosen schedule."""
+def runs_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """runs.csv: one row per run, base model included, in (task, controller, seed) order."""
     rows = []
     for r in sorted(records, key=lambda r: r.key):
-        if r.controller == BASE:
-            continue
-        for name, value in schedule_structure(r.schedule).items():
-            kind = "capacity" if name in CAPACITY else "regularization"
-            stat = "nondecreasing_fraction" if kind == "capacity" else "direction_changes"
-            rows.append({"task": r.task, "controller": r.controller, "seed": r.seed,
-                         "param": name, "kind": kind, "statistic": stat, "value": value,
-                         "stages": len(r.schedule)})
+        reps = pairs.replays(r)
+        rows.append({
+            "task": r.task, "controller": r.controller, "seed": r.seed,
+            "test_score": r.test_score, "dev_score": r.dev_score, "stages": r.stages_spent,
+            "tokens": r.tokens, "seconds": r.seconds, "budget": r.budget, "wall_s": r.wall_s,
+            "base_dev_score": r.base_dev_score, "test_items": len(r.test_correct),
+            "transfer_test": pairs.on_transfer(r)[0],
+            "transfer_seeds": " ".join(str(t.get("seed", "")) for t in reps),
+            "schedule_len": len(r.schedule), "episode_stages": _episode_stages(r),
+            "unspent_reason": r.extra.get("unspent_reason", ""),
+            "llm_tokens": r.extra.get("llm_tokens", 0.0),
+            "stage_sources": " ".join(sorted(set(r.extra.get("stage_sources", [])))),
+        })
     return rows
 
 
+def cost_rows(records: Sequence[RunRecord], order: Sequence[str] | None = None
+              ) -> list[dict[str, Any]]:
+    """Per controller over tasks and seeds: what a run spent, and why some spent less."""
+    rows = []
+    for c in _order(records, order):
+        runs = [r for r in records if r.controller == c]
+        why = Counter(str(r.extra.get("unspent_reason") or "not given") for r in runs
+                      if r.stages_spent < r.budget)
+        rows.append({
+            "controller": c, "runs": len(runs),
+            "stages_mean": _nanmean([r.stages_spent for r in runs]),
+            "budget": max(r.budget for r in runs),
+            "unspent_runs": sum(why.values()),
+            "unspent_reasons": "; ".join(f"{k}: {n}" for k, n in why.most_common()),
+            "tokens_mean": _nanmean([r.tokens for r in runs]),
+            "tokens_per_stage": _nanmean([r.tokens / r.stages_spent for r in runs
+                                          if r.stages_spent]),
+            "seconds_mean": _nanmean([r.seconds for r in runs]),
+            "wall_s_mean": _nanmean([r.wall_s for r in runs]),
+            "llm_tokens_mean": _nanmean([r.extra.get("llm_tokens", 0.0) for r in runs]),
+            "meta_train_seconds": _nanmean([_cost(r, "meta_train_seconds") for r in runs]),
+        })
+    return rows
+
+
+def _episode_stages(rec: RunRecord) -> float:
+    """Stages in one episode of the run: extra["episode_stages"], else the env's settings."""
+    n = rec.extra.get("episode_stages", rec.settings.get("env_kwargs", {}).get("stages"))
+    return float(n) if _finite(n) else math.nan
+
+
+def tree_full_depth(records: Sequence[RunRecord]) -> dict[str, Any]:
+    """Share of tree-search runs whose chosen schedule is a whole episode long."""
+    runs = [r for r in records if r.controller.startswith(TREE)]
+    known = [r for r in runs if math.isfinite(_episode_stages(r))]
+    full = sum(len(r.schedule) >= _episode_stages(r) for r in known)
+    return {"share": full / len(known) if known else math.nan, "runs": len(known),
+            "full_depth": full,
+            "depths": sorted(Counter(len(r.schedule) for r in known).items())}
+
+
+def smoke_reason(records: Sequence[RunRecord], conclusions: bool = True) -> str:
+    """Why these runs are a smoke test and not evidence ("" when they are not one)."""
+    runs = [r for r in records if r.controller != BASE]
+    if not conclusions:
+        return "the harness ran a smoke preset"
+    if runs and max(r.budget for r in runs) <= SMOKE_BUDGET:
+        return f"a budget of {max(r.budget for r in runs)} stages (smoke presets have <= 6)"
+    if len(pairs.seeds_of(runs)) < 2:
+        return "one seed: no CI and no verdict"
+    return ""
+
+
+def analyze(records: Sequence[RunRecord], order: Sequence[str] | None = None,
+            n_boot: int = N_BOOT, conclusions: bool = True,
+            n_null: int = structure.N_NULL) -> dict[str, Any]:
+    """Everything summary.json holds (NaN where a value is not defined)."""
+    ctrls = _order(records, order)
+    depth = tree_full_depth(records)
+    return {
+        "seeds": pairs.seeds_of(records),
+        "tasks": sorted({r.task for r in records}),
+        "controllers": [BASE, *ctrls],
+        "smoke": smoke_reason(records, conclusions),
+        "level": pairs.LEVEL, "n_boot": n_boot,
+        **paired_analysis(records, order, n_boot),
+        "tree_full_depth_share": depth["share"],
+        "tree_full_depth": depth,
+        "iqm": pairs.across_tasks(records, ctrls, n_boot),
+        "structure": structure.summarize(records, n_null),
+        "cost": {row["controller"]: row for row in cost_rows(records, ctrls)},
+        "profile_normalization": plots.PROFILE_NORMALIZATION,
+    }
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+
+
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(x)
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:
@@ -250,20 +353,57 @@ def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}%"
 
 
+def _p(x: float) -> str:
+    return "n/a" if not _finite(x) else "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _count(x: float) -> str:
+    if not _finite(x):
+        return "n/a"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _est(e: dict[str, Any], spec: str = ".3f") -> str:
+    if not _finite(e["point"]):
+        return "n/a"
+    lo, hi = e["ci"]
+    ci = f" [{_fmt(lo, spec)}, {_fmt(hi, spec)}]" if _finite(lo) else ""
+    return _fmt(e["point"], spec) + ci
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON: NaN and infinities become null, numpy scalars and tuples plain values."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         if not rows:
             return
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 
 
 def _meta_cell(row: dict[str, Any]) -> str:
-    if not math.isfinite(row["meta_train_seconds"]):
+    if not _finite(row["meta_train_seconds"]):
         return "—"
     return f"{row['meta_train_seconds']:.0f} ({_fmt(row['meta_train_real_stages'], '.0f')})"
+
+
+# ---- Markdown ------------------------------------------------------------------------------------
 
 
 def overview(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -289,21 +429,87 @@ def overview(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
-             plots: dict[str, list[str]], header: str = "") -> str:
-    """The leaderboard as Markdown: all tasks at a glance, one table per task, the structure."""
-    lines = ["# LLMZero-Gym leaderboard", ""]
+def iqm_table(iqm: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| controller | tasks x seeds | IQM test [95% CI] | IQM test − grid | P(> grid) "
+             "| IQM test − fixed | P(> fixed) |", "|---" * 7 + "|"]
+    for c, e in iqm.items():
+        lines.append(f"| {c} | {len(e['tasks'])} x {e['n_seeds']} | {_est(e['test'])} "
+                     f"| {_est(e['diff_vs_grid'], '+.3f')} | {_est(e['poi_vs_grid'], '.2f')} "
+                     f"| {_est(e['diff_vs_fixed'], '+.3f')} | {_est(e['poi_vs_fixed'], '.2f')} |")
+    return lines
+
+
+def structure_table(struct: dict[str, Any]) -> list[str]:
+    """Each group with a long enough schedule against its null; the others in one line."""
+    lines = ["| schedules | class | statistic | observed | random: mean [95%] | p "
+             "| stages shuffled: mean [95%] | p |", "|---" * 8 + "|"]
+    empty = []
+    for g, entry in struct["groups"].items():
+        of = f"{entry['schedules']} of {entry['schedules'] + entry['excluded_short']}"
+        if not entry["schedules"]:
+            empty.append(f"{g} ({of})")
+            continue
+        who = f"{g}: {of} ({', '.join(entry['controllers'])})"
+        for kind in struct["classes"]:
+            for stat in structure.STATISTICS:
+                s = entry[kind][stat]
+                cells = [f"{_fmt(s[f'{n}null_mean'])} [{_fmt(s[f'{n}null_ci'][0])}, "
+                         f"{_fmt(s[f'{n}null_ci'][1])}] | {_p(s[f'{n}p_value'])}"
+                         for n in ("", "shuffled_")]
+                lines.append(f"| {who} | {kind} | {stat} | {_fmt(s['value'])} | "
+                             + " | ".join(cells) + " |")
+    table = lines if len(lines) > 2 else []  # a header alone is no table
+    note = [f"No chosen schedule of at least {struct['min_stages']} stages: "
+            + "; ".join(empty) + "."] if empty else []
+    return table + ([""] if table and note else []) + note
+
+
+def cost_table(cost: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| controller | stages / budget | runs under budget (why) | tokens | tokens / stage "
+             "| env seconds | wall seconds | LLM tokens | meta-train s |", "|---" * 9 + "|"]
+    for c, r in cost.items():
+        why = f" ({r['unspent_reasons']})" if r["unspent_runs"] else ""
+        lines.append(f"| {c} | {_fmt(r['stages_mean'], '.1f')} / {r['budget']} "
+                     f"| {r['unspent_runs']} of {r['runs']}{why} | {_count(r['tokens_mean'])} "
+                     f"| {_count(r['tokens_per_stage'])} | {_fmt(r['seconds_mean'], '.0f')} "
+                     f"| {_fmt(r['wall_s_mean'], '.0f')} | {_fmt(r['llm_tokens_mean'], '.0f')} "
+                     f"| {_fmt(r['meta_train_seconds'], '.0f')} |")
+    return lines
+
+
+METHODS = (
+    "*vs grid* / *vs fixed*: mean over seeds of the paired test-score difference (controller − "
+    "reference, same seed), its 95% bootstrap CI over seeds and test items, and the verdict "
+    "(*better* when the CI is above 0, *worse* below, else *no difference*). summary.json adds "
+    "the bootstrap p-value Holm-adjusted across tasks (p_holm, verdict_holm: the verdict at 95% "
+    "family-wise), the exact sign-flip p over seeds (p_sign_flip; at 5 seeds it cannot go below "
+    "0.0625) and the probability of improvement (poi). The base model is "
+    "scored once (its greedy test score does not depend on the seed) and pairs with every seed. "
+    "*transfer*: the chosen schedule retrained from the base on fresh seeds, mean test score. "
+    "*tokens*: sampled + trained tokens per run; *seconds*: the env's training and evaluation "
+    "seconds per run.")
+
+
+def _smoke_lines(reason: str) -> list[str]:
+    if not reason:
+        return []
+    return [f"> **Smoke run, not for conclusions**: {reason}. It checks that the pipeline "
+            "runs; its rankings, CIs and verdicts support no claim.", ""]
+
+
+def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = None,
+             plots_by_task: dict[str, list[str]] | None = None, header: str = "",
+             smoke: str = "") -> str:
+    """The leaderboard as Markdown: the warning, command, overview, per-task head tables with
+    paired differences, the across-task IQM, the structure against its null, the cost."""
+    shown = plots_by_task or {}
+    lines = ["# LLMZero-Gym leaderboard", "", *_smoke_lines(smoke)]
     if header:
         lines += [header, ""]
+    if analysis is not None:
+        lines += [f"Seeds: {analysis['seeds']}; tasks: {', '.join(analysis['tasks'])}.", ""]
     lines += ["Test score per task (change over the base model); stages and seconds per run, "
-              "mean over tasks and seeds.", "", *overview(rows), ""]
-    lines += [
-        "Test score of the state each controller chose on dev (mean over seeds, 95% bootstrap CI); "
-        "relative improvement over the base model and over grid search (the paper's two figures); "
-        "stages and wall seconds spent per run. *cap.* = fraction of stage transitions where the "
-        "capacity parameters (max_completion_length, num_generations) do not decrease; *reg.* = "
-        "direction changes of the regularization parameters (learning_rate, beta, epsilon, "
-        "temperature), mean over parameters and seeds.", ""]
+              "mean over tasks and seeds.", "", *overview(rows), "", METHODS, ""]
     cols = shown_columns(rows)
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
@@ -312,154 +518,81 @@ def markdown(rows: Sequence[dict[str, Any]], struct: Sequence[dict[str, Any]],
         for r in (r for r in rows if r["task"] == task):
             lines.append(f"| {r['controller']} | " + " | ".join(c.cell(r) for c in cols) + " |")
         lines.append("")
-        for p in plots.get(task, []):
+        for p in shown.get(task, []):
             lines += [f"![{Path(p).stem}]({p})", ""]
-    if struct:
-        lines += ["## Schedule structure (each chosen schedule)", "",
-                  "Capacity parameters: fraction of transitions that do not decrease. "
-                  "Regularization parameters: number of direction changes.", "",
-                  "| task | controller | seed | stages | " + " | ".join(CAPACITY + REGULARIZATION)
-                  + " |", "|---" * (4 + len(CAPACITY + REGULARIZATION)) + "|"]
-        keys = sorted({(s["task"], s["controller"], s["seed"], s["stages"]) for s in struct})
-        for task, ctrl, seed, n in keys:
-            vals = {s["param"]: s["value"] for s in struct
-                    if (s["task"], s["controller"], s["seed"]) == (task, ctrl, seed)}
-            cells = [_fmt(vals.get(p, math.nan), ".2f" if p in CAPACITY else ".0f")
-                     for p in CAPACITY + REGULARIZATION]
-            lines.append(f"| {task} | {ctrl} | {seed} | {n} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for p in plots.get("", []):
+    if analysis is not None:
+        lines += _analysis_sections(analysis)
+    for p in shown.get("", []):
         lines += [f"![{Path(p).stem}]({p})", ""]
     return "\n".join(lines)
 
 
-# ---- plots ---------------------------------------------------------------------------------------
-
-
-def _anytime_matrix(runs: Sequence[RunRecord], horizon: int) -> np.ndarray:
-    """Best dev after k = 0..horizon stages for each run, carried forward past its last stage."""
-    out = np.full((len(runs), horizon + 1), np.nan)
-    for i, r in enumerate(runs):
-        curve = sorted(r.anytime) or [(0, r.base_dev_score)]
-        for k in range(horizon + 1):
-            seen = [b for s, b in curve if s <= k]
-            out[i, k] = max(seen) if seen else r.base_dev_score
-    return out
-
-
-def plot_anytime(path: Path, task: str, records: Sequence[RunRecord],
-                 order: Sequence[str] | None = None) -> None:
-    """Best dev score vs stages spent, one line per controller (mean over seeds, min-max band)."""
-    runs = [r for r in records if r.task == task and r.controller != BASE]
-    horizon = max([r.budget for r in runs] + [1])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    x = np.arange(horizon + 1)
-    for c in _order(runs, order):
-        m = _anytime_matrix([r for r in runs if r.controller == c], horizon)
-        (line,) = ax.plot(x, m.mean(axis=0), marker="o", ms=3, label=c)
-        if len(m) > 1:
-            ax.fill_between(x, m.min(axis=0), m.max(axis=0), alpha=0.15, color=line.get_color())
-    base = _nanmean([r.base_dev_score for r in records if r.task == task])
-    if math.isfinite(base):
-        ax.axhline(base, color="gray", ls="--", lw=1, label="base")
-    ax.set(xlabel="stages spent", ylabel="best dev score", title=f"{task}: anytime performance")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_schedules(path: Path, task: str, records: Sequence[RunRecord],
-                   order: Sequence[str] | None = None) -> None:
-    """Hyperparameter trajectory of each controller's chosen schedule (first seed)."""
-    mine = [r for r in records if r.task == task and r.controller != BASE]
-    runs = {c: min((r for r in mine if r.controller == c), key=lambda r: r.seed)
-            for c in _order(mine, order)}
-    names = [n for n in CAPACITY + REGULARIZATION
-             if any(r.schedule and n in r.schedule[0] for r in runs.values())]
-    names = names or [""]
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
-        values = [v for r in runs.values() for hp in r.schedule
-                  if isinstance(v := hp.get(name), (int, float))]
-        span = (max(values) - min(values)) or 1.0 if values else 1.0
-        for i, (c, r) in enumerate(runs.items()):
-            ys = np.asarray([hp.get(name, math.nan) for hp in r.schedule], dtype=float)
-            if not ys.size:
-                continue
-            # A small vertical offset per controller keeps identical schedules visible.
-            shift = 0.012 * (i - (len(runs) - 1) / 2)
-            ys = ys * (1 + 3 * shift) if name == "learning_rate" else ys + shift * span
-            # Stage k holds its value from k-1 to k stages trained.
-            line = ax.stairs(ys, np.arange(len(ys) + 1), baseline=None, label=c, lw=1.5)
-            ax.plot(np.arange(len(ys)) + 0.5, ys, "o", ms=3, color=line.get_edgecolor())
-        if name == "learning_rate":
-            ax.set_yscale("log")
-        kind = "capacity" if name in CAPACITY else "regularization"
-        ax.set(title=f"{name} ({kind})" if name else "no schedules", xlabel="stages trained")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
-    seed = min((r.seed for r in runs.values()), default=0)
-    fig.suptitle(f"{task}: chosen schedules (seed {seed})")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_improvement(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """The paper's two figures: relative test improvement over the base model and over grid."""
-    tasks = sorted({r["task"] for r in rows})
-    ctrls = list(dict.fromkeys(r["controller"] for r in rows if r["controller"] != BASE))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / max(len(ctrls), 1)
-    for ax, key, title in ((axes[0], "rel_vs_base", "over the base model"),
-                           (axes[1], "rel_vs_grid", "over grid search")):
-        for j, c in enumerate(ctrls):
-            vals = [next((100 * r[key] for r in rows if r["task"] == t and r["controller"] == c),
-                         math.nan) for t in tasks]
-            ax.bar(np.arange(len(tasks)) + (j - (len(ctrls) - 1) / 2) * width,
-                   np.nan_to_num(vals), width, label=c)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(np.arange(len(tasks)), tasks)
-        ax.set(ylabel="relative test improvement (%)", title=f"Improvement {title}")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(9, max(len(labels), 1)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _analysis_sections(a: dict[str, Any]) -> list[str]:
+    depth = a["tree_full_depth"]
+    struct = a["structure"]
+    lines = ["## Across tasks", "",
+             "Interquartile mean over tasks x seeds with stratified bootstrap 95% CIs (seeds "
+             "resampled within each task), of the test score and of the paired difference; "
+             "P(> ref): the probability that the controller beats the reference on a seed, "
+             "averaged over tasks.", "", *iqm_table(a["iqm"]), ""]
+    if depth["runs"]:
+        lines += [f"Tree search reaching the episode's full length: "
+                  f"{depth['full_depth']} of {depth['runs']} runs "
+                  f"({_fmt(depth['share'], '.0%')}); chosen depths (depth, runs): "
+                  f"{depth['depths']}.", ""]
+    lines += ["## Schedule structure against its null", "",
+              f"Chosen schedules of at least {struct['min_stages']} stages. *p_increase*: "
+              "P(increase | change) of a class's parameters; *direction_changes_per_stage*: "
+              "turning points per stage. Two nulls, each the same number of schedules of the "
+              f"same lengths: *random*, {struct['null']} (grids from {struct['grids_from']}); "
+              "*stages shuffled*, each chosen schedule with its stages in a random order (its "
+              f"values kept, their order tested). {struct['n_null']} draws each; p: two-sided "
+              "empirical.", "", *structure_table(struct), "",
+              "## Cost", "", *cost_table(a["cost"]), ""]
+    return lines
 
 
 # ---- everything ----------------------------------------------------------------------------------
 
 
 def write_report(out_dir: Path, records: Sequence[RunRecord], header: str = "",
-                 order: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write leaderboard.md, leaderboard.csv, structure.csv and plots/ under out_dir."""
+                 order: Sequence[str] | None = None, conclusions: bool = True,
+                 n_boot: int = N_BOOT) -> dict[str, Path]:
+    """Write runs.csv, summary.json, leaderboard.md, leaderboard.csv, structure.csv and plots/.
+
+    conclusions=False marks a smoke preset; the report also calls a run a smoke run when its
+    budget is at most SMOKE_BUDGET stages or it has one seed. A smoke run says so in the
+    Markdown and on stdout.
+    """
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarize(records, order)
-    struct = structure_rows(records)
-    plots: dict[str, list[str]] = {}
-    for task in sorted({r.task for r in records}):
+    analysis = analyze(records, order, n_boot, conclusions)
+    ctrls = _order(records, order)
+    rows = summarize(records, order, analysis)
+    shown: dict[str, list[str]] = {}
+    for task in analysis["tasks"]:
         a, s = plot_dir / f"anytime_{task}.png", plot_dir / f"schedule_{task}.png"
-        plot_anytime(a, task, records, order)
-        plot_schedules(s, task, records, order)
-        plots[task] = [str(a.relative_to(out_dir)), str(s.relative_to(out_dir))]
-    imp = plot_dir / "improvement.png"
-    plot_improvement(imp, rows)
-    plots[""] = [str(imp.relative_to(out_dir))]
+        plots.plot_anytime(a, task, records, order, n_boot)
+        plots.plot_schedules(s, task, records, order, n_boot)
+        shown[task] = [str(a.relative_to(out_dir)), str(s.relative_to(out_dir))]
+    figures = {"differences": lambda p: plots.plot_differences(p, analysis, ctrls),
+               "iqm": lambda p: plots.plot_iqm(p, analysis["iqm"], ctrls),
+               "profile": lambda p: plots.plot_profile(p, records, ctrls, n_boot),
+               "structure": lambda p: plots.plot_structure(p, analysis["structure"])}
+    for name, draw in figures.items():
+        draw(plot_dir / f"{name}.png")
+    shown[""] = [f"plots/{name}.png" for name in figures]
+    write_csv(out_dir / "runs.csv", runs_rows(records))
     write_csv(out_dir / "leaderboard.csv", rows)
-    write_csv(out_dir / "structure.csv", struct)
-    (out_dir / "leaderboard.md").write_text(markdown(rows, struct, plots, header))
+    write_csv(out_dir / "structure.csv", structure.schedule_rows(records))
+    (out_dir / "summary.json").write_text(json.dumps(jsonable(analysis), indent=1) + "\n")
+    (out_dir / "leaderboard.md").write_text(
+        markdown(rows, analysis, shown, header, analysis["smoke"]))
+    if analysis["smoke"]:
+        print(f"note: smoke run, not for conclusions ({analysis['smoke']})", flush=True)
     return {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv",
+            "runs": out_dir / "runs.csv", "summary": out_dir / "summary.json",
             "structure": out_dir / "structure.csv", "plots": plot_dir}
 
 

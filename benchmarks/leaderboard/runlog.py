@@ -12,7 +12,8 @@ seconds, wall_s, started_at, finished_at, settings and extra as JSON); ``stages/
 stage the controller trained, in order (episode, stage, dev_score, reward, seconds, tokens,
 pathologies, ``hparams/<name>``); ``steps/`` one row per optimizer step (``stage_row`` points into
 ``stages/``, ``metrics/<name>``); ``schedule/<name>`` the chosen path's hyperparameters;
-``anytime/`` the best dev score seen vs stages spent.
+``anytime/`` the best dev score seen vs stages spent; ``test_correct`` (uint8, one per test item, in
+test-item order) the chosen state's per-item test correctness, absent in older logs.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class RunRecord:
     anytime: list[tuple[int, float]] = field(default_factory=list)  # (stages spent, best dev)
     settings: dict[str, Any] = field(default_factory=dict)  # env and controller arguments
     extra: dict[str, Any] = field(default_factory=dict)  # controller-specific (LLM tokens, ...)
+    # Each test item's correctness, in test-item order (env.last_test_correct); empty in logs
+    # written before it was stored.
+    test_correct: list[bool] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -200,6 +204,8 @@ def write_run(group: h5py.Group, rec: RunRecord) -> None:
     _write_column(any_, "stages", [a for a, _ in rec.anytime])
     _write_column(any_, "best_dev", [b for _, b in rec.anytime])
 
+    group.create_dataset("test_correct", data=np.asarray(rec.test_correct, dtype=np.uint8))
+
 
 def read_run(group: h5py.Group) -> RunRecord:
     """Read back what write_run wrote."""
@@ -230,6 +236,8 @@ def read_run(group: h5py.Group) -> RunRecord:
         anytime=[(int(s), float(b)) for s, b in zip(any_["stages"], any_["best_dev"], strict=True)],
         settings=json.loads(group.attrs["settings"]),
         extra=json.loads(group.attrs["extra"]),
+        test_correct=[bool(v) for v in group["test_correct"][()]] if "test_correct" in group
+        else [],
     )
 
 

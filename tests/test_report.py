@@ -1,0 +1,191 @@
+"""The leaderboard report on hand-made runs: summary.json, verdicts, Holm, transfer, smoke runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.leaderboard import pairs, report, stats
+from benchmarks.leaderboard.runlog import RunRecord
+
+SEEDS = range(5)
+TASKS = ("a", "b")
+N_ITEMS = 60
+N_BOOT = 400  # enough for verdicts this clear; keeps the file fast
+
+
+def items(p: float, seed: int, task: str) -> list[bool]:
+    """A deterministic 0/1 item vector with about p of the items right."""
+    rng = np.random.default_rng([seed, ord(task[0]), int(1000 * p)])
+    return (rng.random(N_ITEMS) < p).tolist()
+
+
+def rec(task: str, ctrl: str, seed: int, correct: list[bool] | None = None, score: float = 0.0,
+        budget: int = 32, **extra) -> RunRecord:
+    correct = list(correct or [])
+    test = float(np.mean(correct)) if correct else score
+    return RunRecord(task=task, controller=ctrl, seed=seed, test_score=test, dev_score=test,
+                     base_dev_score=0.1, budget=0 if ctrl == "base" else budget,
+                     stages_spent=0 if ctrl == "base" else budget, tokens=1000.0, seconds=5.0,
+                     test_correct=correct, extra=extra,
+                     settings={"env_kwargs": {"stages": 8}})
+
+
+def standard_like() -> list[RunRecord]:
+    """grid and fixed at 0.4; "better" at 0.8, "worse" at 0.1; "same" copies grid item by item."""
+    out = []
+    for task in TASKS:
+        out.append(rec(task, "base", 0, items(0.1, 0, task)))
+        for s in SEEDS:
+            grid = items(0.4, s, task)
+            out += [rec(task, "grid", s, grid), rec(task, "fixed", s, items(0.4, s + 10, task)),
+                    rec(task, "better", s, items(0.8, s, task)),
+                    rec(task, "worse", s, items(0.1, s + 20, task)),
+                    rec(task, "same", s, list(grid))]
+    return out
+
+
+ORDER = ["fixed", "grid", "better", "worse", "same"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    records = standard_like()
+    report.write_report(out, records, header="Made by `python -m benchmarks.leaderboard`",
+                        order=ORDER, n_boot=N_BOOT)
+    return out, records
+
+
+def _mean_diff(records, task, ctrl, ref):
+    by = {(r.controller, r.seed): r.test_score for r in records if r.task == task}
+    x = [by.get((ctrl, s), by.get((ctrl, 0))) for s in SEEDS]  # the base model: one run, seed 0
+    return float(np.mean([xs - by[ref, s] for xs, s in zip(x, SEEDS, strict=True)]))
+
+
+def test_summary_json_layout_and_verdicts(built):
+    out, records = built
+    s = json.loads((out / "summary.json").read_text())
+    assert {"seeds", "pairs", "pairs_vs_fixed", "tree_full_depth_share", "iqm",
+            "structure"} <= set(s)
+    assert s["seeds"] == list(SEEDS) and not s["smoke"]
+    for key, ref in (("pairs", "grid"), ("pairs_vs_fixed", "fixed")):
+        assert set(s[key]) == set(TASKS)
+        for task in TASKS:
+            cell = s[key][task]
+            assert set(cell) == {"base", *ORDER}
+            for ctrl, p in cell.items():
+                assert set(p) >= {"mean_diff", "ci", "verdict", "p_holm", "poi", "ci_method"}
+                assert p["mean_diff"] == pytest.approx(_mean_diff(records, task, ctrl, ref))
+                assert p["ci_method"] == "seeds x items" and p["n_items"] == N_ITEMS
+            assert cell["better"]["ci"][0] > 0 and "better" in cell["better"]["verdict"]
+            assert cell["worse"]["ci"][1] < 0 and "worse" in cell["worse"]["verdict"]
+            assert cell[ref]["verdict"] == "reference"
+    same = s["pairs"]["a"]["same"]
+    assert (same["mean_diff"], same["ci"], same["verdict"]) == (0.0, [0.0, 0.0], "no difference")
+    # The base model (one run per task) pairs with every seed.
+    assert s["pairs"]["a"]["base"]["n_seeds"] == len(SEEDS)
+    assert s["pairs"]["a"]["base"]["verdict"] == "worse"
+    iqm = s["iqm"]
+    assert iqm["better"]["diff_vs_grid"]["ci"][0] > 0 and iqm["worse"]["diff_vs_grid"]["ci"][1] < 0
+    assert iqm["better"]["poi_vs_grid"]["point"] == 1.0
+    assert iqm["better"]["n_seeds"] == len(SEEDS) and iqm["better"]["tasks"] == list(TASKS)
+
+
+def test_runs_csv_and_markdown(built):
+    out, records = built
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:8] == ["task", "controller", "seed", "test_score", "dev_score",
+                                 "stages", "tokens", "seconds"]
+    assert len(rows) == len(records)
+    md = (out / "leaderboard.md").read_text()
+    assert "Made by `python -m benchmarks.leaderboard`" in md
+    assert "Smoke run" not in md
+    for section in ("## a", "## Across tasks", "## Schedule structure against its null",
+                    "## Cost"):
+        assert section in md
+    line = next(x for x in md.splitlines() if x.startswith("| better |") and "better" in x[10:])
+    assert "better" in line.split("|")[4]  # the vs-grid cell carries its verdict
+
+
+def test_holm_adjusts_each_controller_across_tasks():
+    records = standard_like()
+    # A third task where "better" is only a little better: a larger p for the family.
+    for s in SEEDS:
+        records += [rec("c", "grid", s, items(0.4, s, "c")),
+                    rec("c", "better", s, items(0.45, s, "c"))]
+    out = pairs.compare(records, "grid", ORDER, n_boot=N_BOOT)
+    for ctrl in ("better", "worse"):
+        family = [out[t][ctrl] for t in sorted(out) if ctrl in out[t]]
+        assert [p["p_holm"] for p in family] == stats.holm([p["p_value"] for p in family])
+        for p in family:
+            assert p["p_holm"] >= p["p_value"]
+            significant = p["p_holm"] < 0.05
+            expected = ("better" if p["mean_diff"] > 0 else "worse") if significant else \
+                "no difference"
+            assert p["verdict_holm"] == expected
+    assert out["a"]["better"]["verdict_holm"] == "better"
+
+
+def test_missing_items_fall_back_to_seeds_and_say_so():
+    records = []
+    for s in SEEDS:
+        records += [rec("a", "grid", s, score=0.4 + 0.01 * s),
+                    rec("a", "better", s, score=0.6 + 0.02 * s)]
+    p = pairs.compare(records, "grid", ["grid", "better"], n_boot=N_BOOT)["a"]["better"]
+    assert p["ci_method"] == "seeds" and p["n_items"] == 0
+    assert p["mean_diff"] == pytest.approx(0.2 + 0.01 * np.mean(SEEDS)) and p["verdict"] == "better"
+
+
+def test_transfer_column_pairs_replays_with_grid():
+    records = []
+    for s in SEEDS:
+        g, b = items(0.3, s + 50, "a"), items(0.7, s + 60, "a")
+        records += [
+            rec("a", "grid", s, items(0.4, s, "a"),
+                transfer=[{"seed": 100 + s, "test_score": float(np.mean(g)), "test_correct": g}]),
+            rec("a", "better", s, items(0.4, s, "a"),
+                transfer=[{"seed": 100 + s, "test_score": float(np.mean(b)), "test_correct": b},
+                          {"seed": 200 + s, "test_score": 0.5}])]  # a replay without items
+    t = pairs.transfer(records, ["grid", "better"], n_boot=N_BOOT)["a"]
+    scores = [np.mean([np.mean(items(0.7, s + 60, "a")), 0.5]) for s in SEEDS]
+    assert t["better"]["mean"] == pytest.approx(np.mean(scores))
+    assert t["better"]["replays"] == 10
+    assert t["better"]["vs_grid"]["verdict"] == "better"
+    assert t["better"]["vs_grid"]["ci_method"] == "seeds"  # one replay lacks its items
+    rows = report.runs_rows(records)
+    assert rows[0]["transfer_test"] == pytest.approx(scores[0])
+
+
+def test_tree_full_depth_share_reads_episode_stages():
+    def tree(seed, length, **extra):
+        r = rec("a", "llmzero", seed, score=0.3, **extra)
+        r.schedule = [{"learning_rate": 1e-4}] * length
+        return r
+
+    records = [tree(0, 8), tree(1, 8, episode_stages=8), tree(2, 3), tree(3, 4, episode_stages=4),
+               rec("a", "grid", 0, score=0.3)]
+    depth = report.tree_full_depth(records)
+    assert (depth["full_depth"], depth["runs"]) == (3, 4)
+    assert depth["share"] == pytest.approx(0.75)
+    assert math.isnan(report.tree_full_depth(records[-1:])["share"])
+
+
+def test_a_smoke_run_says_so(tmp_path, capsys):
+    quick = [rec("a", "base", 0, items(0.1, 0, "a")), rec("a", "grid", 0, items(0.4, 0, "a"),
+                                                          budget=6)]
+    report.write_report(tmp_path / "quick", quick, n_boot=N_BOOT)
+    md = (tmp_path / "quick" / "leaderboard.md").read_text()
+    assert "Smoke run, not for conclusions" in md
+    assert "smoke run, not for conclusions" in capsys.readouterr().out
+    assert json.loads((tmp_path / "quick" / "summary.json").read_text())["smoke"]
+    # Many seeds and a real budget are not enough when the harness says it ran a smoke preset.
+    assert report.smoke_reason(standard_like()) == ""
+    assert report.smoke_reason(standard_like(), conclusions=False)
+    one_seed = [r for r in standard_like() if r.seed == 0]
+    assert "one seed" in report.smoke_reason(one_seed)
