@@ -26,7 +26,9 @@ from benchmarks.meta_train.surrogate import (
     collect_random,
     fit,
     load_models,
+    planned_env_seeds,
     read_records,
+    record_env_seeds,
     transitions_from_record,
 )
 from controllers.base import RunResult
@@ -38,6 +40,7 @@ from inner.tokenizer import build_char_tokenizer
 
 ENV_ID = "LLMZero-GSM8K-v0"
 EPISODES = 6  # random episodes logged from the real env: 12 stages, ~10 s
+LOGGED_SEEDS = tuple(range(EPISODES))  # collect_random's default env seeds for seed 0
 # Completion lengths fit the default problems' worked solutions (three two-digit terms: ~25
 # characters), so that rewards vary within a group and the learning rate can matter at all.
 GRID = {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0],
@@ -196,6 +199,7 @@ def policy(logged, tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         code = meta_train.main([
             "--tasks", "gsm8k", "--logs", str(logged["dir"]), "--timesteps", "512",
+            "--train-seeds", *map(str, LOGGED_SEEDS),
             "--stages", "2", "--steps-per-stage", "1", "--dev-size", "8", "--test-size", "4",
             "--env-kwargs", json.dumps(extra), "--eval-episodes", "10", "--out", str(out)])
     assert code == 0
@@ -215,8 +219,24 @@ def test_meta_train_cli_writes_policy_metadata_and_key_values(policy, logged):
     assert meta["real_stages"] == 2 * EPISODES  # every logged stage is paid for
     assert meta["logs"]["stages_by_controller"] == {"sb3-collect": 2 * EPISODES}
     assert meta["hparam_names"] == list(logged["env"].unwrapped.hparams.names)
+    assert meta["train_seeds"] == list(LOGGED_SEEDS)  # the env seeds behind the logged stages
     models = load_models(policy / "surrogate.npz")
     assert models["gsm8k"].n_transitions == 2 * EPISODES
+
+
+def test_meta_training_learns_only_from_its_training_seeds(logged, tmp_path):
+    (rec,) = read_records([logged["dir"]])
+    assert record_env_seeds(rec) == list(LOGGED_SEEDS)
+    # Logs of other seeds are left out: here, all of them.
+    extra = {k: v for k, v in logged["kwargs"].items()
+             if k not in ("stages", "steps_per_stage", "dev_size", "test_size")}
+    with pytest.raises(SystemExit, match="no logged stages for gsm8k"):
+        meta_train.main(["--tasks", "gsm8k", "--logs", str(logged["dir"]), "--train-seeds",
+                         "100", "--stages", "2", "--steps-per-stage", "1", "--dev-size", "8",
+                         "--test-size", "4", "--env-kwargs", json.dumps(extra),
+                         "--out", str(tmp_path)])
+    assert meta_train.TRAIN_SEEDS == (100, 101, 102, 103, 104)  # never a leaderboard's 0-4
+    assert planned_env_seeds(3, 0, [7, 9]) == [7, 9, 7]
 
 
 def test_saved_policy_runs_as_a_controller_within_its_budget(policy, logged):
@@ -280,3 +300,18 @@ def test_meta_train_on_the_real_env(model_dir, tmp_path):
     assert code == 0
     meta = json.loads((tmp_path / "policy.json").read_text())
     assert meta["trained_on"] == "real" and meta["timesteps"] == meta["real_stages"] == 4
+    assert meta["train_seeds"] == list(meta_train.TRAIN_SEEDS)
+
+
+def test_seed_cycle_resets_only_to_the_training_seeds(logged):
+    seen = []
+
+    class Spy(gym.Wrapper):
+        def reset(self, *, seed=None, options=None):
+            seen.append(seed)
+            return self.env.reset(seed=seed, options=options)
+
+    env = meta_train.SeedCycle(Spy(logged["env"]), [100, 101], start=1)
+    for s in (0, None, 5):
+        env.reset(seed=s)
+    assert seen == [101, 100, 101]

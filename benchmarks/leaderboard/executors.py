@@ -4,14 +4,20 @@
 controller spend its stage budget deciding on dev, load the state it chose and score it once on
 test. A recording wrapper around the env keeps every stage the controller trained, whatever the
 controller, so the run log does not depend on what each controller chooses to report.
+
+``execute`` adds what a preset may ask for around it: an equal token budget (``token_budget``)
+and the replay of the chosen schedule on fresh seeds (``transfer``), both inside the same worker
+call, so a run's record (and its file) holds them or does not exist.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,10 @@ RAY_MISSING = (
 )
 
 OnStage = Callable[[tuple[str, str, int], int], None]  # (run key, stages spent so far)
+BUDGET_UNITS = ("stages", "tokens")
+# Tokens mode: the env's stage cap is this many times the stages the controller plans with; the
+# token budget is what binds, the cap only stops a controller that would never stop.
+STAGE_CAP_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,11 @@ class RunSpec:
     make_name: str = ""  # controllers.make name; defaults to `controller`
     make_kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int = 2  # torch threads of the worker
+    # Seeds on which the chosen schedule is retrained from the base model and scored on test.
+    replay_seeds: tuple[int, ...] = ()
+    budget_unit: str = "stages"  # "tokens": the env's max_tokens binds (see token_budget)
+    budget_tokens: int | None = None  # tokens mode; None -> budget x one default stage's tokens
+    stage_cap: int | None = None  # the env's max_stages; None -> budget
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -71,11 +86,10 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
     started = time.time()
-    env_kwargs = dict(spec.env_kwargs)
-    if env_kwargs.get("device", "auto") == "auto":
-        env_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    env_kwargs = worker_env_kwargs(spec.env_kwargs)
     if spec.controller != BASE:
-        env_kwargs["max_stages"] = spec.budget  # the env itself refuses a stage over the budget
+        # The env itself refuses a stage over the budget.
+        env_kwargs["max_stages"] = spec.stage_cap or spec.budget
     env = gym.make(spec.env_id, **env_kwargs)
     rec_env = StageRecorder(env, None if on_stage is None else lambda n: on_stage(spec.key, n))
     if on_stage is not None:
@@ -112,6 +126,8 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
                 anytime.append((i, best))
         extra = {"cost": cost, **{k: cost.get(k, 0.0) for k in LLM_COST_KEYS},
                  "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
+        if getattr(ctrl, "unspent_reason", None):  # why an open-loop controller stops early
+            extra["unspent_reason"] = ctrl.unspent_reason
         # Who proposed each stage, in training order, where the controller says (llmzero does).
         sources = [t["source"] for t in result.trials or [] if "source" in t]
         if sources:
@@ -135,10 +151,133 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
         env.close()
 
 
+def worker_env_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The env arguments as the worker builds the env: device "auto" becomes cuda or cpu here,
+    on the machine that owns the accelerator."""
+    import torch
+
+    out = dict(env_kwargs)
+    if out.get("device", "auto") == "auto":
+        out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return out
+
+
+def execute(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
+    """One run under the protocol, with what its preset adds: a token budget, the replay."""
+    if spec.budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {spec.budget_unit!r}")
+    if spec.controller == BASE:
+        return execute_run(spec, on_stage)
+    planned, token_info = token_budget(spec) if spec.budget_unit == "tokens" else (spec, {})
+    rec = execute_run(planned, on_stage)
+    rec.settings["budget_unit"] = spec.budget_unit
+    rec.extra.update(token_info)
+    rec.extra["episode_stages"] = episode_stages(spec)
+    if spec.replay_seeds:
+        t0 = time.time()
+        rec.extra["transfer"] = transfer(spec, rec.schedule)
+        rec.extra["transfer_seconds"] = time.time() - t0  # apart from the run's budget
+    return rec
+
+
+def episode_stages(spec: RunSpec) -> int:
+    """Stages in one episode of the run's env (its explicit setting, else the scale's default)."""
+    from metaenv.env import SCALE_DEFAULTS
+
+    stages = spec.env_kwargs.get("stages")
+    return int(stages if stages is not None
+               else SCALE_DEFAULTS[spec.env_kwargs.get("scale", "embedded")]["stages"])
+
+
+# ---- the equal-token budget -------------------------------------------------------------------
+
+
+def token_budget(spec: RunSpec) -> tuple[RunSpec, dict[str, Any]]:
+    """The run as it executes in tokens mode, and what to record about its budget.
+
+    The token budget is ``spec.budget_tokens``, or by default ``spec.budget`` times the tokens of
+    one stage at the default hyperparameters from the base model on the run's seed (measured
+    here, once per process for a task and seed: training is deterministic, so every controller
+    of a seed gets the same number). The env gets it as ``max_tokens``; the controller plans
+    with ``budget_tokens // tokens_per_default_stage`` stages; the env's stage cap is
+    ``STAGE_CAP_FACTOR`` times that.
+    """
+    per_stage = default_stage_tokens(spec.env_id, spec.env_kwargs, spec.seed)
+    total = int(spec.budget_tokens or spec.budget * per_stage)
+    stages = max(1, total // per_stage)
+    planned = replace(spec, budget=stages, stage_cap=STAGE_CAP_FACTOR * stages,
+                      env_kwargs={**spec.env_kwargs, "max_tokens": total})
+    return planned, {"budget_tokens": total, "tokens_per_default_stage": per_stage,
+                     "planned_stages": stages}
+
+
+def default_stage_tokens(env_id: str, env_kwargs: dict[str, Any], seed: int) -> int:
+    """Prompt + completion tokens of one default stage from the base model on ``seed``."""
+    return _default_stage_tokens(env_id, _key(env_kwargs), seed)
+
+
+def _key(env_kwargs: dict[str, Any]) -> str:
+    # Budgets are not part of what a stage costs.
+    kept = {k: v for k, v in env_kwargs.items() if k not in ("max_stages", "max_tokens")}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@functools.cache
+def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int) -> int:
+    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key)))
+    try:
+        u = env.unwrapped
+        env.reset(seed=seed)
+        env.step(u.hparams.default_action())
+        return int(u.budget.tokens)
+    finally:
+        env.close()
+
+
+# ---- the replay of a chosen schedule (transfer) ------------------------------------------------
+
+
+def transfer(spec: RunSpec, schedule: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chosen schedule retrained open loop from the base model on each replay seed.
+
+    An empty schedule (the controller chose the base model) replays as the base model. The
+    stages are trained on an env of their own: they are not charged to the run's budget.
+    """
+    key = json.dumps([dict(h) for h in schedule], sort_keys=True, default=str)
+    return [dict(_replay(spec.env_id, _key(spec.env_kwargs), key, seed))
+            for seed in spec.replay_seeds]
+
+
+@functools.lru_cache(maxsize=128)
+def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int) -> dict[str, Any]:
+    # Memoized: training is deterministic, so two runs that chose the same schedule (e.g. the
+    # default one) share one replay per process; its seconds are those it took when trained.
+    started = time.time()
+    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key)))
+    try:
+        u = env.unwrapped
+        env.reset(seed=seed)
+        for hp in json.loads(schedule_key):
+            # As the Tracker trains a stage: names a stage leaves out keep the last stage's value.
+            _, _, terminated, truncated, _ = env.step(u.hparams.encode(hp,
+                                                                       base=u.current_hparams))
+            if terminated or truncated:
+                break
+        out: dict[str, Any] = {"seed": seed, "test_score": _test_score(env),
+                               "stages": int(u.budget.stages), "tokens": float(u.budget.tokens)}
+        correct = getattr(u, "last_test_correct", None)
+        if correct is not None:
+            out["test_correct"] = [int(c) for c in correct]
+        out["seconds"] = time.time() - started
+        return out
+    finally:
+        env.close()
+
+
 def _guarded(spec: RunSpec, on_stage: OnStage | None) -> tuple[RunRecord | None, str | None]:
     # One failing run (a controller bug, an OOM) must not end the leaderboard: report and go on.
     try:
-        return execute_run(spec, on_stage), None
+        return execute(spec, on_stage), None
     except Exception:
         return None, traceback.format_exc()
 
@@ -147,26 +286,68 @@ Outcome = tuple[RunSpec, RunRecord | None, str | None]  # (spec, record, error t
 
 
 class LocalExecutor:
-    """Runs one run after another in this process."""
+    """Runs one run after another in this process, or ``workers`` runs at a time in child
+    processes on this machine (each with its spec's torch threads).
+
+    On the 2-core CPU two one-thread workers beat one two-thread process: the embedded model's
+    sampling is per-token overhead bound, and two threads on a busy machine spin more than they
+    compute (measured; see the standard preset).
+    """
 
     name = "local"
 
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise SystemExit(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+
     def map(self, specs: Sequence[RunSpec], on_stage: OnStage | None = None) -> Iterator[Outcome]:
-        for spec in specs:
-            rec, err = _guarded(spec, on_stage)
-            yield spec, rec, err
+        if self.workers == 1:
+            for spec in specs:
+                rec, err = _guarded(spec, on_stage)
+                yield spec, rec, err
+            return
+        yield from self._pool_map(specs, on_stage)
+
+    def _pool_map(self, specs: Sequence[RunSpec], on_stage: OnStage | None) -> Iterator[Outcome]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        # spawn: a forked child would inherit the parent's torch thread pools.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            queue = manager.Queue()
+            futures = {pool.submit(_queued_run, spec, queue): spec for spec in specs}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(queue, on_stage)
+                for future in done:
+                    try:
+                        rec, err = future.result()
+                    except Exception:  # the worker process itself died
+                        rec, err = None, traceback.format_exc()
+                    yield futures[future], rec, err
+            _drain(queue, on_stage)
 
     def close(self) -> None:
         pass
 
 
-def _ray_run(spec: RunSpec, queue: Any) -> tuple[RunRecord | None, str | None]:
-    """A Ray task: one run; stage progress goes back to the driver through a Ray queue."""
+def _queued_run(spec: RunSpec, queue: Any) -> tuple[RunRecord | None, str | None]:
+    """One run in a worker process; stage progress goes back to the driver through ``queue``."""
 
     def on_stage(key: tuple[str, str, int], n: int) -> None:
         queue.put_nowait((key, n))
 
     return _guarded(spec, on_stage)
+
+
+def _drain(queue: Any, on_stage: OnStage | None) -> None:
+    while not queue.empty():
+        key, n = queue.get_nowait()
+        if on_stage is not None:
+            on_stage(tuple(key), n)
 
 
 class RayExecutor:
@@ -203,7 +384,7 @@ class RayExecutor:
                     ray.shutdown()
         gpus = ray.cluster_resources().get("GPU", 0)
         self.gpus = int(gpus)
-        self.remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=threads)(_ray_run)
+        self.remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=threads)(_queued_run)
         self.queue = Queue(actor_options={"num_cpus": 0})
 
     def map(self, specs: Sequence[RunSpec], on_stage: OnStage | None = None) -> Iterator[Outcome]:
@@ -211,7 +392,7 @@ class RayExecutor:
         pending = {self.remote.remote(spec, self.queue): spec for spec in specs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            self._drain(on_stage)
+            _drain(self.queue, on_stage)
             for ref in done:
                 spec = pending.pop(ref)
                 try:
@@ -219,13 +400,7 @@ class RayExecutor:
                 except Exception:  # the worker itself died (OOM kill, node lost)
                     rec, err = None, traceback.format_exc()
                 yield spec, rec, err
-        self._drain(on_stage)
-
-    def _drain(self, on_stage: OnStage | None) -> None:
-        while not self.queue.empty():
-            key, n = self.queue.get_nowait()
-            if on_stage is not None:
-                on_stage(tuple(key), n)
+        _drain(self.queue, on_stage)
 
     def close(self) -> None:
         self.ray.shutdown()
@@ -234,7 +409,7 @@ class RayExecutor:
 def make_executor(name: str, **kwargs: Any) -> LocalExecutor | RayExecutor:
     """``local`` or ``ray``; Ray missing is a clear SystemExit naming the extra to install."""
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(**kwargs)
     if name == "ray":
         return RayExecutor(**kwargs)
     raise SystemExit(f"unknown executor {name!r}; valid: local, ray")

@@ -1,21 +1,33 @@
 """The leaderboard: every controller on every task under one stage budget, scored once on test.
 
-    python -m benchmarks.leaderboard --preset quick            # ~8 min on a 2-core CPU
+    python -m benchmarks.leaderboard --preset quick            # smoke run, ~8 min on a 2-core CPU
+    python -m benchmarks.leaderboard --preset standard         # the leaderboard, 5 paired seeds
+    python -m benchmarks.leaderboard --preset standard --budget-unit tokens  # equal tokens
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
     python -m benchmarks.leaderboard --preset full --model DIR --data-path DATA  # local files
 
 The protocol: each controller spends the same budget of
 stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
-test split; the base model is scored once per task. Each finished run is saved to its own HDF5
-file atomically, so the script can be killed at any moment and rerun with the same arguments: it
-skips finished runs and re-runs only the one(s) in flight. The last line of output is
+test split; the base model is scored once per task. Seeds are paired: a seed gives every
+controller the same base, data order and evaluation items. Where the preset says so, each run's
+chosen schedule is then retrained open loop from the base model on a fresh seed (``transfer``),
+which scores the strategy rather than the lucky checkpoint. Each finished run is saved to its own
+HDF5 file atomically, so the script can be killed at any moment and rerun with the same arguments:
+it skips finished runs and re-runs only the one(s) in flight. The last line of output is
 ``runs=<n> tasks=<n> controllers=<n> wall_s=<x>``.
+
+``--budget-unit tokens`` gives every controller the same budget of sampled tokens instead
+(executors.token_budget); its runs go to their own folder (``results/<preset>-tokens/``).
+``--workers N`` runs N runs at a time in spawned processes (the standard preset's default is 2):
+a controller registered by your own script joins them when it is registered at import time and
+the script calls ``main()`` under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import inspect
 import json
 import os
 import shlex
@@ -36,9 +48,10 @@ from rich.progress import (
 )
 
 from benchmarks.leaderboard import report, runlog
-from benchmarks.leaderboard.executors import RunSpec, make_executor
+from benchmarks.leaderboard.executors import BUDGET_UNITS, RunSpec, make_executor
 from benchmarks.leaderboard.runlog import BASE
 from inner.tasks import task_names
+from metaenv.env import SCALE_DEFAULTS
 
 TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
@@ -68,16 +81,51 @@ class Preset:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Per-controller arguments for controllers.make, e.g. a smaller PBT population for a budget.
     controller_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str = "results"  # output folder of stage-budget runs; tokens mode: results/<name>-tokens
+    # Transfer: each run's chosen schedule is retrained from the base model on seed +
+    # replay_seed_offset (a seed no run of the preset uses) and scored on test. None: no replay.
+    replay_seed_offset: int | None = None
+    budget_unit: str = "stages"  # "tokens": every controller gets the same token budget
+    budget_tokens: int | None = None  # tokens mode; None -> budget x one default stage's tokens
+    conclusions: bool = True  # False: a smoke run, and its report says so
+    # How, not what: torch threads per run (one and two gave the same numbers where checked),
+    # and runs at a time in worker processes with the local executor.
+    threads: int = 2
+    workers: int = 1
+    # Filled by resolve(): controllers left out and why, sb3's meta-training seeds. They go into
+    # the report's header, not into the settings.
+    notes: tuple[str, ...] = ()
+
+
+EMBEDDED = SCALE_DEFAULTS["embedded"]  # the env's own embedded episode
 
 
 PRESETS = {
-    # Fits 30 minutes on the 2-core CPU: a stage (five GRPO steps of 8 prompts x 8 completions,
-    # then 32 greedy dev answers) takes 2-5 s; 4 tasks x 9 controllers (220 stages) plus the
-    # test evaluations took 488 s. Three-stage schedules are the shortest in which a
-    # regularization parameter can change direction.
+    # A smoke run, not for conclusions (one seed, dev 32: one item weighs 0.031). Fits 10 minutes
+    # on the 2-core CPU: a stage (five GRPO steps of 8 prompts x 8 completions, then 32 greedy
+    # dev answers) takes 2-5 s; 4 tasks x 9 controllers (220 stages) plus the test evaluations
+    # took 488 s. Three-stage schedules are the shortest in which a regularization parameter can
+    # change direction.
     "quick": Preset(name="quick", tasks=TASKS, controllers=None,
                     seeds=(0,), budget=6, stages=3, steps_per_stage=5, dev_size=32,
-                    test_size=128),
+                    test_size=128, conclusions=False),
+    # The leaderboard: 5 paired seeds, the env's embedded episode (8 stages x 5 GRPO steps), a
+    # budget of 4 episodes, dev 128 (one item weighs 0.008), the env's test split (256), and the
+    # transfer replay on seed + 1000 (never an evaluation seed).
+    # Wall time, estimated from measured one-thread CPU seconds of a default stage at dev 128
+    # (gsm8k 2.3, math 2.6, countdown 4.0, logic 5.7; mean 3.6) and search stages at 1.08x that
+    # (the quick leaderboard's ratio): per task and seed, 3 one-episode rows (24 stages), 6
+    # searches of 32 stages, replays of ~6 stages per run, 2 test evaluations per run; 20 task x
+    # seed pairs -> ~21,600 CPU s with tpe, ~18,600 without it (it cannot leave its start-up in
+    # 4 trials). Two one-thread workers on the two cores: ~3.0 h (~2.6 h without tpe); one
+    # process would take twice that. Two torch threads per run are no substitute: on this shared
+    # machine a two-thread stage ran 10-15x slower than a one-thread one whenever another process
+    # was busy (3 stages: 130-200 s against 10-14 s).
+    "standard": Preset(name="standard", tasks=TASKS, controllers=None, seeds=(0, 1, 2, 3, 4),
+                       budget=4 * EMBEDDED["stages"], stages=EMBEDDED["stages"],
+                       steps_per_stage=EMBEDDED["steps_per_stage"], dev_size=128,
+                       test_size=EMBEDDED["test_size"], out="results/standard",
+                       replay_seed_offset=1000, threads=1, workers=2),
     # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
     # budget of 3 episodes' worth of stages, 5 seeds.
     "full": Preset(name="full", tasks=TASKS, controllers=None,
@@ -104,6 +152,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="e.g. --seeds 0 1 2")
     p.add_argument("--budget", type=int, metavar="N",
                    help="stages per run, the same for every controller")
+    p.add_argument("--budget-unit", choices=BUDGET_UNITS,
+                   help="stages (default), or tokens: every controller gets the same token "
+                        "budget (--budget-tokens, by default --budget x the tokens of one default "
+                        "stage on the run's seed) and plans with that many stages")
+    p.add_argument("--budget-tokens", type=int, metavar="N",
+                   help="tokens mode: prompt + completion tokens sampled per run")
+    p.add_argument("--replay-seed-offset", type=int, metavar="K",
+                   help="retrain each run's chosen schedule on seed + K and score it on test "
+                        "(default: the preset's; standard: 1000)")
     p.add_argument("--stages", type=int, metavar="N", help="stages per episode (schedule length)")
     p.add_argument("--steps-per-stage", type=int, metavar="N", help="GRPO steps per stage")
     p.add_argument("--dev-size", type=int, metavar="N", help="dev examples (controllers select)")
@@ -120,10 +177,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--controller-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='per-row arguments for controllers.make, e.g. \'{"llmzero-llm": '
                         '{"extra_body": {"chat_template_kwargs": {"enable_thinking": false}}}}\'')
-    p.add_argument("--out", default="results", help="output folder (default: results/)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the preset's, e.g. results/ for quick, "
+                        "results/standard/; tokens mode: results/<preset>-tokens/)")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: the preset's; quick 2, standard 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local executor: runs at a time, each in its own process (default: the "
+                        "preset's; standard 2, for two one-thread runs on the 2-core CPU)")
     p.add_argument("--llm-base-url", default=os.environ.get("LLMZERO_BASE_URL"),
                    help="OpenAI-compatible endpoint (env LLMZERO_BASE_URL); adds the "
                         f"{LLM_ROW} row. The key is read from LLMZERO_API_KEY/OPENAI_API_KEY "
@@ -159,11 +222,52 @@ def unavailable(name: str, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+# Meta-trains the sb3 policy for the standard preset on seeds 100-104 (meta_train's default).
+SB3_REGENERATE = "python -m benchmarks.meta_train --preset standard --collect-episodes 10"
+
+
+def sb3_training_seeds(kwargs: dict[str, Any]) -> list[int] | None:
+    """The env seeds the sb3 policy was meta-trained on, from its metadata; None if unstated."""
+    from controllers.sb3 import POLICY, metadata_path
+
+    meta = metadata_path(kwargs.get("policy_path") or POLICY)
+    seeds = json.loads(meta.read_text()).get("train_seeds") if meta.is_file() else None
+    return None if seeds is None else [int(s) for s in seeds]
+
+
+def sb3_in_sample(kwargs: dict[str, Any], seeds: set[int]) -> str | None:
+    """Why the sb3 policy's score would be in-sample on these seeds, or None."""
+    trained = sb3_training_seeds(kwargs)
+    if trained is None:
+        return ("its policy does not declare the seeds it was meta-trained on, so they may be "
+                f"evaluation seeds; regenerate it: {SB3_REGENERATE}")
+    shared = sorted(seeds & set(trained))
+    if shared:
+        return (f"its policy was meta-trained on seeds {shared}, which this leaderboard "
+                f"evaluates on; regenerate it on other seeds: {SB3_REGENERATE}")
+    return None
+
+
+def fit_reason(name: str, kwargs: dict[str, Any], budget: int, stages: int) -> str | None:
+    """Why a controller cannot do what its name says at this budget (its ``fits``), or None."""
+    import controllers
+
+    fits = getattr(controllers.make(name, **kwargs), "fits", None)
+    return None if fits is None else fits(budget, stages)
+
+
+def transfer_seeds(preset: Preset, seed: int) -> tuple[int, ...]:
+    """The fresh seeds a run's chosen schedule is replayed on (the preset's declared rule)."""
+    return () if preset.replay_seed_offset is None else (seed + preset.replay_seed_offset,)
+
+
 def resolve(a: argparse.Namespace) -> Preset:
     """The preset with the command line's overrides; unknown names are a clear SystemExit."""
     preset = PRESETS[a.preset]
     over = {k: getattr(a, k) for k in ("budget", "stages", "steps_per_stage", "dev_size",
-                                       "test_size", "scale", "model", "data_path", "device")
+                                       "test_size", "scale", "model", "data_path", "device",
+                                       "budget_unit", "budget_tokens", "replay_seed_offset",
+                                       "threads", "workers")
             if getattr(a, k) is not None}
     if a.env_kwargs:
         over["env_kwargs"] = {**preset.env_kwargs, **a.env_kwargs}
@@ -174,19 +278,16 @@ def resolve(a: argparse.Namespace) -> Preset:
     if bad:
         raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
                          f"{', '.join(task_names())}")
+    seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
+    preset = replace(preset, tasks=tasks, seeds=seeds, **over)
+    check_budget(preset)
     known = valid_controllers()
     ctrls = list(a.controllers or preset.controllers or registered_controllers())
     if not a.controllers:
         # The preset names every offline controller; keep those this checkout has.
-        kwargs = over.get("controller_kwargs", preset.controller_kwargs)
-        why = {c: "not registered" if c not in known else unavailable(c, kwargs.get(c, {}))
-               for c in ctrls}
-        for c, reason in why.items():
-            if reason:
-                print(f"note: {c} left out of the preset: {reason}")
-        ctrls = [c for c in ctrls if not why[c]]
-        if a.llm_base_url:
-            ctrls.append(LLM_ROW)
+        for c in (c for c in ctrls if c not in known):
+            print(f"note: {c} left out of the preset: not registered")
+        ctrls = [c for c in ctrls if c in known]
     bad = [c for c in ctrls if c not in known or c == BASE]
     if bad:
         raise SystemExit(f"unknown controller(s) {', '.join(bad)}; valid controllers: "
@@ -195,12 +296,79 @@ def resolve(a: argparse.Namespace) -> Preset:
     if bad:
         raise SystemExit(f"--controller-kwargs names unknown controller(s) {', '.join(bad)}; "
                          f"valid controllers: {', '.join(known)}")
+    ctrls, notes = choose_controllers(preset, ctrls, named=bool(a.controllers))
+    if not a.controllers and a.llm_base_url and "llmzero" in ctrls:
+        ctrls.append(LLM_ROW)  # the same search as llmzero: it fits where llmzero does
     if LLM_ROW in ctrls and not a.llm_base_url:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
-    seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
-    preset = replace(preset, tasks=tasks, controllers=tuple(ctrls), seeds=seeds, **over)
+    preset = replace(preset, controllers=tuple(ctrls), notes=tuple(notes))
     check_data_path(preset)
     return preset
+
+
+def choose_controllers(preset: Preset, ctrls: list[str], named: bool
+                       ) -> tuple[list[str], list[str]]:
+    """The controllers that run, and the notes for the report's header.
+
+    A preset's own list leaves out a controller this checkout cannot run, one that cannot do
+    what its name says at the preset's budget (its ``fits``), and sb3 when its policy was
+    meta-trained on a seed the leaderboard evaluates on; each with its reason. Controllers named
+    on the command line all run, except an in-sample sb3, which is refused.
+    """
+    evaluated = {*preset.seeds, *(t for s in preset.seeds for t in transfer_seeds(preset, s))}
+    keep, notes = [], []
+    for c in ctrls:
+        kwargs = preset.controller_kwargs.get(c, {})
+        reason = None
+        if c != LLM_ROW:
+            reason = unavailable(c, kwargs)
+            if reason and named:
+                raise SystemExit(f"{c} cannot run: {reason}")
+            if reason is None and c == "sb3":
+                reason = sb3_in_sample(kwargs, evaluated)
+                if reason and named:
+                    raise SystemExit(f"sb3 cannot be scored on seeds {sorted(evaluated)}: "
+                                     f"{reason}")
+            if reason is None:
+                # Budget and episode length in stages; tokens mode plans with as many stages.
+                why = fit_reason(c, kwargs, preset.budget, preset.stages)
+                if why and named:
+                    notes.append(f"{c} runs as named, but it does not fit the budget: {why}")
+                    print(f"note: {notes[-1]}")
+                reason = None if named else why
+        if reason:
+            notes.append(f"{c} left out: {reason}")
+            print(f"note: {notes[-1]}")
+            continue
+        keep.append(c)
+        if c == "sb3":
+            trained = sb3_training_seeds(kwargs)
+            notes.append(f"sb3's policy was meta-trained on seeds {trained}, disjoint from the "
+                         f"evaluated seeds {sorted(evaluated)}")
+    return keep, notes
+
+
+def check_budget(preset: Preset) -> None:
+    """A clear SystemExit for a budget unit, token budget or replay rule that cannot work."""
+    if preset.budget_unit not in BUDGET_UNITS:
+        raise SystemExit(f"budget unit must be one of {', '.join(BUDGET_UNITS)}, "
+                         f"got {preset.budget_unit!r}")
+    if preset.budget_tokens is not None and preset.budget_unit != "tokens":
+        raise SystemExit("--budget-tokens sets a token budget: use it with --budget-unit tokens")
+    if preset.budget_tokens is not None and preset.budget_tokens < 1:
+        raise SystemExit(f"--budget-tokens must be >= 1, got {preset.budget_tokens}")
+    reused = sorted({t for s in preset.seeds for t in transfer_seeds(preset, s)}
+                    & set(preset.seeds))
+    if reused:
+        raise SystemExit(f"replay seed(s) {reused} (seed + {preset.replay_seed_offset}) are "
+                         "also evaluation seeds; a replay needs fresh seeds: choose another "
+                         "--replay-seed-offset")
+
+
+def default_out(preset: Preset) -> str:
+    """Where a preset writes: its folder, or results/<name>-tokens for an equal-token budget,
+    so that runs of the two units never meet on resume."""
+    return preset.out if preset.budget_unit == "stages" else f"results/{preset.name}-tokens"
 
 
 def check_data_path(preset: Preset) -> None:
@@ -239,7 +407,8 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
         env_id = env_ids()[task]
         if preset.data_path:
             env_kwargs = {**env_kwargs, "data_path": str(Path(preset.data_path) / task)}
-        specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=a.threads))
+        specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=preset.threads))
+        budget = {"budget_unit": preset.budget_unit, "budget_tokens": preset.budget_tokens}
         for seed in preset.seeds:
             for c in preset.controllers:
                 name, kwargs = c, dict(preset.controller_kwargs.get(c, {}))
@@ -247,20 +416,27 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
                     # Only the endpoint and model: the API key stays in the environment. The
                     # prompts and replies are kept with the results.
                     name = "llmzero"
-                    run_dir = Path(a.out) / "llm" / runlog.run_filename(task, c, seed)[:-3]
+                    run_dir = (Path(a.out or default_out(preset)) / "llm"
+                               / runlog.run_filename(task, c, seed)[:-3])
                     kwargs |= {"proposer": "llm", "base_url": a.llm_base_url,
                                "model": a.llm_model, "run_dir": str(run_dir)}
                 specs.append(RunSpec(task, c, seed, preset.budget, env_id, env_kwargs, name,
-                                     kwargs, threads=a.threads))
+                                     kwargs, threads=preset.threads,
+                                     replay_seeds=transfer_seeds(preset, seed), **budget))
     return specs
 
 
 def fingerprint(spec: RunSpec) -> str:
     """What must match for a saved run to count as this run (the key alone is not enough)."""
     kwargs = {k: v for k, v in spec.make_kwargs.items() if k != "run_dir"}  # where, not what
-    return json.dumps({"env_id": spec.env_id, "env_kwargs": spec.env_kwargs,
-                       "budget": spec.budget, "controller": spec.make_name or spec.controller,
-                       "controller_kwargs": kwargs}, sort_keys=True, default=str)
+    d = {"env_id": spec.env_id, "env_kwargs": spec.env_kwargs, "budget": spec.budget,
+         "controller": spec.make_name or spec.controller, "controller_kwargs": kwargs}
+    # Only when set, so that runs made before these options existed still count.
+    if spec.budget_unit != "stages":
+        d |= {"budget_unit": spec.budget_unit, "budget_tokens": spec.budget_tokens}
+    if spec.replay_seeds:
+        d["replay_seeds"] = list(spec.replay_seeds)
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _progress(console: Console) -> Progress:
@@ -273,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     a = parse_args(argv)
     preset = resolve(a)
+    a.out = a.out or default_out(preset)
     out = Path(a.out)
     # One leaderboard per output folder: a lock on the folder itself (no stray lock file to
     # commit), which the OS drops when the process dies, even by kill -9, so a rerun is never
@@ -299,8 +476,9 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     cmd = shlex.join(["python", "-m", "benchmarks.leaderboard",
                       *(sys.argv[1:] if argv is None else argv)])
     # Kept in leaderboard.h5 too, so the report module rebuilds the same report from it.
-    meta = {"header": f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`.",
-            "order": json.dumps(list(preset.controllers))}
+    meta = {"header": header(preset, cmd), "order": json.dumps(list(preset.controllers))}
+    if not preset.conclusions:
+        console.print(f"[bold yellow]{SMOKE}[/]")
 
     # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
     # with the same settings; anything else runs (again).
@@ -312,24 +490,56 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
                   f"budget={preset.budget} stages/episode={preset.stages} "
                   f"steps/stage={preset.steps_per_stage} -> {out}/")
     console.print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; "
-                  f"{len(todo)} to run with the {a.executor} executor")
+                  f"{len(todo)} to run with the {a.executor} executor"
+                  + (f" ({preset.workers} at a time)" if a.executor == "local"
+                     and preset.workers > 1 else ""))
 
-    failures = _execute(a, todo, specs, done, out, meta, console) if todo else []
+    failures = _execute(a, preset, todo, specs, done, out, meta, console) if todo else []
     finished = [done[s.key] for s in specs if s.key in done]
     runlog.write_combined(out, finished, meta)
     if not a.no_report and finished:
         paths = report.write_report(out, finished, header=meta["header"],
-                                    order=preset.controllers)
+                                    order=preset.controllers, **_report_options(preset))
         console.print(f"wrote {paths['md']}, {paths['csv']}, {out / runlog.COMBINED}, "
                       f"{paths['plots']}/")
     if failures:
         console.print(f"[red]{len(failures)} run(s) failed[/]: {', '.join(failures)}; "
                       "rerun the same command to retry them")
     runs = sum(1 for r in finished if r.controller != BASE)
+    if not preset.conclusions:
+        console.print(f"[bold yellow]{SMOKE}[/]")
     # Machine-readable last line (plain print: no rich markup or wrapping).
     print(f"runs={runs} tasks={len(preset.tasks)} controllers={len(preset.controllers)} "
           f"wall_s={time.time() - t0:.1f}", flush=True)
     return 1 if failures else 0
+
+
+SMOKE = "A smoke run: one seed and a small dev set, not for conclusions (see --preset standard)."
+
+
+def header(preset: Preset, cmd: str) -> str:
+    """The report's header: the command, the settings, and what a reader must know first."""
+    lines = [f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`."]
+    if not preset.conclusions:
+        lines.append(f"**{SMOKE}**")
+    if preset.budget_unit == "tokens":
+        lines.append("Budget in tokens: every run may sample "
+                     + (f"{preset.budget_tokens}" if preset.budget_tokens else
+                        f"{preset.budget} x the tokens of one default stage on its seed")
+                     + " prompt + completion tokens; controllers plan with that many default "
+                       "stages.")
+    if preset.replay_seed_offset is not None:
+        lines.append(f"Transfer: each run's chosen schedule is retrained from the base model on "
+                     f"seed + {preset.replay_seed_offset} and scored on test; those stages are "
+                     "not charged to the budget.")
+    lines += list(preset.notes)
+    return "\n\n".join(lines)
+
+
+def _report_options(preset: Preset) -> dict[str, Any]:
+    # The report module says "not for conclusions" itself when it can.
+    params = inspect.signature(report.write_report).parameters
+    return {"conclusions": preset.conclusions} if "conclusions" in params else {}
 
 
 class RunBars:
@@ -358,12 +568,13 @@ class RunBars:
             self.progress.remove_task(self.bars.pop(spec.key))
 
 
-def _execute(a: argparse.Namespace, todo: list[RunSpec], specs: list[RunSpec],
+def _execute(a: argparse.Namespace, preset: Preset, todo: list[RunSpec], specs: list[RunSpec],
              done: dict[tuple, runlog.RunRecord], out: Path, meta: dict[str, str],
              console: Console) -> list[str]:
     """Run `todo`, saving each finished run as it ends; returns the labels of failed runs."""
     failures: list[str] = []
-    kwargs = {"address": a.ray_address, "threads": a.threads} if a.executor == "ray" else {}
+    kwargs = ({"address": a.ray_address, "threads": preset.threads} if a.executor == "ray"
+              else {"workers": preset.workers})
     executor = make_executor(a.executor, **kwargs)
     with _progress(console) as progress:
         bars = RunBars(progress, todo)
@@ -399,6 +610,8 @@ def _save_failure(out: Path, spec: RunSpec, err: str | None, console: Console) -
 
 def _settings(preset: Preset) -> dict[str, Any]:
     d = asdict(preset)
+    d.pop("notes")  # in the header as sentences
+    d.pop("out")  # where, not what
     return {k: v for k, v in d.items() if v not in (None, {}, ())}
 
 

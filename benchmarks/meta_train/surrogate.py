@@ -144,19 +144,23 @@ def transitions_from_record(rec: RunRecord, space: HParamSpace, stages: int) -> 
 
 
 def collect_random(env: gym.Env, episodes: int, seed: int, env_id: str = "",
-                   env_kwargs: dict[str, Any] | None = None) -> RunRecord:
+                   env_kwargs: dict[str, Any] | None = None,
+                   env_seeds: Sequence[int] | None = None) -> RunRecord:
     """Random-action episodes on the real env, logged as a RunRecord (runlog.save_run saves it).
 
     Uniform actions cover every grid value evenly, which is what a one-hot regression needs.
-    Each episode trains from a different inner seed, so the data is not one data order's luck.
+    Episode i trains from env seed ``env_seeds[i % len(env_seeds)]`` (default: seed * 1000 + i),
+    so the data is not one data order's luck; ``seed`` draws the actions. The env seeds are
+    recorded in the settings (``env_seeds``): a policy must not be scored on them.
     """
     rec_env = StageRecorder(env)
     u = env.unwrapped
     rng = np.random.default_rng(seed)
     started, before = time.time(), copy.copy(u.budget)  # the budget is cumulative
     best = -math.inf
-    for episode in range(episodes):
-        rec_env.reset(seed=seed * 1000 + episode)
+    used = planned_env_seeds(episodes, seed, env_seeds)
+    for env_seed in used:
+        rec_env.reset(seed=env_seed)
         best = max(best, u.base_dev_score)
         done = False
         while not done:
@@ -171,7 +175,27 @@ def collect_random(env: gym.Env, episodes: int, seed: int, env_id: str = "",
         tokens=float(u.budget.tokens - before.tokens),
         seconds=float(u.budget.seconds - before.seconds), wall_s=time.time() - started,
         started_at=started, finished_at=time.time(), stages=rec_env.stages,
-        settings={"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "episodes": episodes})
+        settings={"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "episodes": episodes,
+                  "env_seeds": used})
+
+
+def planned_env_seeds(episodes: int, seed: int, env_seeds: Sequence[int] | None) -> list[int]:
+    """The env seed of each collected episode (see collect_random)."""
+    if env_seeds is not None and not len(env_seeds):
+        raise ValueError("env_seeds is empty: give at least one seed to collect episodes on")
+    return [int(env_seeds[i % len(env_seeds)]) if env_seeds is not None else seed * 1000 + i
+            for i in range(episodes)]
+
+
+def record_env_seeds(rec: RunRecord) -> list[int]:
+    """The env seeds a logged run trained from: a leaderboard run resets only to its own seed;
+    a collection records its seeds (older ones used seed * 1000 + episode)."""
+    if rec.controller != COLLECTOR:
+        return [int(rec.seed)]
+    seeds = rec.settings.get("env_seeds")
+    if seeds is None:
+        return planned_env_seeds(int(rec.settings.get("episodes", 0)), rec.seed, None)
+    return [int(s) for s in seeds]
 
 
 # ---- the model ----------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """Meta-train the ``sb3`` controller: PPO over several tasks and seeds, on surrogates or real envs.
 
-    python -m benchmarks.meta_train --collect-episodes 4   # surrogate from logs + 4 random
-                                                            # real episodes per task
-    python -m benchmarks.meta_train --logs results        # surrogate from leaderboard logs only
+    python -m benchmarks.meta_train --collect-episodes 10  # surrogate from 10 random real
+                                                            # episodes per task (+ any logs)
+    python -m benchmarks.meta_train --logs results/standard-train  # from leaderboard logs
     python -m benchmarks.meta_train --real --timesteps 64  # PPO on the real embedded envs (slow)
 
 By default the policy is trained on surrogate envs (``surrogate``) fitted per task to
 real stages: those of the leaderboard's HDF5 logs (``--logs``) made with the same env settings,
 and random episodes collected here (saved under ``<out>/data`` and reused by a rerun). Every real
 stage behind the data counts in the policy's cost. The env settings default to the leaderboard's
-quick preset, so the policy sees the episodes it is evaluated on. ``wall_s`` is the whole
-pipeline's time, reused collections included. Writes ``<out>/policy.zip``,
-``<out>/policy.json`` (what it was trained on and what that cost) and ``<out>/surrogate.npz``; the
-last line of output is ``timesteps=<n> wall_s=<x> real_stages=<n> ...``.
+standard preset (``--preset``), so the policy sees the episodes it is evaluated on, but never
+their seeds: it learns only from env seeds in ``--train-seeds`` (default 100-104; the
+leaderboard evaluates on 0-4 and replays on 1000-1004). Collected episodes train from them,
+logged runs of other seeds are left out, and ``policy.json`` records the seeds used
+(``train_seeds``), which the leaderboard checks. ``wall_s`` is the whole pipeline's time, reused
+collections included. Writes ``<out>/policy.zip``, ``<out>/policy.json`` (what it was trained on
+and what that cost) and ``<out>/surrogate.npz``; the last line of output is
+``timesteps=<n> wall_s=<x> real_stages=<n> ...``.
 """
 
 from __future__ import annotations
@@ -42,15 +46,19 @@ from benchmarks.meta_train.surrogate import (
     collect_random,
     dynamics_key,
     fit,
+    planned_env_seeds,
     read_records,
+    record_env_seeds,
     save_models,
     transitions_from_record,
 )
 from controllers.sb3 import CommonActions, fit_action
 from metaenv import LLMZeroEnv, env_ids
 
-QUICK = PRESETS["quick"]
 SKIP_CONTROLLERS = ("base", "sb3")  # no stages; and never learn from the policy's own runs
+# Env seeds the policy may learn from: disjoint from every preset's evaluation seeds (0-4) and
+# the standard preset's replay seeds (1000-1004).
+TRAIN_SEEDS = (100, 101, 102, 103, 104)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,18 +79,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-steps", type=int, default=None,
                    help="PPO rollout steps per env (default: 32 episodes' worth on surrogates, "
                         "one episode on real envs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", type=int, default=QUICK.stages)
-    p.add_argument("--steps-per-stage", type=int, default=QUICK.steps_per_stage)
-    p.add_argument("--dev-size", type=int, default=QUICK.dev_size)
-    p.add_argument("--test-size", type=int, default=QUICK.test_size)
+    p.add_argument("--seed", type=int, default=0, help="PPO's seed and the random actions'")
+    p.add_argument("--train-seeds", nargs="+", type=int, default=list(TRAIN_SEEDS),
+                   metavar="SEED",
+                   help="env seeds to learn from (collected episodes train from them; logged "
+                        "runs of other seeds are left out); never a leaderboard's evaluation "
+                        f"seeds (default: {' '.join(map(str, TRAIN_SEEDS))})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
+                   help="the leaderboard preset whose env settings the policy is trained for")
+    p.add_argument("--stages", type=int, default=None, help="default: the preset's")
+    p.add_argument("--steps-per-stage", type=int, default=None, help="default: the preset's")
+    p.add_argument("--dev-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--test-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
                    help="more LLMZeroEnv arguments, as the leaderboard's --env-kwargs")
     p.add_argument("--eval-episodes", type=int, default=200,
                    help="surrogate episodes per task to compare the policy with random actions")
     p.add_argument("--out", default="results/sb3")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    preset = PRESETS[a.preset]
+    for name in ("stages", "steps_per_stage", "dev_size", "test_size"):
+        if getattr(a, name) is None:
+            setattr(a, name, getattr(preset, name))
+    return a
 
 
 def env_kwargs_of(a: argparse.Namespace) -> dict[str, Any]:
@@ -110,22 +130,26 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
     key = dynamics_key(env_kwargs)
     paths = a.logs if a.logs is not None else (["results"] if Path("results").is_dir() else [])
     found = read_records(paths) if paths else []
+    allowed = set(a.train_seeds)
     used = [r for r in found if r.task in a.tasks and r.controller not in SKIP_CONTROLLERS
-            and dynamics_key(r.settings.get("env_kwargs", {})) == key]
+            and dynamics_key(r.settings.get("env_kwargs", {})) == key
+            and set(record_env_seeds(r)) <= allowed]
     collected_new, reused_wall = 0, 0.0
     if a.collect_episodes > 0:
         data = out / "data"
         saved = {r.key: r for r in read_records([data])} if (data / runlog.RUNS_DIR).is_dir() \
             else {}
+        planned = planned_env_seeds(a.collect_episodes, a.seed, a.train_seeds)
         for task in a.tasks:
             old = saved.get((task, COLLECTOR, a.seed))
             if (old is not None and dynamics_key(old.settings.get("env_kwargs", {})) == key
-                    and old.settings.get("episodes", 0) >= a.collect_episodes):
+                    and old.settings.get("env_seeds") == planned):
                 used.append(old)  # collected by an earlier run with these settings: reuse it
                 reused_wall += old.wall_s
                 continue
             env = gym.make(env_ids()[task], **env_kwargs)
-            rec = collect_random(env, a.collect_episodes, a.seed, env_ids()[task], env_kwargs)
+            rec = collect_random(env, a.collect_episodes, a.seed, env_ids()[task], env_kwargs,
+                                 env_seeds=a.train_seeds)
             env.close()
             runlog.save_run(data, rec)
             collected_new += len(rec.stages)
@@ -137,7 +161,8 @@ def gather_records(a: argparse.Namespace, env_kwargs: dict[str, Any],
         by_ctrl[r.controller] += len(r.stages)
     info = {"paths": [str(p) for p in paths], "runs_found": len(found), "runs_used": len(used),
             "stages_by_controller": dict(by_ctrl), "collected_stages": collected_new,
-            "reused_collection_wall_s": round(reused_wall, 1)}
+            "reused_collection_wall_s": round(reused_wall, 1),
+            "env_seeds": sorted({s for r in used for s in record_env_seeds(r)})}
     return used, info
 
 
@@ -209,10 +234,25 @@ class TrainingEnvs:
     surrogate: dict[str, Any] = field(default_factory=dict)  # per-task fit summary
 
 
+class SeedCycle(gym.Wrapper):
+    """Resets to the next of ``seeds`` in turn, whatever seed the caller asks for: PPO's vector
+    env reseeds its own way, and the policy must learn only from its training seeds."""
+
+    def __init__(self, env: gym.Env, seeds: list[int], start: int = 0) -> None:
+        super().__init__(env)
+        self.seeds, self.next = list(seeds), start
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        seed, self.next = self.seeds[self.next % len(self.seeds)], self.next + 1
+        return self.env.reset(seed=seed, options=options)
+
+
 def real_envs(a: argparse.Namespace, env_kwargs: dict[str, Any], common: np.ndarray
               ) -> TrainingEnvs:
-    return TrainingEnvs([lambda t=t: CommonActions(gym.make(env_ids()[t], **env_kwargs), common)
-                         for t in a.tasks for _ in range(a.envs_per_task)])
+    thunks = [lambda t=t, i=i: CommonActions(SeedCycle(gym.make(env_ids()[t], **env_kwargs),
+                                                       a.train_seeds, start=i), common)
+              for t in a.tasks for i in range(a.envs_per_task)]
+    return TrainingEnvs(thunks, logs={"env_seeds": sorted(set(a.train_seeds))})
 
 
 def surrogate_envs(a: argparse.Namespace, env_kwargs: dict[str, Any],
@@ -315,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         "surrogate": envs.surrogate,
         "ppo": settings,
         "seed": a.seed,
+        # The env seeds behind every real stage the policy learned from; the leaderboard leaves
+        # sb3 out where they meet its evaluation seeds.
+        "train_seeds": envs.logs["env_seeds"],
         "eval": evaluation,
         "command": shlex.join(["python", "-m", "benchmarks.meta_train",
                                *(sys.argv[1:] if argv is None else argv)]),
