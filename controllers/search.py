@@ -215,8 +215,9 @@ class ScheduleSearch(OptunaSearch):
     """Searches per-stage schedules: every controlled hyperparameter at every stage is a param.
 
     Trials are stopped early by successive halving (``SuccessiveHalvingPruner``: rungs at 1, 3,
-    9, ... stages, reduction factor ``reduction_factor``, on the running best dev score), so most
-    cost one stage and the best go on to the episode's end. Where the budget pays one stage for
+    9, ... stages, reduction factor ``reduction_factor``, on the running best dev score; the first
+    ``reduction_factor - 1`` trials stop at the first rung), so most cost one stage and those that
+    beat the others go on to the episode's end. Where the budget pays one stage for
     each of ``min_trials`` trials, a trial also stops once going on would leave less than that
     (the budget floor), so at least ``min_trials`` trials run. A trial starts whenever one stage
     fits; the budget's end cuts the last one.
@@ -228,7 +229,11 @@ class ScheduleSearch(OptunaSearch):
     def pruner(self) -> BasePruner:
         if self.reduction_factor is None:
             return NopPruner()
-        return SuccessiveHalvingPruner(min_resource=1, reduction_factor=self.reduction_factor)
+        # bootstrap_count: the first reduction_factor - 1 trials stop after one stage, so no
+        # trial goes on before it has beaten others (without it the first trial always runs
+        # to the end, and the random start-up of TPE took ~55% of a 32-stage budget).
+        return SuccessiveHalvingPruner(min_resource=1, reduction_factor=self.reduction_factor,
+                                       bootstrap_count=self.reduction_factor - 1)
 
     def first_stages(self, n_stages: int) -> int:
         return 1
