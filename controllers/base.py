@@ -1,7 +1,11 @@
 """The controller protocol, its result, and the helpers that several controllers share.
 
 A controller is anything with ``run(env, budget, seed) -> RunResult``; the budget is a number of
-trained stages, counted by the env. A user's controller, in full::
+trained stages, counted by the env (and, when the env has ``max_tokens``, ends early once those
+tokens are spent). Two optional class members tell the harness how a controller meets a budget:
+``fits(budget, stages) -> str | None`` says why it cannot do what its name says at that budget
+(None: it can; see ``fits`` below), and ``unspent_reason`` says why it may leave stages unspent.
+A user's controller, in full::
 
     import controllers
     from controllers.base import Tracker, default_hparams
@@ -29,10 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
+
+from metaenv.env import BudgetExhausted
 
 # What a run paid an LLM, in every RunResult.cost: chat completions answered, their prompt +
 # completion tokens, expansions an LLM was asked for, and those the skills answered instead.
@@ -41,6 +47,10 @@ LLM_COST_KEYS = ("llm_calls", "llm_tokens", "llm_expansions", "llm_fallbacks")
 
 class BudgetExceeded(RuntimeError):
     """Raised when a controller asks for a stage its budget cannot pay for."""
+
+
+# Which states a run may choose: the best on dev at any stage, or at the episode's last stage.
+Selection = Literal["any", "final"]
 
 
 @dataclass
@@ -66,6 +76,13 @@ class Controller(Protocol):
     name: str
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult: ...
+
+
+def fits(controller: Any, budget: int, stages: int) -> str | None:
+    """Why ``controller`` cannot do what its name says at ``budget`` stages of ``stages``-stage
+    episodes (one sentence), or None when it can; None for a controller without ``fits``."""
+    check = getattr(controller, "fits", None)
+    return None if check is None else check(budget, stages)
 
 
 # ---- small helpers on the env's public surface --------------------------------------------------
@@ -94,24 +111,43 @@ def plain(hp: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the run tracker ----------------------------------------------------------------------------
 
+@dataclass
+class Best:
+    """A candidate result: a state, its dev score and the schedule that made it from the root."""
+
+    dev: float
+    state: Any
+    schedule: list[dict[str, Any]]
+
+
 class Tracker:
-    """One controller run: resets the env, enforces the stage budget, keeps the best-dev state.
+    """One controller run: resets the env, enforces the budget, keeps the best-dev state.
 
     Every controller trains only through ``step``, so the budget is checked against the env's own
-    counter before each stage, and the best state seen on dev (the root included) is what
-    ``result`` returns: controllers select on dev, the harness scores the selection on test.
+    counters before each stage, and the best state seen on dev is what ``result`` returns:
+    controllers select on dev, the harness scores the selection on test. ``select="any"`` chooses
+    among every state, the root included; ``select="final"`` among the states at the episode's
+    last stage (whole schedules), falling back to the best of any stage until one exists.
+
+    The budget ends at ``budget`` stages or when the env refuses another stage (its own
+    ``max_stages`` or ``max_tokens`` is spent, e.g. under an equal-token budget): ``remaining`` is
+    then 0, so a controller that checks it before each stage stops there, with the best state so
+    far as its result.
     """
 
-    def __init__(self, env: gym.Env, budget: int, seed: int = 0) -> None:
+    def __init__(self, env: gym.Env, budget: int, seed: int = 0, select: Selection = "any") -> None:
         if budget < 0:
             raise ValueError(f"budget must be >= 0 stages, got {budget}")
-        self.env, self.budget, self.seed = env, int(budget), seed
+        if select not in ("any", "final"):
+            raise ValueError(f"select must be 'any' or 'final', got {select!r}")
+        self.env, self.budget, self.seed, self.select = env, int(budget), seed, select
         self.space = env.unwrapped.hparams
         self.last_obs, info = env.reset(seed=seed)
         self.start = counters(env)
         self.root = env.unwrapped.save_state()
         self.base_dev = float(info.get("dev_score", env.unwrapped.dev_score))
-        self.best_dev, self.best_state, self.best_schedule = self.base_dev, self.root, []
+        self.best_any = Best(self.base_dev, self.root, [])
+        self.best_final: Best | None = None
         self.anytime: list[tuple[int, float]] = [(0, self.base_dev)]
         self.trials: list[dict[str, Any]] = []
         self.last_info: dict[str, Any] = info
@@ -119,13 +155,36 @@ class Tracker:
         self.prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
 
     @property
+    def chosen(self) -> Best:
+        """The state ``result`` returns as of now."""
+        return self.best_final if self.best_final is not None else self.best_any
+
+    @property
+    def best_dev(self) -> float:
+        return self.chosen.dev
+
+    @property
+    def best_state(self) -> Any:
+        return self.chosen.state
+
+    @property
+    def best_schedule(self) -> list[dict[str, Any]]:
+        return self.chosen.schedule
+
+    @property
     def spent(self) -> int:
         """Stages paid so far, earlier processes of a resumed run included."""
         return int(counters(self.env)["stages"] - self.start["stages"] + self.prior["stages"])
 
     @property
+    def refusal(self) -> str | None:
+        """Why the env refuses another stage (its max_stages or max_tokens is spent), or None."""
+        return self.env.unwrapped.budget.refusal()
+
+    @property
     def remaining(self) -> int:
-        return self.budget - self.spent
+        """Stages the run may still train: 0 once the env's own budget is spent."""
+        return 0 if self.refusal is not None else max(0, self.budget - self.spent)
 
     def load(self, state: Any) -> None:
         self.env.unwrapped.load_state(state)
@@ -136,18 +195,29 @@ class Tracker:
         ``schedule`` is the whole path from the root, so a new best state knows its schedule.
         """
         if self.remaining < 1:
-            raise BudgetExceeded(f"budget of {self.budget} stages is spent")
+            raise BudgetExceeded(self.refusal or f"budget of {self.budget} stages is spent")
         # A partial stage keeps the loaded state's values for the names it leaves out.
         action = self.space.encode(schedule[-1], base=self.env.unwrapped.current_hparams)
-        self.last_obs, _, terminated, truncated, info = self.env.step(action)
+        try:
+            self.last_obs, _, terminated, truncated, info = self.env.step(action)
+        except BudgetExhausted as e:   # a wrapper's or another counter's limit: still the end
+            raise BudgetExceeded(str(e)) from e
         self.last_info = info
         dev = float(info["dev_score"])
-        if dev > self.best_dev:                    # strict: the earliest of equal states wins
-            self.best_dev = dev
-            self.best_state = self.env.unwrapped.save_state()
-            self.best_schedule = [plain(h) for h in schedule]
-        # max: a resumed search's curve already holds the best of its earlier processes.
-        self.anytime.append((self.spent, max(self.best_dev, self.anytime[-1][1])))
+        path = [plain(h) for h in schedule]
+        # strict: the earliest of equal states wins
+        if dev > self.best_any.dev:
+            self.best_any = Best(dev, self.env.unwrapped.save_state(), path)
+        final = terminated and not truncated      # the episode's last stage, trained in full
+        if self.select == "final" and final and (self.best_final is None
+                                                 or dev > self.best_final.dev):
+            state = self.best_any.state if self.best_any.schedule is path else (
+                self.env.unwrapped.save_state())
+            self.best_final = Best(dev, state, path)
+        # "any": the best so far (max: a resumed search's curve holds its earlier processes' best);
+        # "final": the dev score of the state the run would return now.
+        now = self.best_dev if self.select == "final" else max(self.best_dev, self.anytime[-1][1])
+        self.anytime.append((self.spent, now))
         return dev, bool(terminated or truncated)
 
     def cost(self) -> dict[str, float]:
@@ -159,9 +229,10 @@ class Tracker:
 
     def result(self, name: str, **extra: Any) -> RunResult:
         """The run's RunResult; the env is left loaded with the chosen state."""
-        self.load(self.best_state)
-        return RunResult(name=name, seed=self.seed, final_state=self.best_state,
-                         dev_score=self.best_dev, schedule=list(self.best_schedule),
+        chosen = self.chosen
+        self.load(chosen.state)
+        return RunResult(name=name, seed=self.seed, final_state=chosen.state,
+                         dev_score=chosen.dev, schedule=list(chosen.schedule),
                          base_dev_score=self.base_dev, trials=self.trials, cost=self.cost(),
                          anytime=list(self.anytime), **extra)
 

@@ -50,8 +50,8 @@ SYSTEM_PROMPT = """\
 You steer the GRPO post-training of a language model, one stage at a time. A stage trains a fixed \
 number of steps from a saved checkpoint with the hyperparameters you choose, then scores the model \
 on a dev set (greedy decoding, accuracy in [0, 1]). Every checkpoint is kept, so the search can \
-train any of them further. The objective is the highest dev score at any checkpoint when the \
-budget of stages is spent.
+train any of them further. The result is the checkpoint with the highest dev score among those \
+after an episode's last stage, when the budget of stages is spent.
 
 What each hyperparameter does:
 {effects}

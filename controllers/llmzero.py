@@ -1,11 +1,19 @@
 """LLMZero: tree search over training checkpoints, with an LLM (or the skills) proposing stages.
 
-A node is a saved env state after a stage. Each iteration: select a leaf by UCT over node values
-(the best dev score in the subtree, normalised to [0, 1] over the tree); expand it with K
-coordinated multi-parameter transitions from the proposer; evaluate each by training that one stage
-from the leaf's state; back up visits and values. Early stopping: a node whose dev score falls
-behind the best dev score at the same depth by more than `margin` is never expanded. The budget is
-in stages, counted by the env, like every controller.
+A node is a saved env state after a stage. Each iteration trains one stage: descend from the root
+by UCT over node values (the best dev score in the subtree, normalised to [0, 1] over the tree);
+at a node whose children are fewer than its progressive-widening width, floor(c * visits ** alpha)
+capped at K, train its next proposal as a new child instead; back up visits and values. A node's
+proposals come from the proposer in one call of K ranked, coordinated multi-parameter settings,
+asked the first time the node grows and trained one at a time as its width allows. So the search
+goes deep where it has few visits and widens where it has many, and K is budget-aware (None:
+budget // episode stages, at least 2). Early stopping: a node whose dev score falls behind the
+best at its depth by more than `margin` (`margin_se` standard errors of the dev score, from the
+dev set's size) gets no new child. When the budget left is only enough to take the deepest open
+node to the episode's end and no node is there yet, the search finishes that path first. The
+chosen state is the best on dev among the nodes at the episode's end (`select="final"`: the
+result is a whole schedule, as the env's return counts). The budget is in stages, counted by the
+env, like every controller.
 """
 
 from __future__ import annotations
@@ -18,11 +26,18 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 
-from controllers.base import RunResult, Tracker, default_hparams, episode_stages, plain
+from controllers.base import (
+    RunResult,
+    Selection,
+    Tracker,
+    default_hparams,
+    episode_stages,
+    plain,
+)
 from controllers.llm_proposer import LLMEndpointError, LLMProposer
 from controllers.proposers import (
     FALLBACK,
@@ -35,6 +50,7 @@ from controllers.proposers import (
     on_grid,
 )
 from controllers.skills import StateSummary
+from metaenv.pathologies import dev_standard_error
 
 
 @dataclass(eq=False)
@@ -53,7 +69,10 @@ class Node:
     visits: int = 1                          # nodes in the subtree (each one stage of training)
     best: float = -math.inf                  # best dev score in the subtree
     terminal: bool = False                   # the episode ended here (last stage or diverged)
+    failed: bool = False                     # the stage failed (divergence, out of memory)
     expansions: int = 0                      # times the proposer was asked for its children
+    pending: list[Proposal] = field(default_factory=list, repr=False)  # proposed, not trained
+    call: int = -1                           # index in Tree.expansions of its latest call
     source: str = "root"                     # who proposed the stage (controllers.proposers)
     samples: list[dict] = field(default_factory=list, repr=False)  # dev samples of this state
 
@@ -72,7 +91,8 @@ class Node:
 
 @dataclass
 class LLMZero:
-    """Tree search over checkpoints (UCT + early stopping) with K proposals per expansion.
+    """Tree search over checkpoints (UCT, progressive widening, early stopping), K proposals per
+    proposer call.
 
     `proposer`: any object with propose(ctx, space, k) (controllers.proposers), or a name that
     `make_proposer` builds with its defaults. `controllers.make("llmzero", proposer="llm",
@@ -81,73 +101,126 @@ class LLMZero:
 
     name: str = "llmzero"
     proposer: Proposer | str = field(default_factory=SkillProposer)
-    k: int = 3
+    # Proposals per call, and most children per node per call; None: budget // episode stages,
+    # at least 2.
+    k: int | None = None
     c_uct: float = 0.5          # values are in [0, 1]; small budgets reward exploitation
-    margin: float = 0.05        # dev-score gap behind the best at the same depth that prunes
-    # Expansions of one node; a node is expanded again once its subtree is closed, and its next
-    # prompt lists what was tried. None: 1 with the skills (whose second answer would only be
-    # their lower-ranked moves; this keeps the offline search as published), else 2.
+    # Progressive widening: a node with `visits` nodes in its subtree may have
+    # floor(widen_c * visits ** widen_alpha) children (at least 1, at most k per call), more only
+    # once every child's subtree is closed. 0.4: a second child at 6 visits, a fourth at 32; in a
+    # simulation with random dev scores the tree alone reaches the end of an 8-stage episode in
+    # 92-97% of 32-stage runs (0.5: 13-46%; tests/test_llmzero.py).
+    widen_c: float = 1.0
+    widen_alpha: float = 0.4
+    # Dev-score gap behind the best at the same depth that prunes: `margin`, or when None
+    # `margin_se` standard errors of the dev score (metaenv.pathologies.dev_standard_error). Two
+    # equally good nodes differ by more than 2 standard errors about 8% of the time.
+    margin: float | None = None
+    margin_se: float = 2.0
+    # Proposer calls for one node; a node is asked again once its proposals are all trained, and
+    # its next prompt lists what was tried. None: 1 with the skills (whose second answer would
+    # only be their lower-ranked moves), else 2.
     max_expansions: int | None = None
     # Stop when more than this share of at least 4 LLM expansions fell back to the skills: the
     # run would measure the skills, not the LLM.
     max_fallback_rate: float = 0.25
+    select: Selection = "final"  # "any": the best dev state at any depth (controllers.base)
     run_dir: str | None = None  # tree.json (and the LLM's transcript); LLM default: runs/...
+    unspent_reason: ClassVar[str | None] = (
+        "the tree closed before the budget ended: every node ended the episode, has its most "
+        "children, or was pruned and its state freed")
 
     def __post_init__(self) -> None:
         if isinstance(self.proposer, str):
             self.proposer = make_proposer(self.proposer)
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1 or None, got {self.k}")
         if self.max_expansions is not None and self.max_expansions < 1:
             raise ValueError(f"max_expansions must be >= 1 or None, got {self.max_expansions}")
         if not 0.0 <= self.max_fallback_rate <= 1.0:
             raise ValueError(f"max_fallback_rate must be in [0, 1], got {self.max_fallback_rate}")
+        if self.widen_c <= 0 or not 0.0 <= self.widen_alpha <= 1.0:
+            raise ValueError(f"widen_c must be > 0 and widen_alpha in [0, 1], got "
+                             f"{self.widen_c} and {self.widen_alpha}")
+        if self.select not in ("any", "final"):
+            raise ValueError(f"select must be 'any' or 'final', got {self.select!r}")
 
     def expansions_per_node(self) -> int:
         if self.max_expansions is not None:
             return self.max_expansions
         return 1 if isinstance(self.proposer, SkillProposer) else 2
 
+    def width(self, budget: int, stages: int) -> int:
+        """K: the most children of a node, and the proposals asked for in one call."""
+        return self.k if self.k is not None else max(2, budget // max(stages, 1))
+
+    def pruning_margin(self, dev_size: int | None) -> float:
+        """The dev-score gap that prunes: `margin`, else `margin_se` standard errors (no pruning
+        when the dev set's size is unknown)."""
+        if self.margin is not None:
+            return self.margin
+        se = dev_standard_error(dev_size)
+        return self.margin_se * se if se > 0 else math.inf
+
+    def fits(self, budget: int, stages: int) -> str | None:
+        if budget < stages:
+            return (f"at budget {budget} no path reaches the end of a {stages}-stage episode, "
+                    "so no whole schedule can be chosen")
+        if budget < 2 * stages:
+            return (f"at budget {budget} only {budget - stages} stages are left beside the one "
+                    f"path to the end of a {stages}-stage episode: the search barely branches")
+        return None
+
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         proposer = self.proposer
         run_dir = Path(self.run_dir) if self.run_dir else None
         if hasattr(proposer, "start"):  # before reset: a dead endpoint costs no stage
             run_dir = proposer.start(run_dir, seed)
-        tracker = Tracker(env, budget, seed)
-        space = tracker.space
+        tracker = Tracker(env, budget, seed, select=self.select)
+        space, k = tracker.space, self.width(budget, episode_stages(env))
         root = Node(id=0, depth=0, hparams=default_hparams(space), state=tracker.root,
                     dev_score=tracker.base_dev, samples=list(tracker.last_info.get("samples", [])))
-        tree = Tree(root, episode_stages(env), self.c_uct, self.margin, self.expansions_per_node())
+        dev_size = tracker.last_info.get("dev_size", getattr(env.unwrapped, "dev_size", None))
+        calls = self.expansions_per_node()
+        tree = Tree(root, episode_stages(env), self.c_uct, self.pruning_margin(dev_size), calls,
+                    max_children=k * calls, widen_c=self.widen_c, widen_alpha=self.widen_alpha)
         stages_saved = 0
 
         while tracker.remaining > 0:
-            leaf, saved = tree.next_leaf(cost=min(self.k, tracker.remaining))
+            leaf, saved = tree.next_leaf(tracker.remaining)
             if leaf is None:
-                break  # every branch is expanded to the episode's end or pruned
+                break  # every branch is expanded to the episode's end, capped or pruned
             stages_saved += saved
-            leaf.expansions += 1
-            ctx = self.context(env, tree, leaf, tracker)
-            offered = proposer.propose(ctx, space, self.k)
-            tree.expansions.append({"node": leaf.id, "source": expansion_source(offered),
-                                    "children": []})
-            self.check_fallbacks(tree.expansions)
-            for p in self.admissible(offered, ctx, space):
-                if tracker.remaining < 1:
-                    break
-                tracker.load(leaf.state)
-                dev, done = tracker.step([n.hparams for n in leaf.path()] + [p.hparams])
-                info = tracker.last_info
-                child = tree.add(leaf, p.hparams, env.unwrapped.save_state(), dev,
-                                 metrics=list(info.get("metrics", [])),
-                                 pathologies=list(info.get("pathologies", [])),
-                                 samples=list(info.get("samples", [])), terminal=done,
-                                 source=p.source)
-                tree.expansions[-1]["children"].append(child.id)
+            if not leaf.pending:
+                self.expand(env, tree, leaf, tracker, k)
+                continue   # the tree changed: select again (a call may bring no proposal)
+            p = leaf.pending.pop(0)
+            tracker.load(leaf.state)
+            dev, done = tracker.step([n.hparams for n in leaf.path()] + [p.hparams])
+            info = tracker.last_info
+            child = tree.add(leaf, p.hparams, env.unwrapped.save_state(), dev,
+                             metrics=list(info.get("metrics", [])),
+                             pathologies=list(info.get("pathologies", [])),
+                             samples=list(info.get("samples", [])), terminal=done,
+                             failed=info.get("failure") is not None, source=p.source)
+            tree.expansions[leaf.call]["children"].append(child.id)
             tree.release_states()
 
-        return self.result(tracker, proposer, tree, stages_saved, run_dir)
+        return self.result(tracker, proposer, tree, stages_saved, run_dir, k)
 
-    def admissible(self, offered: list[Proposal], ctx: Context, space: Any) -> list[Proposal]:
+    def expand(self, env: gym.Env, tree: Tree, leaf: Node, tracker: Tracker, k: int) -> None:
+        """Ask the proposer for `leaf`'s next K settings (one call); they wait in `leaf.pending`."""
+        leaf.expansions += 1
+        ctx = self.context(env, tree, leaf, tracker)
+        offered = self.proposer.propose(ctx, tracker.space, k)
+        leaf.call = len(tree.expansions)
+        tree.expansions.append({"node": leaf.id, "source": expansion_source(offered),
+                                "children": []})
+        self.check_fallbacks(tree.expansions)
+        leaf.pending = self.admissible(offered, ctx, tracker.space, k)
+
+    def admissible(self, offered: list[Proposal], ctx: Context, space: Any,
+                   k: int) -> list[Proposal]:
         """The offered settings, on the grid, without repeats, at most k."""
         out: list[Proposal] = []
         tried = ctx.tried_hparams()
@@ -155,7 +228,7 @@ class LLMZero:
             p = dataclasses.replace(p, hparams=plain(on_grid(p.hparams, space)))
             if all(p.hparams != q.hparams for q in out) and p.hparams not in tried:
                 out.append(p)
-        return out[: self.k]
+        return out[:k]
 
     def check_fallbacks(self, expansions: list[dict]) -> None:
         """Stop a run whose LLM expansions mostly fell back to the skills."""
@@ -190,7 +263,7 @@ class LLMZero:
         )
 
     def result(self, tracker: Tracker, proposer: Proposer, tree: Tree, stages_saved: int,
-               run_dir: Path | None) -> RunResult:
+               run_dir: Path | None, k: int) -> RunResult:
         asked, fallbacks = llm_counts(tree.expansions)
         cost = {**(proposer.cost() if hasattr(proposer, "cost") else {}),
                 "llm_expansions": asked, "llm_fallbacks": fallbacks}
@@ -201,8 +274,11 @@ class LLMZero:
             "stages_saved": stages_saved,
             "best_at_depth": dict(tree.best_at_depth),
             "proposer": repr(proposer),
-            "settings": {"k": self.k, "c_uct": self.c_uct, "margin": self.margin,
-                         "max_expansions": tree.max_expansions},
+            "finished_at": tree.finished_at,
+            "settings": {"k": k, "c_uct": self.c_uct, "margin": tree.margin,
+                         "max_children": tree.max_children,
+                         "widen_c": self.widen_c, "widen_alpha": self.widen_alpha,
+                         "max_expansions": tree.max_expansions, "select": self.select},
         }
         if hasattr(proposer, "usage"):
             record["llm_usage"] = dict(proposer.usage)
@@ -277,16 +353,22 @@ def make_llmzero(proposer: str | Proposer = "skills", **kwargs: Any) -> LLMZero:
 
 @dataclass
 class Tree:
-    """The search tree: UCT selection on normalised subtree values, early stopping by depth."""
+    """The search tree: UCT descent with progressive widening, early stopping by depth, and a
+    budget guard that finishes one path to the episode's end."""
 
     root: Node
     max_depth: int                       # the episode's length: nodes this deep are terminal
     c_uct: float = 0.5
-    margin: float = 0.05
-    max_expansions: int = 1              # times one node may be expanded
+    margin: float = math.inf
+    max_expansions: int = 1              # proposer calls for one node
+    max_children: int = 3                # most children of one node (K per call x calls)
+    widen_c: float = 1.0
+    widen_alpha: float = 0.4
     nodes: list[Node] = field(default_factory=list)
     best_at_depth: dict[int, float] = field(default_factory=dict)  # the best dev curve
     expansions: list[dict] = field(default_factory=list)  # node, source, children: in order
+    finishing: Node | None = None        # the head of the path the budget guard finishes
+    finished_at: int | None = None       # nodes in the tree when the guard took over, if it did
 
     def __post_init__(self) -> None:
         self.nodes = [self.root]
@@ -307,39 +389,66 @@ class Tree:
             ancestor.visits += 1
             ancestor.best = max(ancestor.best, dev_score)
             ancestor = ancestor.parent
+        if parent is self.finishing:
+            self.finishing = None if child.terminal else child
         return child
+
+    def width(self, node: Node) -> int:
+        """Children `node` may have now: floor(widen_c * visits ** widen_alpha), at least 1, at
+        most `max_children`."""
+        return max(1, min(self.max_children,
+                          math.floor(self.widen_c * node.visits ** self.widen_alpha)))
 
     def behind(self, node: Node) -> bool:
         """The node's dev score trails the best at its depth by more than the margin."""
         return node.dev_score < self.best_at_depth[node.depth] - self.margin
 
-    def expandable(self, node: Node) -> bool:
-        return not node.expanded and not node.terminal
+    def open(self, node: Node) -> bool:
+        """The node can still get a child: a proposal waits, or the proposer may be asked."""
+        return not node.terminal and bool(node.pending or node.expansions < self.max_expansions)
 
-    def reexpandable(self, node: Node) -> bool:
-        return 0 < node.expansions < self.max_expansions and not node.terminal
+    def grows(self, node: Node, prune: bool = True, widen: bool = True) -> bool:
+        """A child may be added here: open, under its width (its cap when not `widen`), not
+        pruned."""
+        limit = self.width(node) if widen else self.max_children
+        return (self.open(node) and node.state is not None and len(node.children) < limit
+                and not (prune and self.behind(node)))
+
+    def reached_end(self) -> bool:
+        """Some node ended the episode at its last stage (a whole schedule)."""
+        return any(n.depth >= self.max_depth and not n.failed for n in self.nodes)
+
+    def deepest_open(self) -> Node | None:
+        """The open node (with its state) closest to the episode's end; ties: the best dev."""
+        found = [n for n in self.nodes if self.open(n) and n.state is not None]
+        return max(found, key=lambda n: (n.depth, n.dev_score, -n.id), default=None)
 
     def release_states(self) -> None:
-        """Keep states only where an expansion may still come; the env frees the others.
+        """Keep states only where a child may still come; the env frees the others.
 
-        Terminal nodes end the episode, a node's expansions are capped, and pruning is final (the
-        best curve only rises), so no later expansion loads those. The Tracker holds the best state.
+        Terminal nodes end the episode, proposer calls are capped, and pruning is final (the best
+        curve only rises), so no later stage starts from those; the path the guard may finish is
+        kept. The Tracker holds the chosen state.
         """
+        keep = {id(self.finishing), id(self.deepest_open())}
         for node in self.nodes:
-            if not (self.expandable(node) or self.reexpandable(node)) or self.behind(node):
+            if id(node) in keep:
+                continue
+            if not self.open(node) or self.behind(node):
                 node.state = None
 
     def pruned(self) -> list[Node]:
-        """Nodes early stopping keeps from being expanded (as of now)."""
-        return [n for n in self.nodes if self.expandable(n) and self.behind(n)]
+        """Nodes early stopping keeps from growing (as of now)."""
+        return [n for n in self.nodes if self.open(n) and self.behind(n)]
 
     def select(self, node: Node, prune: bool = True) -> Node | None:
-        """The node to expand under `node`, children in UCT order; None if the subtree is closed.
-
-        A node whose children's subtrees are all closed is expanded again, up to its cap.
-        """
-        if self.expandable(node):
-            return None if prune and self.behind(node) else node
+        """The node to grow under `node`: itself when under its width, else the first child in
+        UCT order whose subtree has one, else itself past its width (up to its cap) when every
+        child's subtree is closed; None if the whole subtree is closed."""
+        if node.terminal:
+            return None
+        if self.grows(node, prune):
+            return node
         lo = min(n.dev_score for n in self.nodes)
         hi = max(n.dev_score for n in self.nodes)
         # sorted() is stable: among equal scores the earlier child (higher proposal rank) wins.
@@ -347,20 +456,32 @@ class Tree:
             leaf = self.select(child, prune)
             if leaf is not None:
                 return leaf
-        if self.reexpandable(node) and not (prune and self.behind(node)):
-            return node
-        return None
+        return node if self.grows(node, prune, widen=False) else None
 
     def uct(self, child: Node, parent_visits: int, lo: float, hi: float) -> float:
         value = (child.best - lo) / (hi - lo) if hi > lo else 0.5
         return value + self.c_uct * math.sqrt(math.log(parent_visits) / child.visits)
 
-    def next_leaf(self, cost: int) -> tuple[Node | None, int]:
-        """The leaf to expand, and the stages early stopping saved by this choice: `cost` when
-        the same search without early stopping would have expanded a pruned node instead."""
+    def next_leaf(self, remaining: int) -> tuple[Node | None, int]:
+        """The node to grow by one stage, and the stages early stopping saved by this choice: 1
+        when the same search without early stopping would have grown a pruned node instead.
+
+        With `remaining` stages left and no whole schedule yet, once the deepest open node needs
+        them all to reach the episode's end, that path is finished first, one stage a call.
+        """
+        if self.finishing is None and not self.reached_end():
+            deepest = self.deepest_open()
+            if deepest is not None and remaining <= self.max_depth - deepest.depth:
+                self.finishing, self.finished_at = deepest, len(self.nodes)
+        if self.finishing is not None:
+            if self.open(self.finishing):
+                return self.finishing, 0
+            self.finishing = None    # its proposals ran out: back to the search
         leaf = self.select(self.root, prune=True)
         naive = self.select(self.root, prune=False)
-        saved = cost if naive is not None and naive is not leaf and self.behind(naive) else 0
+        if leaf is None:   # only pruned nodes can grow: they get the rest of the budget
+            return naive, 0
+        saved = 1 if naive is not None and naive is not leaf and self.behind(naive) else 0
         return leaf, saved
 
 

@@ -4,13 +4,15 @@ Each round every member loads its own saved state and trains one stage. Between 
 selection: each of the bottom ``frac`` of members (by dev score) copies the state and
 hyperparameters of a random member of the top ``frac`` (exploit), then moves each hyperparameter to
 a neighbouring grid index with probability ``perturb_prob`` or resamples it with the small
-probability ``resample_prob`` (explore). The budget is total stages: ``population * rounds``.
+probability ``resample_prob`` (explore). The budget is total stages: ``population * rounds``, at
+most one episode of rounds, so ``budget mod population`` (and anything past ``population * episode
+stages``) is left unspent, as ``PBT.unspent_reason`` says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -39,14 +41,28 @@ class PBT:
     frac: float = 0.25
     perturb_prob: float = 0.5
     resample_prob: float = 0.05
+    unspent_reason: ClassVar[str | None] = (
+        "synchronous rounds of the whole population, at most one episode of them: the budget "
+        "beyond population x rounds pays for no round")
+
+    def sizes(self, budget: int, horizon: int) -> tuple[int, int]:
+        """(members, rounds) for a budget: as many members as full episodes fit, at least 2."""
+        n = self.population or max(2, budget // horizon)
+        n = max(1, min(n, budget))                 # at least one round whenever budget >= 1
+        return n, min(horizon, budget // n)
+
+    def fits(self, budget: int, stages: int) -> str | None:
+        n, rounds = self.sizes(budget, stages)
+        if rounds >= stages:
+            return None
+        return (f"at budget {budget} the {n} members train {rounds} of the episode's {stages} "
+                "stages: the population never reaches the episode's end")
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         tracker = Tracker(env, budget, seed)
         space, rng = tracker.space, np.random.default_rng(seed)
         horizon = episode_stages(env)
-        n = self.population or max(2, budget // horizon)
-        n = max(1, min(n, budget))                 # at least one round whenever budget >= 1
-        rounds = min(horizon, budget // n)
+        n, rounds = self.sizes(budget, horizon)
         # Member 0 starts from the task defaults, the others from random grid points.
         members = [Member(tracker.root, default_hparams(space))]
         members += [Member(tracker.root, _sample(space, rng)) for _ in range(n - 1)]
@@ -55,6 +71,8 @@ class PBT:
             for i, m in enumerate(members):
                 if m.dead:                     # only when every member has diverged
                     continue
+                if tracker.remaining < 1:      # the env's token budget ended the run
+                    break
                 tracker.load(m.state)
                 path = m.schedule + [dict(m.hparams)]
                 m.dev, done = tracker.step(path)

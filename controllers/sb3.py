@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -104,6 +104,9 @@ class SB3:
     name: str = "sb3"
     policy_path: str | None = None  # default: results/sb3/policy.zip in the repository
     episodes: int = 1
+    unspent_reason: ClassVar[str | None] = (
+        "a deterministic policy on a deterministic env: one episode (unless episodes > 1 samples "
+        "more); repeating it retrains the same states")
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         model, meta = load_policy(self.policy_path or POLICY)

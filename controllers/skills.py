@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 
@@ -272,32 +272,41 @@ def as_summary(x: StateSummary | Mapping[str, Any], space: Any) -> StateSummary:
 class SkillAgent:
     """Greedy along one trajectory: each stage, train the top ``width`` proposals, keep the best.
 
-    ``width=None`` spends the budget evenly: ``budget // episode stages`` candidates per stage (at
-    most ``max_width``); with width 1 it simply applies the top remedy. Whatever the width, enough
-    budget is kept to finish the episode with one candidate per remaining stage.
+    ``width=None`` spends the budget evenly: the stages left over the stages left in the episode
+    are the candidates of each stage (at most ``max_width``); with width 1 it simply applies the
+    top remedy. Whatever the width, enough budget is kept to finish the episode with one candidate
+    per remaining stage.
     """
 
     name: str = "skills"
     library: SkillLibrary | None = None
     width: int | None = None
     max_width: int = 4
+    unspent_reason: ClassVar[str | None] = (
+        "at most max_width candidates per stage (or fewer distinct remedies) along one episode: "
+        "the budget beyond that pays for no candidate")
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         tracker = Tracker(env, budget, seed)
         space, lib = tracker.space, self.library or DEFAULT_LIBRARY
         horizon = min(episode_stages(env), budget)
-        width = self.width or max(1, min(self.max_width, budget // max(horizon, 1)))
         path: list[dict[str, Any]] = []
         devs = [tracker.base_dev]
         state = tracker.root
         summary = StateSummary(default_hparams(space), dev_scores=tuple(devs), pathologies=())
         for depth in range(horizon):
-            w = max(1, min(width, tracker.remaining - (horizon - depth - 1)))
+            left = horizon - depth
+            width = self.width or max(1, min(self.max_width, tracker.remaining // left))
+            w = max(1, min(width, tracker.remaining - (left - 1)))
             tried = []
             for cand in lib.proposals(summary, space, w):
+                if tracker.remaining < 1:      # the env's token budget ended the run
+                    break
                 tracker.load(state)
                 dev, done = tracker.step(path + [cand.hparams])
                 tried.append((dev, cand, env.unwrapped.save_state(), tracker.last_info, done))
+            if not tried:
+                break
             best = max(tried, key=lambda t: t[0])      # max keeps the first (highest priority) tie
             dev, cand, state, info, done = best
             tracker.trials.append({"stage": depth, "chosen": cand.skill,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import optuna
@@ -10,7 +12,7 @@ import torch
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from controllers.base import LLM_COST_KEYS, RunResult
+from controllers.base import LLM_COST_KEYS, RunResult, Tracker
 from controllers.llm_prompt import build_prompt, system_prompt
 from controllers.pbt import Member, exploit
 from controllers.proposers import Context
@@ -80,9 +82,11 @@ def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> No
     assert env.unwrapped.stage == len(result.schedule)
 
 
-# Exact spends for budget 5 with 2-stage episodes, as each controller documents.
-EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 4, "random": 4, "tpe": 4, "pbt": 4,
-                  "skills": 4}
+# Exact spends for budget 5 with 2-stage episodes, as each controller documents: the open-loop
+# ones run one episode, grid two whole-episode design points, PBT 2 members x 2 rounds; the
+# others spend it all.
+EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 4, "random": 5, "tpe": 5, "pbt": 4,
+                  "skills": 5}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SPEND))
@@ -98,8 +102,12 @@ def test_controller_spends_within_budget_and_is_deterministic(env, name):
     a, b = runs
     assert a.schedule == b.schedule and a.dev_score == b.dev_score and a.anytime == b.anytime
     assert a.trials == b.trials
-    if name == "progressive":  # lengths grow along the grid, the rest at the defaults
-        assert [t["max_completion_length"] for t in a.trials[0]["schedule"]] == [16, 24]
+    ctrl = controllers.make(name)
+    # Whoever leaves stages unspent says why (the harness copies it into the run record).
+    assert spent == budget or getattr(ctrl, "unspent_reason", None)
+    if name == "grid":   # the design's first budget // STAGES points, the default first
+        design = ctrl.design(env.unwrapped.hparams)[: budget // STAGES]
+        assert [t["schedule"] for t in a.trials] == [[p] * STAGES for p in design]
 
 
 def test_harness_scores_the_chosen_state_on_test(env):
@@ -124,13 +132,106 @@ def test_make_unknown_name_lists_valid_names():
     assert isinstance(controllers.make("tpe", n_startup_trials=2), controllers.Controller)
 
 
-def test_grid_stops_when_exhausted(env):
+def test_grid_runs_its_declared_design_in_order_from_the_default(env):
     grid = controllers.make("grid")
-    coarse = grid.coarse(env.unwrapped.hparams)
-    assert coarse == {"learning_rate": [1e-3, 3e-2], "beta": [0.0, 0.04], "temperature": [1.0]}
+    space = env.unwrapped.hparams
+    design = grid.design(space)
+    default = space.decode(space.default_action())
+    assert design[0] == default
+    # One factor at a time, one grid step, in the declared order; every possible step is there.
+    moved = []
+    for point in design[1:]:
+        (name,) = [n for n in space.names if point[n] != default[n]]
+        step = space.index(name, point[name]) - space.index(name, default[name])
+        assert abs(step) == 1
+        moved.append((name, step))
+    order = [n for n in grid.order if n in space.names]
+    assert [n for n, _ in moved] == sorted((n for n, _ in moved), key=order.index)
+    assert len(moved) == sum((space.index(n, default[n]) > 0)
+                             + (space.index(n, default[n]) < len(space.grids[n]) - 1)
+                             for n in space.names)
+    # A budget for more episodes than the design has points runs the whole design, in order (a
+    # smaller one runs its first budget // STAGES points: see the spend test).
     result = grid.run(env, 100, seed=0)
-    configs = {tuple(t["schedule"][0][p] for p in coarse) for t in result.trials}
-    assert len(result.trials) == len(configs) == 4 and result.cost["stages"] == 4 * STAGES
+    assert [t["schedule"] for t in result.trials] == [[p] * STAGES for p in design]
+    assert result.cost["stages"] == len(design) * STAGES
+
+
+def test_fits_and_unspent_reasons_say_where_a_controller_falls_short():
+    from controllers.base import fits
+
+    standard, quick = (32, 8), (6, 3)
+    for name in ("grid", "tpe", "llmzero", "random", "pbt", "skills", "fixed"):
+        assert fits(controllers.make(name), *standard) is None, name
+    for name in ("grid", "tpe"):            # too few design points / trials at quick's budget
+        reason = fits(controllers.make(name), *quick)
+        assert isinstance(reason, str) and "6" in reason
+    assert fits(controllers.make("llmzero"), *quick) is None
+    assert "no path reaches the end" in fits(controllers.make("llmzero"), 7, 8)
+    assert "n_startup_trials" in fits(controllers.make("tpe", n_startup_trials=10), *standard)
+    assert "never reaches the episode's end" in fits(controllers.make("pbt"), 12, 8)
+    for name in ("fixed", "progressive", "grid", "pbt", "skills", "llmzero"):
+        assert controllers.make(name).unspent_reason
+
+
+def test_pruned_schedule_searches_run_at_least_min_trials_and_spend_the_budget(env):
+    budget = 6
+    runs = {name: controllers.make(name, min_trials=4).run(env, budget, seed=2)
+            for name in ("random", "tpe")}
+    for name, result in runs.items():
+        trials = [t for t in result.trials if not t.get("replay")]
+        assert len(trials) >= 4 and result.cost["stages"] == budget, name
+        assert sum(t["stages"] for t in trials) == budget
+        assert {t["state"] for t in trials} <= {"COMPLETE", "PRUNED"}
+        for t in trials:     # a trial's schedule is the stages it trained, no more
+            assert len(t["schedule"]) == len(t["dev_scores"]) == t["stages"] >= 1
+            assert (t["state"] == "COMPLETE") == (t["stages"] == STAGES)
+    # Same pruning, same seed: the two differ only where TPE leaves its random start-up.
+    first = [t["schedule"][0] for t in runs["random"].trials[:1]]
+    assert first == [t["schedule"][0] for t in runs["tpe"].trials[:1]]
+
+
+def test_a_spent_token_budget_ends_every_run_with_the_best_state_so_far(model_dir):
+    env = make_env(model_dir)
+    u = env.unwrapped
+    for name in ("fixed", "grid", "random", "tpe", "pbt", "skills", "llmzero"):
+        u.budget.max_tokens = u.budget.tokens + 1   # the first stage goes over: then refused
+        result = controllers.make(name).run(env, 5, seed=0)
+        assert result.cost["stages"] == 1, name
+        trained = result.trials[0]
+        assert result.dev_score == max(result.base_dev_score, result.anytime[-1][1]), name
+        assert result.anytime[-1][0] == 1 and trained
+    tracker = Tracker(env, 5, seed=0)
+    assert tracker.remaining == 0 and "tokens is spent" in tracker.refusal
+    with pytest.raises(controllers.BudgetExceeded, match="tokens is spent"):
+        tracker.step([u.hparams.decode(u.hparams.default_action())])
+    env.close()
+
+
+def test_progressive_starts_at_a_length_that_holds_the_default_levels_answers(model_dir):
+    # GSM8K's own length grid (16 cuts most answers), the env's tokenizer and default level.
+    grid = {k: v for k, v in GRID.items() if k != "max_completion_length"}
+    env = gym.make("LLMZero-GSM8K-v0", model=model_dir, stages=4, steps_per_stage=1,
+                   dev_size=8, test_size=4, fixed_hparams={"prompts_per_step": 2},
+                   hparam_grid=grid)
+    env.reset(seed=0)
+    u = env.unwrapped
+    lengths = sorted(len(e.solution) + 1 for e in u.task.examples("train", u.difficulty)[:512])
+    progressive = controllers.make("progressive")
+    schedule = progressive.schedule(env, 4)
+    got = [hp["max_completion_length"] for hp in schedule]
+    options = list(u.hparams.grids["max_completion_length"])
+    start = got[0]
+    held = np.mean([n <= start for n in lengths])
+    assert held >= progressive.coverage and start > min(options)
+    shorter = [g for g in options if g < start]
+    assert np.mean([n <= max(shorter) for n in lengths]) < progressive.coverage
+    assert got == sorted(got) and got[-1] == max(options)
+    for hp in schedule:     # the rest stays at the defaults
+        assert {k: v for k, v in hp.items() if k != "max_completion_length"} == {
+            k: v for k, v in u.hparams.decode(u.hparams.default_action()).items()
+            if k != "max_completion_length"}
+    env.close()
 
 
 class Interrupt(gym.Wrapper):
@@ -150,30 +251,40 @@ class Interrupt(gym.Wrapper):
 @pytest.mark.parametrize("name", ["tpe", "grid"])
 def test_interrupted_optuna_search_resumes_without_repeating_trials(model_dir, tmp_path, name):
     storage = str(tmp_path / "study.journal")
+    # Unpruned, so that trial 0 runs both its stages whatever its dev scores.
+    kwargs = {"storage": storage} | ({"reduction_factor": None} if name == "tpe" else {})
     # First process: trial 0 finishes (2 stages), trial 1 is interrupted after its first stage.
     env = Interrupt(make_env(model_dir), at=4)
     with pytest.raises(KeyboardInterrupt):
-        controllers.make(name, storage=storage).run(env, 8, seed=1)
+        controllers.make(name, **kwargs).run(env, 8, seed=1)
     assert stages_of(env) == 3
     study = optuna.load_study(study_name=f"{name}-seed1",
                               storage=optuna.storages.JournalStorage(
                                   optuna.storages.journal.JournalFileBackend(storage)))
-    first = study.trials
+    # (The grid's design points still to run wait in the study.)
+    first = [t for t in study.trials if t.state.name != "WAITING"]
     assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
     env.close()
 
     # Second process, same storage, bigger budget: the budget is the whole study's.
     env2 = make_env(model_dir)
-    result = controllers.make(name, storage=storage).run(env2, 9, seed=1)
+    result = controllers.make(name, **kwargs).run(env2, 9, seed=1)
     resumed = [t for t in result.trials if t.get("resumed")]
     new = [t for t in result.trials if not t.get("resumed") and not t.get("replay")]
     replay = [t for t in result.trials if t.get("replay")]
     assert [t["number"] for t in resumed] == [0, 1]
     assert resumed[0]["schedule"] == first[0].user_attrs["schedule"]
     assert resumed[1]["state"] == "FAIL" and resumed[1]["stages"] == 1
-    # Trial 0 is never run again; the interrupted trial's parameters run first, as trial 2.
+    # Trial 0 is never run again; the interrupted trial's parameters run again (TPE: first, as
+    # trial 2; the grid: after the design points the first process had enqueued), once.
     assert [t["number"] for t in new] == list(range(2, 2 + len(new))) and new
-    assert new[0]["schedule"] == first[1].user_attrs["schedule"]
+    killed = first[1].user_attrs["schedule"]
+    if name == "tpe":
+        assert new[0]["schedule"][: len(killed)] == killed
+    else:                   # every design point that fits runs exactly once
+        assert sum(t["schedule"][: len(killed)] == killed for t in new) == 1
+        points = [t["schedule"][0] for t in result.trials if t["dev_scores"] and t["stages"] == 2]
+        assert len(points) == len({json.dumps(p, sort_keys=True) for p in points}) == 4
     spent2 = stages_of(env2)
     assert spent2 == sum(t["stages"] for t in new) + sum(t["stages"] for t in replay)
     assert result.cost["stages"] == 3 + spent2 <= 9

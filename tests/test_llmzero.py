@@ -9,12 +9,13 @@ import socket
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 from openai_server import MAX_TOKENS_REFUSED, Fail, OpenAIServer, Reply, approx_tokens, message_text
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from controllers.llm_prompt import build_prompt, reply_schema, system_prompt
+from controllers.llm_prompt import HPARAM_EFFECTS, build_prompt, reply_schema, system_prompt
 from controllers.llm_proposer import LLMEndpointError, LLMProposer
 from controllers.llmzero import LLMZero, Node, Tree
 from controllers.proposers import FALLBACK, LLM, Context, SkillProposer
@@ -144,8 +145,15 @@ def test_the_system_prompt_describes_parameters_without_priming_a_direction(spac
         assert f"- {name}: " in text
     for row in P.DETECTORS:
         assert row.describe() in text
-    for primer in ("grow", "increase", "decrease", "usually", "either direction", "oscillat"):
+    # The structure statistic measures whether capacity grows and regularization changes
+    # direction over stages: neither the prompt nor any parameter's description may say so.
+    primers = ("grow", "increase", "decrease", "usually", "either direction", "oscillat",
+               "capacity", "regulariz", "anneal", "warm", "early stages", "later stages",
+               "over stages", "schedule")
+    for primer in primers:
         assert primer not in text.lower()
+    for name, effect in HPARAM_EFFECTS.items():
+        assert not [w for w in primers if w in effect.lower()], name
 
 
 def test_max_completion_tokens_is_sent_and_max_tokens_only_where_it_is_refused(space, tmp_path):
@@ -390,29 +398,124 @@ def test_the_detector_table_is_what_the_readme_lists():
 # ---- the tree search ---------------------------------------------------------------------------
 
 def node(tree: Tree, parent: Node, dev: float, **fields) -> Node:
-    return tree.add(parent, {"learning_rate": dev}, state=None, dev_score=dev, **fields)
+    return tree.add(parent, {"learning_rate": dev}, state=f"s{len(tree.nodes)}", dev_score=dev,
+                    **fields)
 
 
 def test_early_stopping_prunes_a_branch_behind_the_best_curve():
     # Depth 1: A (0.6) and B (0.3); B trails the best at its depth by more than the margin.
-    root = Node(id=0, depth=0, hparams={}, state=None, dev_score=0.5)
+    root = Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.5)
     tree = Tree(root, max_depth=3, c_uct=10.0, margin=0.1)
     root.expansions = 1
     a, b = node(tree, root, 0.6), node(tree, root, 0.3)
     assert tree.behind(b) and not tree.behind(a)
-    assert tree.next_leaf(cost=2) == (a, 0)
+    assert tree.next_leaf(remaining=100) == (a, 0)
     a.expansions = 1
-    node(tree, a, 0.7)
+    a1 = node(tree, a, 0.7)
     node(tree, a, 0.65)
     # A large exploration constant makes plain UCT pick the less-visited B next; early stopping
-    # refuses, expands under A instead, and counts the K stages B would have cost.
+    # refuses, grows under A instead, and counts the stage B would have cost.
     assert tree.select(root, prune=False) is b
-    leaf, saved = tree.next_leaf(cost=2)
-    assert leaf is not None and leaf.parent is a and saved == 2
+    leaf, saved = tree.next_leaf(remaining=100)
+    assert leaf is not None and leaf.parent is a and saved == 1
     assert tree.pruned() == [b]
+    tree.release_states()
+    # Pruning is final, and A's one proposer call is spent: their states are freed.
+    assert b.state is None and a.state is None and a1.state is not None
     # A branch within the margin is not pruned.
     tree.margin = 0.5
     assert not tree.behind(b) and tree.pruned() == []
+
+
+def test_the_pruning_margin_is_in_standard_errors_of_the_dev_score():
+    agent = LLMZero()
+    assert agent.pruning_margin(128) == pytest.approx(2 * P.dev_standard_error(128))
+    assert agent.pruning_margin(32) == pytest.approx(2 * 0.5 / 32 ** 0.5)
+    assert agent.pruning_margin(None) == float("inf")       # unknown noise: nothing is pruned
+    assert LLMZero(margin=0.05).pruning_margin(128) == 0.05
+    assert LLMZero(margin_se=1.0).pruning_margin(64) == pytest.approx(0.0625)
+
+
+def test_progressive_widening_rule():
+    root = Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.0)
+    tree = Tree(root, max_depth=8, max_children=4, widen_c=1.0, widen_alpha=0.4)
+    widths = {}
+    for visits in range(1, 41):
+        root.visits = visits
+        widths[visits] = tree.width(root)
+    # floor(visits ** 0.4), at least 1, at most max_children.
+    assert widths == {v: max(1, min(4, int(v ** 0.4))) for v in widths}
+    assert [v for v in widths if widths[v] > widths.get(v - 1, 1)] == [6, 16, 32]
+    # A node at its width descends to its children; a fresh child grows first.
+    root.visits = 1
+    a = node(tree, root, 0.1)
+    assert root.visits == 2 and tree.width(root) == 1
+    assert tree.select(root) is a
+    for dev in (0.2, 0.3, 0.4):          # a chain under A: root's visits reach 5, width still 1
+        node(tree, tree.nodes[-1], dev)
+    assert root.visits == 5 and tree.select(root) is tree.nodes[-1]
+    node(tree, tree.nodes[-1], 0.5)      # 6 visits: the root may have a second child
+    assert tree.width(root) == 2 and tree.select(root) is root
+    # Past its width only when every child's subtree is closed, and never past max_children.
+    small = Tree(Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.0), max_depth=1,
+                 max_children=2, max_expansions=2)
+    first = node(small, small.root, 0.1)         # terminal: the episode has one stage
+    assert first.terminal and small.width(small.root) == 1 and small.select(small.root) is (
+        small.root)
+    node(small, small.root, 0.2)
+    assert small.select(small.root) is None      # two children: the cap
+
+
+def run_on_random_scores(budget: int, stages: int, rng: np.random.Generator, dev_size: int = 128,
+                         ) -> Tree:
+    """The tree policy of a skills run, with dev scores drawn at random (no training)."""
+    agent = LLMZero()
+    k = agent.width(budget, stages)
+    se = P.dev_standard_error(dev_size)
+    tree = Tree(Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.3), stages, agent.c_uct,
+                agent.pruning_margin(dev_size), 1, max_children=k, widen_c=agent.widen_c,
+                widen_alpha=agent.widen_alpha)
+    for spent in range(budget):
+        leaf, _ = tree.next_leaf(budget - spent)
+        if not leaf.pending:                     # one proposer call: k settings
+            leaf.expansions, leaf.call = 1, len(tree.expansions)
+            tree.expansions.append({"node": leaf.id, "children": []})
+            leaf.pending = [object()] * k
+        leaf.pending.pop(0)
+        dev = round(float(np.clip(rng.normal(0.3, se), 0, 1)) * dev_size) / dev_size
+        tree.add(leaf, {}, f"s{len(tree.nodes)}", dev)
+        tree.release_states()
+    return tree
+
+
+def test_the_tree_alone_reaches_the_episodes_end_at_the_standard_budget():
+    # 8-stage episodes, a budget of 4 episodes, dev 128: with random dev scores the tree policy
+    # (widening, UCT, pruning) reaches the end before the budget guard has to finish a path in
+    # 93% of 2000 runs; with the guard, every run holds a whole schedule to choose.
+    rng = np.random.default_rng(0)
+    trees = [run_on_random_scores(32, 8, rng) for _ in range(200)]
+    assert all(t.reached_end() and len(t.nodes) == 33 for t in trees)
+    alone = np.mean([t.finished_at is None for t in trees])
+    assert alone >= 0.8
+    assert np.mean([len(t.root.children) for t in trees]) > 2   # and it branches
+
+
+def test_the_budget_guard_finishes_the_deepest_path_when_the_budget_is_short():
+    root = Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.0)
+    tree = Tree(root, max_depth=4, margin=1.0, max_children=3)
+    root.expansions = 1
+    a, b = node(tree, root, 0.5), node(tree, root, 0.1)
+    a1 = node(tree, a, 0.2)
+    # 3 stages left and the deepest open node (A1, depth 2) needs 2: the search goes on.
+    assert tree.next_leaf(remaining=3)[0] is not None and tree.finishing is None
+    leaf, saved = tree.next_leaf(remaining=2)
+    assert leaf is a1 and tree.finishing is a1 and tree.finished_at == len(tree.nodes)
+    a2 = node(tree, a1, 0.0)
+    assert tree.next_leaf(remaining=1)[0] is a2
+    end = node(tree, a2, 0.0)
+    assert end.terminal and tree.reached_end() and tree.finishing is None
+    assert tree.next_leaf(remaining=5)[0] is not None    # then the search resumes
+    assert b.state is not None
 
 
 def test_uct_prefers_the_better_subtree_when_exploration_is_off():
@@ -428,7 +531,7 @@ def test_uct_prefers_the_better_subtree_when_exploration_is_off():
     assert low.visits == 1
 
 
-def test_a_node_whose_subtree_is_closed_is_expanded_again_up_to_its_cap():
+def test_a_node_whose_subtree_is_closed_is_asked_again_up_to_its_cap():
     for cap, again in ((1, None), (2, "root")):
         root = Node(id=0, depth=0, hparams={}, state="s0", dev_score=0.0)
         tree = Tree(root, max_depth=1, margin=1.0, max_expansions=cap)
@@ -459,15 +562,17 @@ def make_env(model_dir: str, stages: int = 3):
                     hparam_grid={"num_generations": [2, 4], "max_completion_length": [8, 16]})
 
 
-def check_tree(result) -> list[dict]:
+def check_tree(result, stages: int) -> list[dict]:
     nodes = result.tree["nodes"]
     assert len(nodes) - 1 == result.cost["stages"]   # one node per trained stage
     for n in nodes[1:]:
         parent = nodes[n["parent"]]
         assert parent["expanded"] and n["depth"] == parent["depth"] + 1
     assert nodes[0]["visits"] == len(nodes)
-    best = max(n["dev_score"] for n in nodes)
-    assert result.dev_score == best
+    # The chosen state: the best on dev among the nodes at the episode's end (a whole schedule).
+    ends = [n for n in nodes if n["depth"] == stages]
+    assert ends and result.dev_score == max(n["dev_score"] for n in ends)
+    assert len(result.schedule) == stages
     return nodes
 
 
@@ -478,15 +583,28 @@ def test_skills_tree_search_spends_exactly_its_budget_and_is_deterministic(tiny_
         result = controllers.make("llmzero", proposer="skills", k=2).run(env, budget=4, seed=0)
         assert env.unwrapped.budget.stages == 4 and result.cost["stages"] == 4
         results.append(result)
-    nodes = check_tree(results[0])
-    assert [n["depth"] for n in nodes] == [0, 1, 1, 2, 2]  # root's K, then the best child's K
+    nodes = check_tree(results[0], 3)
     assert all(n["source"] == "skills" for n in nodes[1:])
-    assert [e["source"] for e in results[0].tree["expansions"]] == ["skills", "skills"]
+    assert {e["source"] for e in results[0].tree["expansions"]} == {"skills"}
     assert {k: results[0].cost[k] for k in ("llm_calls", "llm_tokens", "llm_expansions",
                                             "llm_fallbacks")} == dict.fromkeys(
         ("llm_calls", "llm_tokens", "llm_expansions", "llm_fallbacks"), 0)
     assert results[0].tree == results[1].tree
     assert results[0].schedule == results[1].schedule
+
+
+def test_skills_tree_search_chooses_a_whole_schedule_on_its_own(tiny_model_dir):
+    # Four-stage episodes, a budget of two episodes (K = 2), dev 4: the tree reaches the end
+    # without the budget guard, branches, and the chosen schedule is a whole episode.
+    env = make_env(tiny_model_dir, stages=4)
+    agent = controllers.make("llmzero", proposer="skills")
+    result = agent.run(env, budget=8, seed=0)
+    nodes = check_tree(result, 4)
+    record = result.tree
+    assert record["settings"]["k"] == 2 and record["finished_at"] is None
+    assert record["settings"]["margin"] == pytest.approx(2 * P.dev_standard_error(4))
+    assert max(len([c for c in nodes if c["parent"] == n["id"]]) for n in nodes) == 2
+    assert env.unwrapped.budget.stages == result.cost["stages"] == 8
 
 
 def test_tree_search_stops_when_the_tree_is_exhausted(tiny_model_dir):
@@ -495,7 +613,7 @@ def test_tree_search_stops_when_the_tree_is_exhausted(tiny_model_dir):
     env = make_env(tiny_model_dir, stages=2)
     result = LLMZero(k=2, margin=1.0).run(env, budget=10, seed=0)
     assert env.unwrapped.budget.stages == 6 < 10
-    nodes = check_tree(result)
+    nodes = check_tree(result, 2)
     assert sum(n["terminal"] for n in nodes) == 4 and result.tree["pruned"] == []
 
 
@@ -526,11 +644,12 @@ def test_llm_tree_search_records_sources_and_costs_and_replays_offline(
         bodies = server.chat_requests()
         probes = len(chat_posts(server)) - len(bodies)
     assert env.unwrapped.budget.stages == 8 and probes == 1
-    nodes = check_tree(result)
+    nodes = check_tree(result, 2)
     assert all(n["source"] == LLM for n in nodes[1:])
     assert nodes[1]["hparams"]["learning_rate"] == 1e-5 and nodes[1]["hparams"]["beta"] == 0.0
-    # Four expansions of two stages; a depth-1 node whose children ended the episode is expanded
-    # again, and its second prompt lists what was tried from it.
+    # Four proposer calls of two settings each, trained one at a time as the widening allows; a
+    # depth-1 node whose children ended the episode is asked again, and its second prompt lists
+    # what was tried from it.
     expansions = result.tree["expansions"]
     assert len(expansions) == 4 and {e["source"] for e in expansions} == {LLM}
     again = [e["node"] for e in expansions]

@@ -209,7 +209,10 @@ def test_every_offline_controller_runs_on_the_tiny_qwen3(env, name):
     result = controllers.make(name).run(env, 2, seed=0)  # sb3: the shipped policy
     spent = env.unwrapped.budget.stages - before
     assert 1 <= spent <= 2 and result.cost["stages"] == spent
-    assert math.isfinite(result.dev_score) and result.dev_score >= result.base_dev_score
+    assert math.isfinite(result.dev_score)
+    # The best dev state, the root included; a tree search chooses among whole schedules.
+    whole = result.tree is not None and len(result.schedule) == env.unwrapped.stages
+    assert result.dev_score >= result.base_dev_score or whole
     env.unwrapped.load_state(result.final_state)
     assert env.unwrapped.dev_score == result.dev_score
 
