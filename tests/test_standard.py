@@ -24,6 +24,7 @@ from benchmarks.leaderboard.harness import (
     resolve,
 )
 from controllers.base import RunResult, Tracker, default_hparams
+from controllers.fixed import Fixed
 from metaenv.env import SCALE_DEFAULTS
 
 # Two-stage episodes of one GRPO step of 2 prompts x 4 completions, 8 dev/test examples scored
@@ -165,7 +166,7 @@ def test_replay_is_recorded_on_a_fresh_seed_and_reproduces(tmp_path, registered)
     (own,) = executors.transfer(replace(specs[loop.key], replay_seeds=(0,)), loop.schedule)
     assert own["test_score"] == loop.test_score
     assert loop.extra["unspent_reason"] == OpenLoop.unspent_reason
-    assert "unspent_reason" not in runs[("gsm8k", "fixed", 0)].extra
+    assert runs[("gsm8k", "fixed", 0)].extra["unspent_reason"] == Fixed.unspent_reason
     with h5py.File(out / "leaderboard.h5", "r") as f:
         assert "seed + 1000" in f.attrs["header"]
 
