@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 
 import metaenv  # noqa: F401  (registers the env ids)
-from benchmarks import headroom
+from benchmarks import headroom, headroom_levels
 from metaenv.hparams import build_hparam_space
 
 TINY = dict(stages=3, steps_per_stage=1, dev_size=4, test_size=4, eval_max_new_tokens=16,
@@ -61,3 +61,23 @@ def test_paired_gap_has_a_t_interval_and_fresh_test_seeds_are_enforced():
     assert headroom.paired([0.5, 0.5], [0.4, 0.4])["ci"] == [pytest.approx(0.1)] * 2
     with pytest.raises(SystemExit, match="test seeds must be fresh"):
         headroom.main(["--selection-seeds", "1", "--test-seeds", "1", "2", "--out", "unused"])
+
+
+def test_the_per_level_probe_holds_every_level_and_picks_each_familys_best_on_its_score():
+    space, _ = build_hparam_space("math", difficulty_levels=(1, 2, 3, 4), default_difficulty=2)
+    held = {"schedule": [{"learning_rate": 3e-4}] * 8}
+    schedules = headroom_levels.level_schedules(space, 8, (1, 2, 3, 4),
+                                                {"best_constant": held, "best_adaptive": held})
+    levels_held = {s[0]["difficulty"] for n, (f, s) in schedules.items() if n.endswith("held")}
+    assert levels_held == {1, 3, 4}
+    for name, (family, schedule) in schedules.items():
+        if name.startswith(("curriculum", "every")):
+            assert family == "adaptive" and len({s["difficulty"] for s in schedule}) > 1, name
+    assert [s["difficulty"] for s in schedules["every level, easiest first"][1]] == \
+        [1, 1, 2, 2, 3, 3, 4, 4]
+    table = {"c": {"family": "constant", "mixture": [0.2, 0.3], "levels": {1: [0.9, 0.9]}},
+             "a": {"family": "adaptive", "mixture": [0.25, 0.35], "levels": {1: [0.5, 0.6]}},
+             "a2": {"family": "adaptive", "mixture": [0.1, 0.1], "levels": {1: [0.95, 0.97]}}}
+    gaps = headroom_levels._in_sample_gaps(table, (1,))
+    assert gaps["mixture"]["adaptive"] == "a" and gaps["mixture"]["mean"] == pytest.approx(0.05)
+    assert gaps["1"]["adaptive"] == "a2" and gaps["1"]["mean"] == pytest.approx(0.06)
