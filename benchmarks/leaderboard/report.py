@@ -486,8 +486,8 @@ METHODS = (
     "0.0625) and the probability of improvement (poi). The base model is "
     "scored once (its greedy test score does not depend on the seed) and pairs with every seed. "
     "*transfer*: the chosen schedule retrained from the base on fresh seeds, mean test score. "
-    "*tokens*: sampled + trained tokens per run; *seconds*: the env's training and evaluation "
-    "seconds per run.")
+    "*tokens*: prompt + completion tokens sampled per run (each trained once at "
+    "num_iterations = 1); *seconds*: the env's training and evaluation seconds per run.")
 
 
 def _smoke_lines(reason: str) -> list[str]:
