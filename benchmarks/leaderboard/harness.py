@@ -116,9 +116,9 @@ PRESETS = {
     # (gsm8k 2.3, math 2.6, countdown 4.0, logic 5.7; mean 3.6) and search stages at 1.08x that
     # (the quick leaderboard's ratio): per task and seed, 3 one-episode rows (24 stages), 6
     # searches of 32 stages, replays of ~6 stages per run, 2 test evaluations per run; 20 task x
-    # seed pairs -> ~21,600 CPU s with tpe, ~18,600 without it (it cannot leave its start-up in
-    # 4 trials). Two one-thread workers on the two cores: ~3.0 h (~2.6 h without tpe); one
-    # process would take twice that. Two torch threads per run are no substitute: on this shared
+    # seed pairs -> ~21,600 CPU s (tpe included: successive halving fits >= 10 trials in 32
+    # stages). Two one-thread workers on the two cores: ~3.0 h; one process would take twice
+    # that. Two torch threads per run are no substitute: on this shared
     # machine a two-thread stage ran 10-15x slower than a one-thread one whenever another process
     # was busy (3 stages: 130-200 s against 10-14 s).
     "standard": Preset(name="standard", tasks=TASKS, controllers=None, seeds=(0, 1, 2, 3, 4),
