@@ -4,6 +4,10 @@ controllers left out where they cannot do what their name says, and sb3's disjoi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -279,3 +283,33 @@ def test_a_worker_process_importing_the_cli_module_does_not_start_a_leaderboard(
     import runpy
 
     runpy.run_module("benchmarks.leaderboard", run_name="__mp_main__")
+
+
+def test_a_worker_ends_when_the_harness_that_started_it_is_gone():
+    # The "harness" starts a worker that watches it, prints the worker's pid and dies at once
+    # without any cleanup, as a killed process does.
+    worker = ("import os, time\n"
+              "from benchmarks.leaderboard.executors import exit_with_parent\n"
+              "exit_with_parent(os.getppid(), every_s=0.05)\n"
+              "print(os.getpid(), flush=True)\n"
+              "time.sleep(120)\n")
+    harness = ("import os, subprocess, sys\n"
+               f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.PIPE)\n"
+               "print(p.stdout.readline().decode().strip(), flush=True)\n"
+               "os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", harness], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1], check=True)
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid), "the orphaned worker kept running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its exit status is left for a parent to collect.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -285,6 +287,21 @@ def _guarded(spec: RunSpec, on_stage: OnStage | None) -> tuple[RunRecord | None,
 Outcome = tuple[RunSpec, RunRecord | None, str | None]  # (spec, record, error traceback)
 
 
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Worker initializer: end this process once `parent` is gone.
+
+    A killed harness (SIGTERM, SIGKILL) runs no cleanup, so its workers would train on to the end
+    of their runs; a stopped leaderboard must stop. A run in flight writes nothing (run files are
+    written atomically once a run ends), so the next invocation re-runs it.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 class LocalExecutor:
     """Runs one run after another in this process, or ``workers`` runs at a time in child
     processes on this machine (each with its spec's torch threads).
@@ -315,7 +332,9 @@ class LocalExecutor:
 
         # spawn: a forked child would inherit the parent's torch thread pools.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+        with ctx.Manager() as manager, ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=exit_with_parent,
+                initargs=(os.getpid(),)) as pool:
             queue = manager.Queue()
             futures = {pool.submit(_queued_run, spec, queue): spec for spec in specs}
             pending = set(futures)
