@@ -6,8 +6,9 @@ the ``skills`` controller. Pathology names and thresholds are the env's (``metae
 so the skills react to exactly what the env reports. Remedies move along the env's grids, so every
 proposal is a valid action; a remedy that changes nothing (a parameter already at its grid's end,
 or absent from the space) is skipped. Low-priority *moves* that always fire (keep, capacity up,
-learning rate down/up, ...) fill the list to K: the paper's finding is that capacity accumulates
-while regularization oscillates, so both directions of each regularizer are on offer.
+learning rate down/up, ...) fill the list to K. They are a hand-set prior: capacity only ever goes
+up, each regularizer both ways, so schedules the skills shape are not evidence for the
+leaderboard's structure statistic (which reports them apart, benchmarks/leaderboard/structure.py).
 """
 
 from __future__ import annotations

@@ -88,11 +88,15 @@ def test_groups_short_schedules_and_grid_sources():
     records = [run(_increasing(5, 0), "llmzero", 0, stage_sources=["skills", "llm"]),
                run(_increasing(5, 0), "llmzero", 1, stage_sources=["skills"]),
                run(_increasing(5, 1), "fixed", 0), run(short, "tpe", 0),
-               run(_increasing(4, 0), "tpe", 1, task="unknown-task")]
+               run(_increasing(4, 0), "tpe", 1, task="unknown-task"),
+               run(_increasing(4, 1), "skills", 2)]
     s = structure.summarize(records, n_null=200)
     groups = s["groups"]
     assert (groups["llm"]["schedules"], groups["llm"]["controllers"]) == (1, ["llmzero"])
-    assert groups["search"]["schedules"] == 2 and groups["search"]["excluded_short"] == 1
+    # The skills' hand-set moves (capacity only grows) are their own group, never "search".
+    assert groups["skills"]["schedules"] == 2
+    assert sorted(groups["skills"]["controllers"]) == ["llmzero", "skills"]
+    assert groups["search"]["schedules"] == 1 and groups["search"]["excluded_short"] == 1
     assert groups["designed"]["controllers"] == ["fixed"]
     assert s["min_stages"] == structure.MIN_STAGES == 4
     rows = {(r["controller"], r["seed"], r["task"]): r for r in structure.schedule_rows(records)}

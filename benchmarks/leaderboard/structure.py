@@ -26,7 +26,9 @@ the values a controller chose and asks only whether their order (rising capacity
 regularization) is more than chance.
 
 Schedules are grouped by where they came from: "llm" (runs whose tree search took stages from the
-LLM proposer), "search" (every other searching controller) and "designed" (``fixed``,
+LLM proposer), "skills" (the ``skills`` controller, and tree searches whose stages all came from
+the skills: their moves offer capacity up but never down, a prior set by hand, so their shape is
+not evidence either), "search" (every other searching controller) and "designed" (``fixed``,
 ``progressive``: their shape is set by hand, shown for completeness, never evidence).
 """
 
@@ -48,7 +50,7 @@ CLASSES = {"capacity": CAPACITY, "regularization": REGULARIZATION}
 MIN_STAGES = 4  # the shortest schedule in which a value can rise, fall and rise again (3 moves)
 N_NULL = 2000
 DESIGNED = ("fixed", "progressive")
-GROUPS = ("llm", "search", "designed")
+GROUPS = ("llm", "skills", "search", "designed")
 STATISTICS = ("p_increase", "direction_changes_per_stage")
 
 Grids = dict[str, tuple[float, ...]]
@@ -82,11 +84,14 @@ def _moves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def group_of(rec: RunRecord) -> str:
-    """"llm", "search" or "designed": who shaped this run's chosen schedule."""
-    from controllers.proposers import LLM
+    """"llm", "skills", "search" or "designed": who shaped this run's chosen schedule."""
+    from controllers.proposers import LLM, SKILLS
 
-    if LLM in rec.extra.get("stage_sources", []):
+    sources = rec.extra.get("stage_sources", [])
+    if LLM in sources:
         return "llm"
+    if rec.controller == SKILLS or (sources and set(sources) == {SKILLS}):
+        return "skills"
     return "designed" if rec.controller in DESIGNED else "search"
 
 
