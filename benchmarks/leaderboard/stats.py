@@ -90,22 +90,21 @@ def _check_same_keys(x: Mapping, ref: Mapping, what: str) -> None:
         raise ValueError(f"no {what} to compare")
 
 
-def _item_vector(values: Sequence[float], what: str) -> np.ndarray:
+def _finite_array(values: ArrayLike, ndim: int, shape: str, noun: str, what: str) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"{what}: expected a non-empty 1-D item vector, got shape {x.shape}")
+    if x.ndim != ndim or x.size == 0:
+        raise ValueError(f"{what}: expected a non-empty {shape}, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{what}: the item vector holds NaN or infinite values")
+        raise ValueError(f"{what}: the {noun} holds NaN or infinite values")
     return x
+
+
+def _item_vector(values: Sequence[float], what: str) -> np.ndarray:
+    return _finite_array(values, 1, "1-D item vector", "item vector", what)
 
 
 def _score_matrix(values: ArrayLike, what: str) -> np.ndarray:
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 2 or x.size == 0:
-        raise ValueError(f"{what}: expected a non-empty (n_seeds, n_tasks) matrix, got {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{what}: the score matrix holds NaN or infinite values")
-    return x
+    return _finite_array(values, 2, "(n_seeds, n_tasks) matrix", "score matrix", what)
 
 
 def paired_items(x: ItemScores, ref: ItemScores) -> tuple[list[int], np.ndarray, np.ndarray]:
