@@ -132,8 +132,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {s['family']} | " + " | ".join(cells)
                          + f" | {statistics.fmean(s['mixture']):.3f} |")
         lines += ["", "In-sample gap, best adaptive - best constant (picked on these scores): "
-                  + "; ".join(f"{k}: {g['mean']:+.3f} ({g['adaptive']} vs {g['constant']})"
-                              for k, g in t["gap"].items()), ""]
+                  + "; ".join(f"{k}: {g['mean']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] "
+                              f"({g['adaptive']} vs {g['constant']})"
+                              for k, g in t["gap"].items()),
+                  "(paired by seed, 95% t-interval)", ""]
     return "\n".join(lines)
 
 
