@@ -140,6 +140,29 @@ def test_overview_has_a_row_per_controller_and_a_column_per_task():
     assert "\n".join(lines) in report.markdown(report.summarize(records))
 
 
+def test_head_tables_give_cis_over_seeds_and_paired_verdicts_per_task():
+    def rec(task, ctrl, seed, score):
+        return RunRecord(task=task, controller=ctrl, seed=seed, test_score=score,
+                         dev_score=score, base_dev_score=0.2, budget=4,
+                         stages_spent=0 if ctrl == "base" else 4)
+
+    records = [rec(t, "base", 0, 0.2) for t in ("a", "b")]
+    for s in range(5):
+        records += [rec("a", "grid", s, 0.30 + 0.01 * s), rec("a", "llmzero", s, 0.40 + 0.01 * s),
+                    rec("b", "grid", s, 0.50 + 0.01 * s), rec("b", "llmzero", s, 0.45 + 0.01 * s)]
+    table = report.markdown(report.summarize(records))
+    head = [line for line in table.split("\n\n") if line.startswith("| controller | a | b |")]
+    scores, vs_grid = ([[c.strip() for c in line.split("|")[1:-1]] for line in h.splitlines()]
+                       for h in head[:2])
+    llm = next(r for r in scores if r[0] == "llmzero")
+    assert llm[1].startswith("0.420 [") and llm[2].startswith("0.470 [")  # mean [CI over seeds]
+    llm = next(r for r in vs_grid if r[0] == "llmzero")
+    assert llm[1].startswith("+0.100 [") and llm[1].endswith("better")
+    assert llm[2].startswith("-0.050 [") and llm[2].endswith("worse")
+    assert next(r for r in vs_grid if r[0] == "grid")[1:] == ["—", "—"]
+    assert not any(r[0] == "base" for r in vs_grid)
+
+
 # ---- the HDF5 run log ----------------------------------------------------------------------------
 
 

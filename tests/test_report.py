@@ -109,8 +109,12 @@ def test_runs_csv_and_markdown(built):
     for section in ("## a", "## Across tasks", "## Schedule structure against its null",
                     "## Cost"):
         assert section in md
-    line = next(x for x in md.splitlines() if x.startswith("| better |") and "better" in x[10:])
-    assert "better" in line.split("|")[4]  # the vs-grid cell carries its verdict
+    task_a = md.split("## a\n")[1]
+    line = next(x for x in task_a.splitlines() if x.startswith("| better |"))
+    assert "better" in line.split("|")[4]  # the per-task vs-grid cell carries its verdict
+    head = md.split("Paired test-score difference from grid")[1].split("\n\n")[1]
+    row = next(x for x in head.splitlines() if x.startswith("| better |"))
+    assert all(c.strip().endswith("better") for c in row.split("|")[2:2 + len(TASKS)])
 
 
 def test_holm_adjusts_each_controller_across_tasks():

@@ -406,26 +406,62 @@ def _meta_cell(row: dict[str, Any]) -> str:
 # ---- Markdown ------------------------------------------------------------------------------------
 
 
-def overview(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """All tasks in one table: each controller's mean test score (change over base) per task."""
+def overview(rows: Sequence[dict[str, Any]], iqm: dict[str, dict[str, Any]] | None = None
+             ) -> list[str]:
+    """All tasks in one table: each controller's mean test score per task, with its 95% CI over
+    seeds where there are several (else its change over the base model), and the IQM over tasks
+    x seeds when `iqm` is given."""
     tasks = sorted({r["task"] for r in rows})
     ctrls = list(dict.fromkeys(r["controller"] for r in rows))
     cell = {(r["task"], r["controller"]): r for r in rows}
-    lines = ["| controller | " + " | ".join(tasks) + " | stages | seconds |",
-             "|---" * (len(tasks) + 3) + "|"]
+    iqm_header = " IQM [95% CI] |" if iqm else ""
+    lines = ["| controller | " + " | ".join(tasks) + f" |{iqm_header} stages | seconds |",
+             "|---" * (len(tasks) + 3 + bool(iqm)) + "|"]
 
     def score(task: str, ctrl: str) -> str:
         if (task, ctrl) not in cell:
             return "—"
         row = cell[task, ctrl]
+        if _finite(row["test_ci_low"]):
+            return f"{_fmt(row['test_mean'])} [{_fmt(row['test_ci_low'])}, " \
+                   f"{_fmt(row['test_ci_high'])}]"
         change = "" if ctrl == BASE else f" ({_pct(row['rel_vs_base'])})"
         return _fmt(row["test_mean"]) + change
 
     for c in ctrls:
         mine = [cell[t, c] for t in tasks if (t, c) in cell]
-        lines.append(f"| {c} | " + " | ".join(score(t, c) for t in tasks)
-                     + f" | {_fmt(_nanmean([r['stages_mean'] for r in mine]), '.1f')}"
+        agg = f" {_est(iqm[c]['test'])} |" if iqm and c in iqm else (" — |" if iqm else "")
+        lines.append(f"| {c} | " + " | ".join(score(t, c) for t in tasks) + f" |{agg}"
+                     + f" {_fmt(_nanmean([r['stages_mean'] for r in mine]), '.1f')}"
                      + f" | {_fmt(_nanmean([r['seconds_mean'] for r in mine]), '.0f')} |")
+    return lines
+
+
+def _verdict_cell(row: dict[str, Any], key: str) -> str:
+    """The paired difference, and the Holm-adjusted verdict where it differs from the CI's."""
+    text = _diff_cell(row, key)
+    holm = row.get(f"{key}_verdict_holm") or ""
+    if holm and row[f"{key}_verdict"] not in ("reference", holm):
+        text += f" (Holm: {holm})"
+    return text
+
+
+def pairs_overview(rows: Sequence[dict[str, Any]], key: str,
+                   iqm: dict[str, dict[str, Any]] | None = None, iqm_key: str = "") -> list[str]:
+    """All tasks in one table: each controller's paired difference from one reference (`key`:
+    vs_grid or vs_fixed) per task, its CI and verdict, and the IQM of the difference."""
+    tasks = sorted({r["task"] for r in rows})
+    ctrls = [c for c in dict.fromkeys(r["controller"] for r in rows) if c != BASE]
+    cell = {(r["task"], r["controller"]): r for r in rows}
+    show_iqm = bool(iqm and iqm_key)
+    lines = ["| controller | " + " | ".join(tasks) + (" | IQM |" if show_iqm else " |"),
+             "|---" * (len(tasks) + 1 + show_iqm) + "|"]
+    for c in ctrls:
+        cells = [_verdict_cell(cell[t, c], key) if (t, c) in cell else "—" for t in tasks]
+        if show_iqm:
+            own = all(cell[t, c][f"{key}_verdict"] == "reference" for t in tasks if (t, c) in cell)
+            cells.append("—" if own or c not in iqm else _est(iqm[c][iqm_key], "+.3f"))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -508,8 +544,20 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
         lines += [header, ""]
     if analysis is not None:
         lines += [f"Seeds: {analysis['seeds']}; tasks: {', '.join(analysis['tasks'])}.", ""]
-    lines += ["Test score per task (change over the base model); stages and seconds per run, "
-              "mean over tasks and seeds.", "", *overview(rows), "", METHODS, ""]
+    iqm = analysis["iqm"] if analysis is not None else None
+    many_seeds = any(_finite(r["test_ci_low"]) for r in rows)
+    lines += ["Test score per task: mean over seeds "
+              + ("[95% CI over seeds]" if many_seeds else "(change over the base model)")
+              + (", and the IQM over tasks x seeds" if iqm else "")
+              + "; stages and seconds per run, mean over tasks and seeds.", "",
+              *overview(rows, iqm), ""]
+    for key, ref in (("vs_grid", REFERENCES["pairs"]), ("vs_fixed", REFERENCES["pairs_vs_fixed"])):
+        if many_seeds and any(r["controller"] == ref for r in rows):
+            lines += [f"Paired test-score difference from {ref} (same seed): mean [95% CI], "
+                      "verdict; a verdict that Holm's correction across tasks changes is "
+                      "shown beside it.", "",
+                      *pairs_overview(rows, key, iqm, f"diff_{key}"), ""]
+    lines += [METHODS, ""]
     cols = shown_columns(rows)
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
