@@ -423,8 +423,8 @@ def overview(rows: Sequence[dict[str, Any]], iqm: dict[str, dict[str, Any]] | No
             return "—"
         row = cell[task, ctrl]
         if _finite(row["test_ci_low"]):
-            return f"{_fmt(row['test_mean'])} [{_fmt(row['test_ci_low'])}, " \
-                   f"{_fmt(row['test_ci_high'])}]"
+            return (f"{_fmt(row['test_mean'])} [{_fmt(row['test_ci_low'])}, "
+                    f"{_fmt(row['test_ci_high'])}]")
         change = "" if ctrl == BASE else f" ({_pct(row['rel_vs_base'])})"
         return _fmt(row["test_mean"]) + change
 
