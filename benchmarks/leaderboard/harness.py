@@ -118,7 +118,9 @@ PRESETS = {
     # searches of 32 stages, replays of ~6 stages per run, 2 test evaluations per run; 20 task x
     # seed pairs -> ~21,600 CPU s (tpe included: successive halving fits >= 10 trials in 32
     # stages). Two one-thread workers on the two cores: ~3.0 h; one process would take twice
-    # that. Two torch threads per run are no substitute: on this shared
+    # that. Measured on 2026-12-06: 184 runs in 3.1 h of wall time (5.6 h of
+    # run time; logic's searches took 2-3x gsm8k's). Two torch threads per run are no
+    # substitute: on this shared
     # machine a two-thread stage ran 10-15x slower than a one-thread one whenever another process
     # was busy (3 stages: 130-200 s against 10-14 s).
     "standard": Preset(name="standard", tasks=TASKS, controllers=None, seeds=(0, 1, 2, 3, 4),
