@@ -136,6 +136,16 @@ def test_holm_adjusts_each_controller_across_tasks():
     assert out["a"]["better"]["verdict_holm"] == "better"
 
 
+def test_a_cell_names_the_holm_verdict_only_where_it_differs():
+    row = {"vs_grid_diff": 0.03, "vs_grid_ci_low": 0.01, "vs_grid_ci_high": 0.05,
+           "vs_grid_verdict": "better", "vs_grid_verdict_holm": "no difference"}
+    cell = report._diff_cell(row, "vs_grid")
+    assert cell == "+0.030 [+0.010, +0.050] better (Holm: no difference)"
+    assert report._diff_cell(row | {"vs_grid_verdict_holm": "better"}, "vs_grid").endswith("better")
+    one_seed = row | {"vs_grid_verdict": "n/a (1 paired seed)", "vs_grid_verdict_holm": "n/a"}
+    assert "Holm" not in report._diff_cell(one_seed, "vs_grid")
+
+
 def test_missing_items_fall_back_to_seeds_and_say_so():
     records = []
     for s in SEEDS:

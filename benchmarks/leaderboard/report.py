@@ -107,7 +107,8 @@ def _is_base(row: dict[str, Any]) -> bool:
 
 
 def _diff_cell(row: dict[str, Any], key: str) -> str:
-    """A paired difference as "+0.012 [-0.010, +0.031] no difference"."""
+    """A paired difference as "+0.012 [-0.010, +0.031] no difference", and the Holm-adjusted
+    verdict where it differs from the CI's."""
     verdict = row[f"{key}_verdict"]
     if verdict == "reference":
         return "—"
@@ -116,7 +117,9 @@ def _diff_cell(row: dict[str, Any], key: str) -> str:
     ci = ""
     if _finite(row[f"{key}_ci_low"]):
         ci = f" [{_fmt(row[f'{key}_ci_low'], '+.3f')}, {_fmt(row[f'{key}_ci_high'], '+.3f')}]"
-    return f"{_fmt(row[f'{key}_diff'], '+.3f')}{ci} {verdict}".strip()
+    text = f"{_fmt(row[f'{key}_diff'], '+.3f')}{ci} {verdict}".strip()
+    holm = row.get(f"{key}_verdict_holm") or "n/a"  # "n/a": no Holm p (e.g. one seed)
+    return text + (f" (Holm: {holm})" if holm not in ("n/a", verdict) else "")
 
 
 def _pair_columns(key: str, get: Callable[[Runs], dict[str, Any]], header: str | None,
@@ -406,14 +409,19 @@ def _meta_cell(row: dict[str, Any]) -> str:
 # ---- Markdown ------------------------------------------------------------------------------------
 
 
+def _by_task_and_controller(rows: Sequence[dict[str, Any]]
+                            ) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    """The tasks (sorted), the controllers (in row order) and each (task, controller)'s row."""
+    return (sorted({r["task"] for r in rows}), list(dict.fromkeys(r["controller"] for r in rows)),
+            {(r["task"], r["controller"]): r for r in rows})
+
+
 def overview(rows: Sequence[dict[str, Any]], iqm: dict[str, dict[str, Any]] | None = None
              ) -> list[str]:
     """All tasks in one table: each controller's mean test score per task, with its 95% CI over
     seeds where there are several (else its change over the base model), and the IQM over tasks
     x seeds when `iqm` is given."""
-    tasks = sorted({r["task"] for r in rows})
-    ctrls = list(dict.fromkeys(r["controller"] for r in rows))
-    cell = {(r["task"], r["controller"]): r for r in rows}
+    tasks, ctrls, cell = _by_task_and_controller(rows)
     iqm_header = " IQM [95% CI] |" if iqm else ""
     lines = ["| controller | " + " | ".join(tasks) + f" |{iqm_header} stages | seconds |",
              "|---" * (len(tasks) + 3 + bool(iqm)) + "|"]
@@ -437,30 +445,18 @@ def overview(rows: Sequence[dict[str, Any]], iqm: dict[str, dict[str, Any]] | No
     return lines
 
 
-def _verdict_cell(row: dict[str, Any], key: str) -> str:
-    """The paired difference, and the Holm-adjusted verdict where it differs from the CI's."""
-    text = _diff_cell(row, key)
-    holm = row.get(f"{key}_verdict_holm") or ""
-    if holm and row[f"{key}_verdict"] not in ("reference", holm):
-        text += f" (Holm: {holm})"
-    return text
-
-
 def pairs_overview(rows: Sequence[dict[str, Any]], key: str,
-                   iqm: dict[str, dict[str, Any]] | None = None, iqm_key: str = "") -> list[str]:
+                   iqm: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """All tasks in one table: each controller's paired difference from one reference (`key`:
     vs_grid or vs_fixed) per task, its CI and verdict, and the IQM of the difference."""
-    tasks = sorted({r["task"] for r in rows})
-    ctrls = [c for c in dict.fromkeys(r["controller"] for r in rows) if c != BASE]
-    cell = {(r["task"], r["controller"]): r for r in rows}
-    show_iqm = bool(iqm and iqm_key)
-    lines = ["| controller | " + " | ".join(tasks) + (" | IQM |" if show_iqm else " |"),
-             "|---" * (len(tasks) + 1 + show_iqm) + "|"]
-    for c in ctrls:
-        cells = [_verdict_cell(cell[t, c], key) if (t, c) in cell else "—" for t in tasks]
-        if show_iqm:
+    tasks, ctrls, cell = _by_task_and_controller(rows)
+    lines = ["| controller | " + " | ".join(tasks) + (" | IQM |" if iqm else " |"),
+             "|---" * (len(tasks) + 1 + bool(iqm)) + "|"]
+    for c in (c for c in ctrls if c != BASE):
+        cells = [_diff_cell(cell[t, c], key) if (t, c) in cell else "—" for t in tasks]
+        if iqm:
             own = all(cell[t, c][f"{key}_verdict"] == "reference" for t in tasks if (t, c) in cell)
-            cells.append("—" if own or c not in iqm else _est(iqm[c][iqm_key], "+.3f"))
+            cells.append("—" if own or c not in iqm else _est(iqm[c][f"diff_{key}"], "+.3f"))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
@@ -518,8 +514,9 @@ METHODS = (
     "reference, same seed), its 95% bootstrap CI over seeds and test items, and the verdict "
     "(*better* when the CI is above 0, *worse* below, else *no difference*). summary.json adds "
     "the bootstrap p-value Holm-adjusted across tasks (p_holm, verdict_holm: the verdict at 95% "
-    "family-wise), the exact sign-flip p over seeds (p_sign_flip; at 5 seeds it cannot go below "
-    "0.0625) and the probability of improvement (poi). The base model is "
+    "family-wise, shown beside the verdict where they differ), the exact sign-flip p over seeds "
+    "(p_sign_flip; at 5 seeds it cannot go below 0.0625) and the probability of improvement "
+    "(poi). The base model is "
     "scored once (its greedy test score does not depend on the seed) and pairs with every seed. "
     "*transfer*: the chosen schedule retrained from the base on fresh seeds, mean test score. "
     "*tokens*: prompt + completion tokens sampled per run (each trained once at "
@@ -556,7 +553,7 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
             lines += [f"Paired test-score difference from {ref} (same seed): mean [95% CI], "
                       "verdict; a verdict that Holm's correction across tasks changes is "
                       "shown beside it.", "",
-                      *pairs_overview(rows, key, iqm, f"diff_{key}"), ""]
+                      *pairs_overview(rows, key, iqm), ""]
     lines += [METHODS, ""]
     cols = shown_columns(rows)
     for task in sorted({r["task"] for r in rows}):
