@@ -41,3 +41,33 @@ def test_the_own_task_block_registers_makes_and_trains_its_env(tmp_path):
     assert trained and 0 <= float(trained[1]) <= 1 and 0 <= int(trained[2]) <= 100, run.stdout
     assert "a dev completion: '" in run.stdout
     assert "Loading weights" not in run.stderr  # the shipped model loads without a progress bar
+
+
+def test_the_own_controller_block_registers_and_walks_the_learning_rate_down():
+    import gymnasium as gym
+
+    import controllers
+    import metaenv  # noqa: F401  (registers the env ids)
+
+    class Recorded(gym.Wrapper):
+        """Keeps the hyperparameter values of every stage the controller trains."""
+
+        def __init__(self, env):
+            super().__init__(env)
+            self.stages = []
+
+        def step(self, action):
+            self.stages.append(self.unwrapped.hparams.decode(action))
+            return super().step(action)
+
+    namespace = {}
+    exec(python_block("Your own controller"), namespace)
+    try:
+        env = Recorded(gym.make("LLMZero-GSM8K-v0", stages=2, steps_per_stage=1, dev_size=8))
+        result = controllers.make("lr-decay").run(env, budget=2, seed=0)
+    finally:
+        controllers.REGISTRY.pop("lr-decay", None)  # later tests run every registered controller
+    defaults = env.unwrapped.hparams.defaults
+    assert result.name == "lr-decay" and result.cost["stages"] == 2
+    assert [s["learning_rate"] for s in env.stages] == [1e-4, 3e-5]  # one grid step down
+    assert all(s[k] == defaults[k] for s in env.stages for k in defaults if k != "learning_rate")

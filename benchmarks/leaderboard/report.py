@@ -523,6 +523,20 @@ METHODS = (
     "num_iterations = 1); *seconds*: the env's training and evaluation seconds per run.")
 
 
+# The head tables (overview and paired differences) open with this caption and end before METHODS.
+HEAD_CAPTION = "Test score per task"
+
+
+def head_tables(report: str) -> str:
+    """The head tables of a written leaderboard.md, their captions included: what the README
+    shows of a run (benchmarks/readme.py copies them, so they are never retyped)."""
+    start, end = report.find(f"\n{HEAD_CAPTION}"), report.find(f"\n{METHODS}")
+    if start < 0 or end < start:
+        raise ValueError(f"no head tables (from {HEAD_CAPTION!r} to the methods note): not a "
+                         "leaderboard.md written by benchmarks.leaderboard.report")
+    return report[start + 1 : end].strip()
+
+
 def _smoke_lines(reason: str) -> list[str]:
     if not reason:
         return []
@@ -543,7 +557,7 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
         lines += [f"Seeds: {analysis['seeds']}; tasks: {', '.join(analysis['tasks'])}.", ""]
     iqm = analysis["iqm"] if analysis is not None else None
     many_seeds = any(_finite(r["test_ci_low"]) for r in rows)
-    lines += ["Test score per task: mean over seeds "
+    lines += [f"{HEAD_CAPTION}: mean over seeds "
               + ("[95% CI over seeds]" if many_seeds else "(change over the base model)")
               + (", and the IQM over tasks x seeds" if iqm else "")
               + "; stages and seconds per run, mean over tasks and seeds.", "",
