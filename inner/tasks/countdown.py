@@ -47,6 +47,15 @@ COUNTDOWN = {
     4: dict(min_numbers=4, max_numbers=4, min_value=1, max_value=20, min_target=10, max_target=100),
 }
 HUB = {"train": sources.HubSplit("Jiayi-Pan/Countdown-Tasks-3to4", None, "train")}
+
+
+class Row(sources.Schema):
+    """A row of Countdown-Tasks-3to4: the numbers to combine and the target."""
+
+    nums: list[int]
+    target: int
+
+
 PROMPT = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic "
     "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
@@ -132,7 +141,7 @@ class CountdownTask(Task):
             )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
-        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+        for row in sources.rows(split, self.data_path, HUB, self.seed, Row):
             numbers, target = [int(x) for x in row["nums"]], int(row["target"])
             if split == "train" and difficulty not in (0, len(numbers)):
                 continue
