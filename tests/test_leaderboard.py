@@ -236,6 +236,61 @@ def test_combined_file_survives_a_writer_that_dies_midway(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # as a full disk or a broken copy leaves it
+
+
+def test_an_unreadable_run_log_is_named_and_set_aside_for_its_run_to_run_again(tmp_path):
+    a, b = _record("tpe", 0), _record("grid", 1)
+    runlog.save_run(tmp_path, a)
+    bad = runlog.save_run(tmp_path, b)
+    _truncate(bad)
+    with pytest.raises(runlog.UnreadableRunLog, match=rf"run log {bad} cannot be read"):
+        runlog.load_runs(tmp_path)  # the read-only reader names the file and moves nothing
+    assert bad.exists()
+    done, notes = runlog.recover_runs(tmp_path)
+    assert set(done) == {a.key}
+    assert notes == [notes[0]] and str(bad) in notes[0]
+    assert "moved to countdown__grid__seed1.h5.corrupt-1, and the run runs again" in notes[0]
+    assert (tmp_path / "runs" / "countdown__grid__seed1.h5.corrupt-1").exists()
+    _truncate(runlog.save_run(tmp_path, b))  # broken again: a second name, the first kept
+    assert "corrupt-2" in runlog.recover_runs(tmp_path)[1][0]
+
+
+def test_an_unreadable_combined_log_is_named_and_set_aside(tmp_path):
+    path = runlog.write_combined(tmp_path, [_record("tpe")])
+    assert runlog.recover_combined(tmp_path) is None  # readable: left alone
+    _truncate(path)
+    with pytest.raises(runlog.UnreadableRunLog, match=rf"{path} cannot be read"):
+        runlog.read_combined(path)
+    note = runlog.recover_combined(tmp_path)
+    assert note is not None and "moved to leaderboard.h5.corrupt-1" in note
+    assert not path.exists() and (tmp_path / "leaderboard.h5.corrupt-1").exists()
+
+
+def test_the_harness_reruns_a_run_whose_log_is_broken_and_rebuilds_the_combined_log(
+        tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = [*TINY[:3], "fixed", *TINY[5:], "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    fixed, base = (out / "runs" / f"countdown__{c}__seed0.h5" for c in ("fixed", "base"))
+    base_stamp = base.stat().st_mtime_ns
+    _truncate(fixed)
+    (out / "leaderboard.h5").write_bytes(b"not an HDF5 file")
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"run log {fixed} cannot be read" in printed
+    assert "moved to countdown__fixed__seed0.h5.corrupt-1, and the run runs again" in printed
+    assert "1 of 2 runs already finished; 1 to run" in printed
+    assert "moved to leaderboard.h5.corrupt-1, and rebuilt from the run files" in printed
+    assert base.stat().st_mtime_ns == base_stamp  # the readable run was kept
+    assert runlog.read_run_file(fixed).stages_spent >= 1  # the broken one ran again
+    records = runlog.read_combined(out / "leaderboard.h5")
+    assert {r.key for r in records} == {("countdown", "base", 0), ("countdown", "fixed", 0)}
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 

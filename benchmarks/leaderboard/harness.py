@@ -483,8 +483,13 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
         console.print(f"[bold yellow]{SMOKE}[/]")
 
     # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
-    # with the same settings; anything else runs (again).
-    done = runlog.load_runs(out)
+    # with the same settings; anything else runs (again), an unreadable file set aside first.
+    done, notes = runlog.recover_runs(out)
+    combined = runlog.recover_combined(out)
+    for note in [*notes, *([combined] if combined else [])]:
+        console.print(f"[yellow]note:[/] {note}")
+    if combined:
+        runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
     todo = [s for s in specs
             if s.key not in done or done[s.key].settings.get("fingerprint") != fingerprint(s)]
     console.print(f"[bold]leaderboard[/] preset={preset.name} tasks={','.join(preset.tasks)} "
