@@ -307,6 +307,43 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "argument --budget: must be >= 1, got 0"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be >= 0, got -1"),
+    (["--dev-size", "0"], "argument --dev-size: must be >= 1, got 0"),
+    (["--test-size", "ten"], "argument --test-size: expected an integer >= 1, got 'ten'"),
+    (["--env-kwargs", "[1, 2]"], "argument --env-kwargs: expected a JSON object"),
+    (["--controller-kwargs", '{"grid": {"n_pointz": 3}}'],
+     "argument --controller-kwargs: grid takes no 'n_pointz'; it takes name, storage, "
+     "study_name, stages, order"),
+    (["--controller-kwargs", '{"llmzero": {"kk": 3}}'],
+     "argument --controller-kwargs: llmzero: unknown setting(s) ['kk'] for llmzero with "
+     "proposer 'skills'; the search takes ['c_uct', 'k',"),
+])
+def test_bad_arguments_are_argparse_errors_before_any_run(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--tasks", "countdown", *args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2  # argparse's usage error
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the base model
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        with pytest.raises(SystemExit) as e:
+            main(["--tasks", "countdown", "--out", str(out)])
+        assert e.value.code == 2
+        assert f"argument --out: {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+
+
+def test_a_bad_env_setting_stops_the_harness_before_the_base_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"the env of countdown cannot be built with these "
+                                         r"settings: .*'bogus'"):
+        main(["--tasks", "countdown", "--env-kwargs", '{"bogus": 1}', "--out", str(tmp_path)])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_llm_endpoint_adds_the_llm_proposer_row_without_its_key(monkeypatch, tmp_path):
     from benchmarks.leaderboard.harness import (
         LLM_ROW,
