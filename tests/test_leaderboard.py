@@ -264,6 +264,11 @@ def test_an_unreadable_combined_log_is_named_and_set_aside(tmp_path):
     _truncate(path)
     with pytest.raises(runlog.UnreadableRunLog, match=rf"{path} cannot be read"):
         runlog.read_combined(path)
+    with pytest.MonkeyPatch.context() as mp:  # the report command names it and the way out
+        mp.setattr(sys, "argv", ["report", str(tmp_path)])
+        with pytest.raises(SystemExit, match=rf"{path} cannot be read .*Rerun the leaderboard "
+                                             r"command that made it: it rebuilds leaderboard\.h5"):
+            report.main()
     note = runlog.recover_combined(tmp_path)
     assert note is not None and "moved to leaderboard.h5.corrupt-1" in note
     assert not path.exists() and (tmp_path / "leaderboard.h5.corrupt-1").exists()
@@ -319,6 +324,8 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     (["--controller-kwargs", '{"llmzero": {"kk": 3}}'],
      "argument --controller-kwargs: llmzero: unknown setting(s) ['kk'] for llmzero with "
      "proposer 'skills'; the search takes ['c_uct', 'k',"),
+    (["--controller-kwargs", '{"fixed": 5}'],
+     "argument --controller-kwargs: fixed's settings must be a JSON object, got 5"),
 ])
 def test_bad_arguments_are_argparse_errors_before_any_run(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

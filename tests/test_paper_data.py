@@ -257,6 +257,13 @@ def test_a_carved_row_is_named_by_its_own_file_and_line(tmp_path):
     assert found and 1 <= int(found[1]) <= 20
 
 
+def test_files_of_two_formats_in_one_split_are_named(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(i) for i in range(20)])
+    datasets.Dataset.from_list([gsm8k_row(30)]).to_parquet(str(tmp_path / "train-1.parquet"))
+    with pytest.raises(DataError, match=r"mixed file formats for split train: .*train-1\.parquet"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2).examples("dev")
+
+
 def test_a_file_too_short_to_carve_dev_from_is_named(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(0)])
     with pytest.raises(DataError, match=r"train\.jsonl: 1 train rows, too few to carve a dev"):
