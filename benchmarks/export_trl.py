@@ -17,12 +17,15 @@ Names are this project's (`GRPOConfig` fields, which are TRL's, and `difficulty`
 omits a name keeps the previous stage's value; the first stage takes the env's defaults for the
 task and scale, and `fixed` (or a run's recorded stages) sets the names no stage controls.
 
-`--out` receives `train_trl.py` and `schedule.json`. The script trains with TRL's GRPOTrainer and
-`inner.trl_schedule.StageSchedule`; where a stage changes what TRL reads only when a trainer is
-built (`num_generations`, the batch), it runs chained segments, each a new GRPOConfig resumed
-from the previous segment's checkpoint. A `beta` rising from 0 needs no segment: every trainer
-whose stages reach beta > 0 is built with it, so TRL keeps a reference model, and the schedule sets
-beta to 0 where a stage asks. The last output line is `key=value` pairs.
+`--model` is a Hugging Face hub id (`org/name`) or a local model folder (with its config.json);
+a path that does not exist (`./x`, `/x`, `a/b/c`) is an error. `--out` is a folder that receives
+`train_trl.py` and `schedule.json`; it refuses to overwrite them unless `--force`. The script
+trains with TRL's GRPOTrainer and `inner.trl_schedule.StageSchedule`; where a stage changes what
+TRL reads only when a trainer is built (`num_generations`, the batch), it runs chained segments,
+each a new GRPOConfig resumed from the previous segment's checkpoint. A `beta` rising from 0 needs
+no segment: every trainer whose stages reach beta > 0 is built with it, so TRL keeps a reference
+model, and the schedule sets beta to 0 where a stage asks. The last output line is `key=value`
+pairs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +42,22 @@ from typing import Any, get_type_hints
 import h5py
 
 import metaenv
-from benchmarks.leaderboard.runlog import RUNS_DIR, RunRecord, read_combined, read_run
+from benchmarks.leaderboard.runlog import (
+    RUNS_DIR,
+    RunRecord,
+    UnreadableRunLog,
+    read_combined,
+    read_run_file,
+)
 from inner.config import GRPOConfig
-from inner.tasks import get_task
+from inner.tasks import SCALES, get_task
 from inner.trl_schedule import BUILT, DIFFICULTY, KNOWN
 from metaenv.hparams import DEFAULT_FIXED, default_values
 
 SCRIPT, PLAN = "train_trl.py", "schedule.json"
 _TYPES = get_type_hints(GRPOConfig)
+# What a hub id looks like (huggingface_hub's rule, shortened): "name" or "org/name".
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ExportError(ValueError):
@@ -88,10 +100,17 @@ def _records(path: Path) -> list[RunRecord]:
         if not files:
             raise ExportError(f"--run {path}: no {RUNS_DIR}/*.h5 or leaderboard.h5 in it")
         return [r for f in files for r in _records(f)]
-    with h5py.File(path, "r") as f:
-        if "schedule" in f:  # one run's own file
-            return [read_run(f)]
-    return read_combined(path)
+    try:
+        with h5py.File(path, "r") as f:
+            single = "schedule" in f  # one run's own file, else a combined leaderboard.h5
+    except OSError as err:  # truncated, or not HDF5 at all
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"--run {path} is neither a JSON schedule (.json) nor a readable "
+                          f"HDF5 run log ({reason})") from None
+    try:
+        return [read_run_file(path)] if single else read_combined(path)
+    except UnreadableRunLog as err:
+        raise ExportError(f"--run {err}") from None
 
 
 def _pick(records: list[RunRecord], task: str | None, controller: str | None, seed: int | None,
@@ -138,17 +157,42 @@ def _from_json(path: Path, task: str | None, steps_per_stage: int | None) -> Fou
                           'N, "task": "gsm8k"} (a RunResult\'s schedule with its env settings)')
     if not data["schedule"]:
         raise ExportError(f"--run {path} has an empty schedule: nothing to export")
-    settings = data.get("settings", {})
+    bad = next((k for k, v in enumerate(data["schedule"]) if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise ExportError(f"--run {path}: schedule stage {bad} must be an object "
+                          f"{{name: value, ...}}, got {data['schedule'][bad]!r}")
+    settings = _object(data, "settings", path)
     env_tasks = {env_id: t for t, env_id in metaenv.env_ids().items()}
     task = task or data.get("task") or env_tasks.get(settings.get("env_id"))
     if task is None:
         raise ExportError(f"--run {path} names no task: add \"task\" to it or pass --task")
-    env_kwargs = settings.get("env_kwargs", {})
+    if task not in metaenv.env_ids():
+        raise ExportError(f"--run {path}: unknown task {task!r}; valid tasks: "
+                          f"{', '.join(metaenv.env_ids())}")
+    env_kwargs = _object(settings, "env_kwargs", path)
+    scale = data.get("scale", env_kwargs.get("scale", "embedded"))
+    if scale not in SCALES:
+        raise ExportError(f"--run {path}: scale must be one of {SCALES}, got {scale!r}")
     sps = steps_per_stage or data.get("steps_per_stage")
-    return FoundRun(schedule=data["schedule"], task=task, seed=int(data.get("seed", 0)),
-                    scale=data.get("scale", env_kwargs.get("scale", "embedded")),
+    return FoundRun(schedule=data["schedule"], task=task, scale=scale,
+                    seed=_whole(data.get("seed", 0), "seed", 0, str(path)),
                     steps_per_stage=_stage_length(sps, env_kwargs, str(path)),
-                    fixed=dict(data.get("fixed", {})), source=str(path))
+                    fixed=_object(data, "fixed", path), source=str(path))
+
+
+def _object(data: dict, key: str, path: Path) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ExportError(f"--run {path}: {key!r} must be an object {{...}}, got {value!r}")
+    return value
+
+
+def _whole(value: Any, name: str, low: int, source: str) -> int:
+    """`value` as an integer >= low (an HDF5 float such as 5.0 included); ExportError if not."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value == int(value) and value >= low):
+        raise ExportError(f"{source}: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def _stage_length(given: int | None, env_kwargs: dict, source: str) -> int:
@@ -156,13 +200,14 @@ def _stage_length(given: int | None, env_kwargs: dict, source: str) -> int:
     if not sps:
         raise ExportError(f"{source} does not say how many steps a stage has: pass "
                           "--steps-per-stage (the env's steps_per_stage)")
-    return int(sps)
+    return _whole(sps, "steps_per_stage", 1, source)
 
 
 # ---- the plan: stages in TRL's names, segments ---------------------------------------------------
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    """A value as GRPOConfig types it (HDF5 stores every number as a float, None as NaN)."""
+    """A value as GRPOConfig types it (HDF5 stores every number as a float, None as NaN);
+    ExportError naming the stage, the name and the value when it is of another type."""
     if name not in KNOWN:
         raise ExportError(f"{source}: unknown hyperparameter {name!r}; known: {list(KNOWN)}")
     kind = int if name == DIFFICULTY else _TYPES[name]
@@ -170,11 +215,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind == float | None:
             return None
         raise ExportError(f"{source}: {name} has no value")
-    if kind is bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is bool and (isinstance(value, bool) or (number and value in (0, 1))):
         return bool(value)
-    if kind is int:
+    if kind is int and number and math.isfinite(value) and value == round(value):
         return int(round(value))
-    return str(value) if kind is str else float(value)
+    if kind in (float, float | None) and number and math.isfinite(value):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    expected = {bool: "true or false", int: "a whole number", str: "a string"}.get(
+        kind, "a finite number")
+    raise ExportError(f"{source}: {name} must be {expected}, got {value!r}")
 
 
 def full_stages(run: FoundRun) -> list[dict[str, Any]]:
@@ -185,7 +237,15 @@ def full_stages(run: FoundRun) -> list[dict[str, Any]]:
     stages = []
     for k, stage in enumerate(run.schedule):
         current = current | stage
-        stages.append({n: _coerce(n, v, f"{run.source} stage {k}") for n, v in current.items()})
+        where = f"{run.source} stage {k}"
+        stages.append({n: _coerce(n, v, where) for n, v in current.items()})
+        if stages[-1][DIFFICULTY] not in task.difficulty_levels:
+            raise ExportError(f"{where}: difficulty must be one of {task.difficulty_levels} "
+                              f"for {run.task} ({run.scale}), got {stages[-1][DIFFICULTY]}")
+        try:  # the values GRPOConfig refuses (a negative learning rate, an unknown loss_type)
+            GRPOConfig(**{n: v for n, v in stages[-1].items() if n != DIFFICULTY})
+        except ValueError as err:
+            raise ExportError(f"{where}: {err}") from None
     if len({s["num_iterations"] for s in stages}) > 1:
         raise ExportError(f"{run.source}: num_iterations changes between stages, which changes "
                           "how many TRL steps a stage has; export supports one value")
@@ -412,21 +472,55 @@ def export(run: FoundRun, model: str, out: str | Path) -> dict[str, Any]:
     return p
 
 
+def model_error(model: str) -> str | None:
+    """Why `model` is neither a local model folder nor a hub id, or None."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            return f"--model {model} is not a model folder (it has no config.json)"
+        return None
+    if model.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(model):
+        return f"--model {model}: no such folder, and not a Hugging Face hub id (org/name)"
+    return None
+
+
+def out_error(out: Path, force: bool) -> str | None:
+    """Why train_trl.py and schedule.json cannot be written into folder `out`, or None."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            return f"--out {out}: {path} is a file; --out names a folder (made if missing)"
+        if path.exists():
+            break
+    taken = [name for name in (SCRIPT, PLAN) if (out / name).exists()]
+    if taken and not force:
+        return (f"--out {out} already holds {' and '.join(taken)}; pass --force to overwrite "
+                "them, or choose another --out")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="run directory, HDF5 run log or JSON file")
     parser.add_argument("--model", required=True, help="hub id or local model directory")
     parser.add_argument("--out", required=True, help="directory for train_trl.py, schedule.json")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite train_trl.py and schedule.json in --out")
     parser.add_argument("--task", help="pick the run of this task, or name the JSON's task")
     parser.add_argument("--controller", help="pick the run of this controller")
     parser.add_argument("--seed", type=int, help="pick the run of this seed")
     parser.add_argument("--steps-per-stage", type=int, help="when the input does not say")
     args = parser.parse_args(argv)
+    for why in (model_error(args.model), out_error(Path(args.out), args.force)):
+        if why:
+            parser.error(why)
     try:
         run = load_run(args.run, args.task, args.controller, args.seed, args.steps_per_stage)
         p = export(run, args.model, args.out)
     except ExportError as err:
         parser.error(str(err))
+    if not Path(args.model).expanduser().exists():
+        print(f"--model {args.model} is not a local folder: train_trl.py will load it from the "
+              "Hugging Face hub", file=sys.stderr)
     print(f"{run.source}: {len(p['stages'])} stages x {p['steps_per_stage']} steps, "
           f"{len(p['segments'])} segment(s) -> {Path(args.out) / SCRIPT}", file=sys.stderr)
     print(f"stages={len(p['stages'])} steps_per_stage={p['steps_per_stage']} "

@@ -5,10 +5,15 @@ client, and copes with what real servers do:
 - the reply schema goes in `response_format` (strict JSON schema, grid values as enums); a server
   that refuses it gets plain JSON instructions for the rest of the run;
 - the token limit goes as `max_completion_tokens`, or as `max_tokens` where only that works;
-- connection errors, 429 and 5xx are retried with exponential backoff (at least Retry-After);
+- connection errors, 429 and 5xx are retried with exponential backoff (at least Retry-After),
+  a timed-out request at most once: a server that hangs fails within one timeout and one retry;
+- a reply that is not a chat completion (a proxy's HTML page, a body that is not JSON) is an
+  EndpointReplyError naming the URL and the content type;
 - replies are read tolerantly and only invalid proposals are dropped (`controllers.llm_prompt`);
   a reply with none usable is re-asked, then the fallback proposer (the skills) answers.
-`check()` sends a one-token chat before the run trains anything. Every request, reply and
+`check()` sends a one-token chat before the run trains anything and names what fails: an
+unreachable or hanging server, a rejected key (401, with or without a model), a model it does
+not serve, a server error (5xx: the server's fault, not the settings'). Every request, reply and
 expansion goes to `<run_dir>/transcript.jsonl`, which `proposer="replay"` re-runs offline.
 """
 
@@ -20,10 +25,12 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from controllers.llm_prompt import (
     build_prompt,
@@ -36,10 +43,19 @@ from controllers.proposers import EXPANSION_EVENT, FALLBACK, LLM, Context, Propo
 
 # Request parameters a server may refuse with a 400, and what the client does instead.
 RESPONSE_FORMAT, COMPLETION_LIMIT = "response_format", "max_completion_tokens"
+# Seconds and retries unless an argument or the environment says otherwise. The check's worst
+# case against a hanging server is two timeouts and one backoff: 2 x 25 + 1 = 51 s.
+TIMEOUT, CHECK_TIMEOUT, NETWORK_RETRIES = 120.0, 25.0, 4
+TIMEOUT_RETRIES = 1  # a request that timed out is tried once more, never network_retries times
+T = TypeVar("T")
 
 
 class LLMEndpointError(RuntimeError):
     """The endpoint cannot be used (unreachable, rejects the key or the model, no usable reply)."""
+
+
+class EndpointReplyError(LLMEndpointError):
+    """The endpoint answered, but not with a chat completion (e.g. a proxy's HTML page)."""
 
 
 def resolve_endpoint(
@@ -52,6 +68,27 @@ def resolve_endpoint(
     api_key = api_key or env.get("LLMZERO_API_KEY") or env.get("OPENAI_API_KEY") or "EMPTY"
     model = model or env.get("LLMZERO_MODEL") or env.get("OPENAI_MODEL")
     return base_url.rstrip("/"), api_key, model
+
+
+def _setting(value: float | None, variable: str, default: float, low: float, kind: type) -> Any:
+    """An argument, else the environment variable, else the default; ValueError naming the
+    argument or the variable when it is not a number (`kind`) >= low."""
+    noun = "an integer" if kind is int else "a number"
+    source = "argument" if value is not None else variable
+    if value is None:
+        text = os.environ.get(variable)
+        if text is None:
+            return default
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} is not {noun}") from None
+    whole = kind is not int or (isinstance(value, int | float) and value == int(value))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            value >= low and whole):
+        name = variable.removeprefix("LLMZERO_").lower()
+        raise ValueError(f"{name} must be {noun} >= {low:g}, got {value!r} ({source})")
+    return kind(value)
 
 
 def _seconds(header: str | None) -> float:
@@ -89,7 +126,10 @@ class LLMProposer:
 
     `max_retries`: re-asks after a reply with no usable proposal; `network_retries`: retries of a
     failed request (connection errors, 429, 5xx) after `backoff * 2**i` seconds, at most
-    `max_backoff`. `max_completion_tokens`: the reply's token limit (None: the server's).
+    `max_backoff`; a request that timed out is retried at most once. `timeout`: seconds one
+    request may take; `check_timeout`: the endpoint check's. Unset, these three come from
+    LLMZERO_TIMEOUT, LLMZERO_CHECK_TIMEOUT and LLMZERO_NETWORK_RETRIES, else 120 s, 25 s and 4.
+    `max_completion_tokens`: the reply's token limit (None: the server's).
     `structured=False` never sends `response_format`. The openai client's own retries are off so
     that every attempt is ours and recorded.
     """
@@ -103,10 +143,11 @@ class LLMProposer:
         vision: bool = False,
         structured: bool = True,
         max_retries: int = 2,
-        network_retries: int = 4,
+        network_retries: int | None = None,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
-        timeout: float = 120.0,
+        timeout: float | None = None,
+        check_timeout: float | None = None,
         temperature: float | None = None,
         max_completion_tokens: int | None = None,
         extra_body: dict | None = None,
@@ -114,6 +155,11 @@ class LLMProposer:
         run_dir: str | Path | None = None,
     ) -> None:
         self.base_url, key, self.model = resolve_endpoint(base_url, api_key, model)
+        self.timeout = _setting(timeout, "LLMZERO_TIMEOUT", TIMEOUT, 1e-3, float)
+        self.check_timeout = _setting(check_timeout, "LLMZERO_CHECK_TIMEOUT", CHECK_TIMEOUT,
+                                      1e-3, float)
+        network_retries = _setting(network_retries, "LLMZERO_NETWORK_RETRIES", NETWORK_RETRIES,
+                                   0, int)
         self.vision, self.max_retries, self.network_retries = vision, max_retries, network_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.temperature, self.max_completion_tokens = temperature, max_completion_tokens
@@ -121,7 +167,7 @@ class LLMProposer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # The key lives only inside the client (and is scrubbed from anything we write).
         self._client = openai.OpenAI(
-            base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
+            base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout
         )
         self.structured = structured
         self._reset()
@@ -157,44 +203,110 @@ class LLMProposer:
 
     # -- the endpoint -------------------------------------------------------------------------
 
-    def check(self, timeout: float = 30.0) -> None:
-        """A one-token chat with the model; LLMEndpointError naming the endpoint and the model."""
+    def check(self, timeout: float | None = None) -> None:
+        """A one-token chat with the model (its name asked of /models when none was given);
+        LLMEndpointError naming the endpoint and what is wrong. `timeout`: seconds per try
+        (default check_timeout); a server that hangs fails after two tries."""
+        timeout = self.check_timeout if timeout is None else timeout
         client = self._client.with_options(timeout=timeout, max_retries=0)
-        if self.model is None:
-            self.model = self._only_model(client)
         try:
+            if self.model is None:
+                self.model = self._only_model(client)
             self._chat([{"role": "user", "content": "Reply with OK."}], limit=1, client=client)
+        except openai.APITimeoutError:
+            tries = 1 + min(TIMEOUT_RETRIES, self.network_retries)
+            raise LLMEndpointError(
+                f"LLM endpoint {self.base_url} did not answer within {timeout:g} s ({tries} "
+                "tries): the server hangs or is overloaded. Check it, or allow it longer with "
+                "LLMZERO_CHECK_TIMEOUT (seconds)."
+            ) from None
         except openai.APIConnectionError as e:
             raise LLMEndpointError(
                 f"LLM endpoint {self.base_url} is unreachable ({type(e).__name__}: {e}). Start the "
                 "server or point LLMZERO_BASE_URL at a running OpenAI-compatible endpoint."
             ) from None
-        except openai.AuthenticationError:
-            raise LLMEndpointError(
-                f"LLM endpoint {self.base_url} rejected the API key (HTTP 401); "
-                "set LLMZERO_API_KEY."
-            ) from None
+        except openai.APIStatusError as e:
+            raise self._status_error(e) from None
         except openai.APIError as e:
-            raise LLMEndpointError(
-                f"LLM endpoint {self.base_url} cannot chat with model {self.model!r} "
-                f"({type(e).__name__}: {self._scrub(str(e))}); set LLMZERO_MODEL to a model it "
-                "serves."
-            ) from None
+            raise LLMEndpointError(f"LLM endpoint {self.base_url} cannot be used "
+                                   f"({type(e).__name__}: {self._scrub(str(e))})") from None
+
+    def _status_error(self, e: openai.APIStatusError) -> LLMEndpointError:
+        """The endpoint check's error for an HTTP error status, named for what it is."""
+        status, said = e.status_code, self._scrub(str(e))
+        where = f"LLM endpoint {self.base_url}"
+        if status == 401:
+            return LLMEndpointError(f"{where} rejected the API key (HTTP 401: {said}); set "
+                                    "LLMZERO_API_KEY (or OPENAI_API_KEY) to a key it accepts.")
+        if status == 403:
+            return LLMEndpointError(f"{where} refused the request (HTTP 403: {said}): the API "
+                                    "key is not allowed to use it; check LLMZERO_API_KEY.")
+        if status == 429:
+            return LLMEndpointError(f"{where} rate-limited every try (HTTP 429: {said}); wait, "
+                                    "or raise the key's rate limit.")
+        if status >= 500:
+            return LLMEndpointError(f"{where} failed with a server error (HTTP {status}: {said}) "
+                                    f"on {1 + self.network_retries} tries. The server itself is "
+                                    "at fault: check its logs, or try again later.")
+        if status == 404 or "model" in said.lower():
+            return LLMEndpointError(f"{where} cannot chat with model {self.model!r} "
+                                    f"({type(e).__name__}: {said}); set LLMZERO_MODEL to a "
+                                    "model it serves.")
+        return LLMEndpointError(f"{where} refused the endpoint check (HTTP {status}: {said}).")
 
     def _only_model(self, client: openai.OpenAI) -> str:
-        """The model of an endpoint that serves exactly one (as `vllm serve` does)."""
+        """The model of an endpoint that serves exactly one (as `vllm serve` does). A key the
+        endpoint rejects or a server error propagates (check names it)."""
+        url = f"{self.base_url}/models"
         try:
-            served = [m.id for m in client.models.list()]
-        except openai.APIConnectionError as e:
-            raise LLMEndpointError(
-                f"LLM endpoint {self.base_url} is unreachable ({type(e).__name__}: {e})."
-            ) from None
-        except openai.APIStatusError:
-            served = []
+            raw = self._retrying(client.models.with_raw_response.list)
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403, 429) or e.status_code >= 500:
+                raise
+            raise LLMEndpointError(f"no model given and {url} cannot list the models "
+                                   f"(HTTP {e.status_code}: {self._scrub(str(e))}); set "
+                                   "LLMZERO_MODEL to the model to use.") from None
+        page = self._parsed(raw, url, "a model list")
+        served = [m.id for m in getattr(page, "data", None) or [] if getattr(m, "id", None)]
         if len(served) != 1:
             raise LLMEndpointError(f"no model given and {self.base_url} serves {len(served)} "
                                    f"models; set LLMZERO_MODEL (served: {served[:10]}).")
         return served[0]
+
+    def _parsed(self, raw: Any, url: str, what: str) -> Any:
+        """The parsed body of a raw response; EndpointReplyError naming the URL and the content
+        type when it is not JSON (the openai client would hand back the text, or raise)."""
+        content_type = raw.headers.get("content-type") or "no content type"
+        parsed = None
+        if "json" in content_type.lower():
+            try:
+                parsed = raw.parse()
+            except ValueError:  # JSONDecodeError: a JSON content type with another body
+                pass
+        if parsed is None or isinstance(parsed, str):
+            raise EndpointReplyError(f"{url} answered HTTP {raw.status_code} with content type "
+                                     f"{content_type!r}, not {what} in JSON: "
+                                     f"{self._snippet(raw)}. Is LLMZERO_BASE_URL the server's "
+                                     "OpenAI API (ending in /v1), not a web page or a proxy?")
+        return parsed
+
+    def _snippet(self, raw: Any) -> str:
+        body = self._scrub(raw.http_response.text.strip())
+        return repr(body[:120] + ("..." if len(body) > 120 else ""))
+
+    def _completion(self, raw: Any) -> ChatCompletion:
+        """A raw chat response as a ChatCompletion; EndpointReplyError if it is not one."""
+        url = f"{self.base_url}/chat/completions"
+        response = self._parsed(raw, url, "a chat completion")
+        # The client builds its models without validation: a foreign JSON body lacks fields.
+        choices = getattr(response, "choices", None)
+        if not (isinstance(response, ChatCompletion) and isinstance(choices, list)
+                and all(hasattr(c, "message") for c in choices)):
+            content_type = raw.headers.get("content-type") or "no content type"
+            raise EndpointReplyError(f"{url} answered with content type {content_type!r}, but "
+                                     "not a chat completion (no 'choices' with a 'message'): "
+                                     f"{self._snippet(raw)}")
+        return response
 
     def _scrub(self, text: str) -> str:
         # Servers may echo the key in an error message. Placeholder keys ("EMPTY", "x") are too
@@ -209,14 +321,22 @@ class LLMProposer:
         with open(self.run_dir / "transcript.jsonl", "a") as f:
             f.write(self._scrub(json.dumps(record, default=str)) + "\n")
 
-    def _request(self, kwargs: dict, client: openai.OpenAI) -> Any:
-        """One completion, retrying transient failures with exponential backoff."""
+    def _request(self, kwargs: dict, client: openai.OpenAI) -> ChatCompletion:
+        """One completion, retrying transient failures (see _retrying)."""
+        create = client.chat.completions.with_raw_response.create
+        return self._retrying(lambda: self._completion(create(**kwargs)))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, retrying transient failures with exponential backoff (a timeout at most
+        TIMEOUT_RETRIES times: a server that hangs would hang again)."""
+        timeouts = 0
         for attempt in range(self.network_retries + 1):
             try:
-                return client.chat.completions.create(**kwargs)
+                return call()
             except (openai.APIConnectionError, openai.RateLimitError,
                     openai.InternalServerError) as e:
-                if attempt == self.network_retries:
+                timeouts += isinstance(e, openai.APITimeoutError)
+                if attempt == self.network_retries or timeouts > TIMEOUT_RETRIES:
                     raise
                 delay = self.backoff * 2**attempt
                 if isinstance(e, openai.APIStatusError):  # a 429 may say how long to wait
@@ -305,7 +425,7 @@ class LLMProposer:
             try:
                 reply = self._chat(messages, limit=self.max_completion_tokens,
                                    schema=reply_schema(space))
-            except openai.APIError as e:  # retries spent, or a non-transient HTTP error
+            except (openai.APIError, EndpointReplyError) as e:  # retries spent, or not transient
                 reason = f"request failed: {type(e).__name__}: {e}"
                 break
             try:

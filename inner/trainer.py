@@ -433,6 +433,9 @@ class Trainer:
         examples = self.task.examples(split)
         if n is None:
             n = self.dev_size if split == "dev" else len(examples)
+        if n > len(examples):  # a smaller split would give a score on fewer items than asked
+            raise ValueError(f"{self.task.name}: {n} {split} examples asked, the {split} split "
+                             f"holds {len(examples)}")
         return self.evaluate_examples(examples[:n])
 
     @torch.no_grad()

@@ -24,6 +24,22 @@ class Fail:
 
 
 @dataclass
+class Raw:
+    """A scripted body sent as is: a proxy's HTML page, a JSON content type with another body."""
+
+    body: str
+    content_type: str = "text/html; charset=utf-8"
+    status: int = 200
+
+
+@dataclass
+class Hang:
+    """No answer for `seconds` (a server that hangs); the server's exit ends the wait."""
+
+    seconds: float = 60.0
+
+
+@dataclass
 class Reply:
     """A scripted reply with the extras some servers send (vLLM's reasoning parser)."""
 
@@ -31,9 +47,9 @@ class Reply:
     reasoning_content: str | None = None
 
 
-# A scripted item is the assistant's content (str), a Reply, a Fail, or a
+# A scripted item is the assistant's content (str), a Reply, a Fail, a Raw, a Hang, or a
 # callable(request_json) -> one of those.
-Item = str | Reply | Fail | Callable[[dict], "str | Reply | Fail"]
+Item = str | Reply | Fail | Raw | Hang | Callable[[dict], "str | Reply | Fail | Raw | Hang"]
 
 # What OpenAI answers a reasoning model's max_tokens (the wording the client must understand).
 MAX_TOKENS_REFUSED = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
@@ -59,17 +75,22 @@ class OpenAIServer:
     `default` answers when the queue is empty (else a 500). Every request is kept in `requests`.
     As real servers do: a chat with a model other than `model` is a 404; a request carrying a
     parameter in `refuse` is a 400 with that parameter's message; a one-token request (the
-    endpoint check) gets one token without using the script.
+    endpoint check) gets one token without using the script. With `api_key` set, a request
+    without that bearer key gets OpenAI's 401, which echoes the key it got. `broken` (a Fail,
+    Raw or Hang) answers every request, the model list and the check included.
     """
 
     model: str = "test-model"
     default: Item | None = None
     refuse: dict[str, str] = field(default_factory=dict)  # body parameter -> the 400's message
+    api_key: str | None = None
+    broken: Fail | Raw | Hang | None = None
     script: deque = field(default_factory=deque)
     requests: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         # A short poll interval: shutdown() waits for it, and tests start many servers.
         self._thread = threading.Thread(
@@ -95,10 +116,21 @@ class OpenAIServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _answer(self, body: dict, record: dict) -> Reply | Fail:
+    def _refusal(self, headers: dict[str, str]) -> Fail | Raw | Hang | None:
+        """What a broken server or a wrong key gets instead of an answer, if anything."""
+        if self.broken is not None:
+            return self.broken
+        given = headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is not None and given != self.api_key:
+            return Fail(401, f"Incorrect API key provided: {given}. You can find your API key "
+                             "at https://platform.openai.com/account/api-keys.")
+        return None
+
+    def _answer(self, body: dict, record: dict) -> Reply | Fail | Raw | Hang:
         """The checks a real server makes, then the next scripted item."""
         if body.get("model") != self.model:
             return Fail(404, f"The model `{body.get('model')}` does not exist.")
@@ -137,8 +169,28 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 server.requests.append({"path": self.path, "headers": headers, "body": body})
                 return server.requests[-1]
 
+        def _send_other(self, item: Fail | Raw | Hang) -> None:
+            """A failure, a raw body, or a hang (then nothing, if the server is closing)."""
+            if isinstance(item, Hang):
+                if server._closing.wait(item.seconds):
+                    return
+                item = Fail(504, "gave up waiting")
+            if isinstance(item, Fail):
+                error = {"error": {"message": item.message, "type": "scripted"}}
+                self._send(item.status, error, item.headers)
+                return
+            data = item.body.encode()
+            self.send_response(item.status)
+            self.send_header("Content-Type", item.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self) -> None:
-            self._record(None)
+            record = self._record(None)
+            if (refusal := server._refusal(record["headers"])) is not None:
+                self._send_other(refusal)
+                return
             if self.path.rstrip("/").endswith("/models"):
                 model = {"id": server.model, "object": "model", "created": 0, "owned_by": "test"}
                 self._send(200, {"object": "list", "data": [model]})
@@ -149,13 +201,15 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
             record = self._record(body)
+            if (refusal := server._refusal(record["headers"])) is not None:
+                self._send_other(refusal)
+                return
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "nf"}})
                 return
             item = server._answer(body, record)
-            if isinstance(item, Fail):
-                error = {"error": {"message": item.message, "type": "scripted"}}
-                self._send(item.status, error, item.headers)
+            if isinstance(item, Fail | Raw | Hang):
+                self._send_other(item)
                 return
             prompt = "".join(message_text(m) for m in body.get("messages", []))
             p_tok = approx_tokens(prompt)

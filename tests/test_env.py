@@ -14,6 +14,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import inner.tasks as tasks
 import metaenv
+from inner.state import CorruptStateError
 from inner.tasks.gsm8k import GSM8KTask
 from metaenv import BudgetExhausted
 from metaenv import observation as obs_layout
@@ -380,6 +381,20 @@ def test_states_spill_to_disk_beyond_the_memory_bound(tmp_path):
     del later
     env.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_spilled_state_changed_on_disk_is_refused_naming_the_file(tmp_path):
+    env = make(max_states_in_memory=0, state_dir=str(tmp_path))  # every state goes to disk
+    uenv = env.unwrapped
+    env.reset(seed=0)
+    state = uenv.save_state()
+    [weights] = tmp_path.glob(f"llmzero-states-*/state-{state.key}/model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-16:] = b"\xff" * 16  # NaNs in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptStateError, match=rf"{weights} does not match the sha256"):
+        uenv.load_state(state)
+    env.close()
 
 
 def test_budget_cannot_be_escaped_and_test_evals_are_counted_apart():

@@ -236,6 +236,66 @@ def test_combined_file_survives_a_writer_that_dies_midway(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # as a full disk or a broken copy leaves it
+
+
+def test_an_unreadable_run_log_is_named_and_set_aside_for_its_run_to_run_again(tmp_path):
+    a, b = _record("tpe", 0), _record("grid", 1)
+    runlog.save_run(tmp_path, a)
+    bad = runlog.save_run(tmp_path, b)
+    _truncate(bad)
+    with pytest.raises(runlog.UnreadableRunLog, match=rf"run log {bad} cannot be read"):
+        runlog.load_runs(tmp_path)  # the read-only reader names the file and moves nothing
+    assert bad.exists()
+    done, notes = runlog.recover_runs(tmp_path)
+    assert set(done) == {a.key}
+    assert notes == [notes[0]] and str(bad) in notes[0]
+    assert "moved to countdown__grid__seed1.h5.corrupt-1, and the run runs again" in notes[0]
+    assert (tmp_path / "runs" / "countdown__grid__seed1.h5.corrupt-1").exists()
+    _truncate(runlog.save_run(tmp_path, b))  # broken again: a second name, the first kept
+    assert "corrupt-2" in runlog.recover_runs(tmp_path)[1][0]
+
+
+def test_an_unreadable_combined_log_is_named_and_set_aside(tmp_path):
+    path = runlog.write_combined(tmp_path, [_record("tpe")])
+    assert runlog.recover_combined(tmp_path) is None  # readable: left alone
+    _truncate(path)
+    with pytest.raises(runlog.UnreadableRunLog, match=rf"{path} cannot be read"):
+        runlog.read_combined(path)
+    with pytest.MonkeyPatch.context() as mp:  # the report command names it and the way out
+        mp.setattr(sys, "argv", ["report", str(tmp_path)])
+        with pytest.raises(SystemExit, match=rf"{path} cannot be read .*Rerun the leaderboard "
+                                             r"command that made it: it rebuilds leaderboard\.h5"):
+            report.main()
+    note = runlog.recover_combined(tmp_path)
+    assert note is not None and "moved to leaderboard.h5.corrupt-1" in note
+    assert not path.exists() and (tmp_path / "leaderboard.h5.corrupt-1").exists()
+
+
+def test_the_harness_reruns_a_run_whose_log_is_broken_and_rebuilds_the_combined_log(
+        tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = [*TINY[:3], "fixed", *TINY[5:], "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    fixed, base = (out / "runs" / f"countdown__{c}__seed0.h5" for c in ("fixed", "base"))
+    base_stamp = base.stat().st_mtime_ns
+    _truncate(fixed)
+    (out / "leaderboard.h5").write_bytes(b"not an HDF5 file")
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"run log {fixed} cannot be read" in printed
+    assert "moved to countdown__fixed__seed0.h5.corrupt-1, and the run runs again" in printed
+    assert "1 of 2 runs already finished; 1 to run" in printed
+    assert "moved to leaderboard.h5.corrupt-1, and rebuilt from the run files" in printed
+    assert base.stat().st_mtime_ns == base_stamp  # the readable run was kept
+    assert runlog.read_run_file(fixed).stages_spent >= 1  # the broken one ran again
+    records = runlog.read_combined(out / "leaderboard.h5")
+    assert {r.key for r in records} == {("countdown", "base", 0), ("countdown", "fixed", 0)}
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 
@@ -250,6 +310,45 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     assert "alphazero" in msg
     assert all(c in msg for c in ("fixed", "progressive", "grid", "random", "tpe", "pbt"))
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "argument --budget: must be >= 1, got 0"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be >= 0, got -1"),
+    (["--dev-size", "0"], "argument --dev-size: must be >= 1, got 0"),
+    (["--test-size", "ten"], "argument --test-size: expected an integer >= 1, got 'ten'"),
+    (["--env-kwargs", "[1, 2]"], "argument --env-kwargs: expected a JSON object"),
+    (["--controller-kwargs", '{"grid": {"n_pointz": 3}}'],
+     "argument --controller-kwargs: grid takes no 'n_pointz'; it takes name, storage, "
+     "study_name, stages, order"),
+    (["--controller-kwargs", '{"llmzero": {"kk": 3}}'],
+     "argument --controller-kwargs: llmzero: unknown setting(s) ['kk'] for llmzero with "
+     "proposer 'skills'; the search takes ['c_uct', 'k',"),
+    (["--controller-kwargs", '{"fixed": 5}'],
+     "argument --controller-kwargs: fixed's settings must be a JSON object, got 5"),
+])
+def test_bad_arguments_are_argparse_errors_before_any_run(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--tasks", "countdown", *args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2  # argparse's usage error
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the base model
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        with pytest.raises(SystemExit) as e:
+            main(["--tasks", "countdown", "--out", str(out)])
+        assert e.value.code == 2
+        assert f"argument --out: {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+
+
+def test_a_bad_env_setting_stops_the_harness_before_the_base_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"the env of countdown cannot be built with these "
+                                         r"settings: .*'bogus'"):
+        main(["--tasks", "countdown", "--env-kwargs", '{"bogus": 1}', "--out", str(tmp_path)])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_llm_endpoint_adds_the_llm_proposer_row_without_its_key(monkeypatch, tmp_path):

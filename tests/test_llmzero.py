@@ -6,17 +6,32 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
-from openai_server import MAX_TOKENS_REFUSED, Fail, OpenAIServer, Reply, approx_tokens, message_text
+from openai_server import (
+    MAX_TOKENS_REFUSED,
+    Fail,
+    Hang,
+    OpenAIServer,
+    Raw,
+    Reply,
+    approx_tokens,
+    message_text,
+)
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
 from controllers.llm_prompt import HPARAM_EFFECTS, build_prompt, reply_schema, system_prompt
-from controllers.llm_proposer import LLMEndpointError, LLMProposer
+from controllers.llm_proposer import (
+    TIMEOUT_RETRIES,
+    EndpointReplyError,
+    LLMEndpointError,
+    LLMProposer,
+)
 from controllers.llmzero import LLMZero, Node, Tree
 from controllers.proposers import FALLBACK, LLM, Context, SkillProposer
 from controllers.skills import StateSummary
@@ -359,6 +374,114 @@ def test_settings_come_from_environment_variables_and_the_key_stays_hidden(monke
     llm = LLMProposer(run_dir=tmp_path)
     assert (llm.base_url, llm.model) == ("http://127.0.0.1:9/v1", "env-model")
     assert FAKE_KEY not in repr(llm) and FAKE_KEY not in str(vars(llm).get("usage"))
+
+
+# ---- endpoint failures named for what they are -------------------------------------------------
+
+HTML = Raw("<html><body><h1>Welcome to nginx!</h1></body></html>")
+
+
+@pytest.mark.parametrize("model", ["test-model", None])
+@pytest.mark.parametrize("body, words", [
+    (HTML, "content type 'text/html; charset=utf-8', not {what} in JSON: '<html><body><h1>Wel"),
+    (Raw("{not json", "application/json"), "content type 'application/json', not {what} in JSON"),
+])
+def test_a_body_that_is_not_json_names_the_url_and_the_content_type(tmp_path, model, body, words):
+    with OpenAIServer(broken=body) as server:
+        llm = proposer(server, tmp_path, model=model)
+        with pytest.raises(EndpointReplyError) as e:
+            llm.check()
+    path, what = ("/chat/completions", "a chat completion") if model else ("/models",
+                                                                           "a model list")
+    assert f"{server.base_url}{path} answered HTTP 200 with content type " in str(e.value)
+    assert words.format(what=what) in str(e.value)
+
+
+def test_json_that_is_not_a_chat_completion_is_named(tmp_path):
+    with OpenAIServer(broken=Raw('{"hello": "world"}', "application/json")) as server:
+        with pytest.raises(EndpointReplyError) as e:
+            proposer(server, tmp_path).check()
+    assert f"{server.base_url}/chat/completions answered with content type 'application/json', " \
+           "but not a chat completion (no 'choices' with a 'message'): '{\"hello\"" in str(e.value)
+
+
+def test_a_proxy_page_during_the_run_falls_back_and_says_why(space, tmp_path):
+    ctx = make_context(space)
+    with OpenAIServer() as server:
+        server.push(HTML)
+        out = proposer(server, tmp_path).propose(ctx, space, k=1)
+    assert out[0].source == FALLBACK
+    reason = transcript(tmp_path)[-1]["reason"]
+    assert "EndpointReplyError" in reason and "text/html" in reason
+
+
+@pytest.mark.parametrize("model", ["test-model", None])
+def test_a_rejected_key_is_named_whether_or_not_a_model_was_given(tmp_path, model):
+    with OpenAIServer(api_key="sk-the-right-key-0123456789") as server:
+        with pytest.raises(LLMEndpointError) as e:
+            proposer(server, tmp_path, model=model).check()
+    msg = str(e.value)
+    assert f"LLM endpoint {server.base_url} rejected the API key (HTTP 401" in msg
+    assert "LLMZERO_API_KEY" in msg and "serves 0 models" not in msg
+    assert FAKE_KEY not in msg  # the server echoed the key; the message does not
+
+
+@pytest.mark.parametrize("model", ["test-model", None])
+def test_a_server_error_says_the_server_failed_and_nothing_about_the_model(tmp_path, model):
+    with OpenAIServer(broken=Fail(503, "upstream connect error")) as server:
+        llm = proposer(server, tmp_path, model=model, network_retries=2)
+        with pytest.raises(LLMEndpointError) as e:
+            llm.check()
+        tries = len(server.requests)
+    msg = str(e.value)
+    assert f"LLM endpoint {server.base_url} failed with a server error (HTTP 503" in msg
+    assert "upstream connect error" in msg and "on 3 tries" in msg and tries == 3
+    assert "model" not in msg.lower()  # no advice about the model name
+
+
+def test_a_hanging_server_fails_within_one_timeout_and_one_retry(tmp_path):
+    with OpenAIServer(broken=Hang()) as server:
+        llm = proposer(server, tmp_path, check_timeout=0.2, network_retries=4)
+        t0 = time.perf_counter()
+        with pytest.raises(LLMEndpointError, match=rf"{server.base_url} did not answer within "
+                                                   r"0\.2 s \(2 tries\)"):
+            llm.check()
+        assert time.perf_counter() - t0 < 3 and len(server.requests) == 2
+
+
+def test_timeouts_and_retries_come_from_the_environment_and_default_to_under_a_minute(
+        tmp_path, monkeypatch):
+    llm = LLMProposer(base_url="http://127.0.0.1:9/v1", model="m")
+    assert (1 + TIMEOUT_RETRIES) * llm.check_timeout + llm.backoff <= 60  # the check's worst case
+    assert (llm.timeout, llm.network_retries) == (120.0, 4)
+    monkeypatch.setenv("LLMZERO_CHECK_TIMEOUT", "0.2")
+    monkeypatch.setenv("LLMZERO_NETWORK_RETRIES", "0")
+    monkeypatch.setenv("LLMZERO_TIMEOUT", "7.5")
+    with OpenAIServer(broken=Hang()) as server:
+        llm = proposer(server, tmp_path)
+        assert (llm.check_timeout, llm.network_retries, llm.timeout) == (0.2, 0, 7.5)
+        with pytest.raises(LLMEndpointError, match=r"within 0\.2 s \(1 tries\)"):
+            llm.check()
+        assert len(server.requests) == 1
+    monkeypatch.setenv("LLMZERO_CHECK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="LLMZERO_CHECK_TIMEOUT='soon' is not a number"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m")
+    with pytest.raises(ValueError, match=r"timeout must be a number >= 0\.001, got -1 \(arg"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m", timeout=-1,
+                    check_timeout=1)
+    with pytest.raises(ValueError, match=r"network_retries must be an integer >= 0, got 2\.5"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m", network_retries=2.5,
+                    check_timeout=1)
+
+
+def test_a_request_that_hangs_during_the_run_is_tried_twice_then_falls_back(space, tmp_path):
+    ctx = make_context(space)
+    with OpenAIServer() as server:
+        server.push(Hang(), Hang())
+        llm = proposer(server, tmp_path, timeout=0.2, network_retries=4)
+        out = llm.propose(ctx, space, k=1)
+        assert len(server.chat_requests()) == 2
+    assert out[0].source == FALLBACK and "APITimeoutError" in transcript(tmp_path)[-1]["reason"]
 
 
 def test_make_routes_search_and_llm_settings_once(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import reasoning_gym
 
 import inner.tasks as tasks
-from inner.tasks import get_task
+from inner.tasks import SplitSizeError, get_task
 from inner.tasks.logic import render
+from inner.tasks.sources import DataError
 
 
 @pytest.fixture(autouse=True)
@@ -187,3 +189,98 @@ def test_importing_the_tasks_loads_no_dataset_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---- bad data files: named errors, never a silently empty or smaller split -----------------------
+
+
+def test_an_empty_file_is_named(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.jsonl'}: the file is empty"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2).examples("dev")
+
+
+def test_a_line_that_is_not_json_is_named_by_file_and_line(tmp_path):
+    lines = [json.dumps(gsm8k_row(i)) for i in range(5)]
+    lines[2] = lines[2][:-9]  # cut off mid-value
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(i) for i in range(10, 30)])
+    with pytest.raises(DataError, match=r"test\.jsonl: line 3 is not valid JSON"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2).examples("test")
+
+
+def test_a_row_without_a_field_is_named_by_file_line_and_field(tmp_path):
+    rows = [gsm8k_row(i) for i in range(8)]
+    del rows[4]["answer"]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "test.jsonl").write_text("\n" + text)  # a blank first line: line 6 is row 5
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(i) for i in range(10, 30)])
+    task = get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2)
+    with pytest.raises(DataError,
+                       match=r"test\.jsonl line 6 \(row 5\): lacks the field 'answer'"):
+        task.examples("test")
+
+
+def test_a_field_of_the_wrong_type_is_named_with_its_value(tmp_path):
+    rows = [gsm8k_row(i) for i in range(20)]
+    rows[7]["question"] = 1234
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [gsm8k_row(i) for i in range(100, 104)])
+    task = get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2)
+    with pytest.raises(DataError, match=r"train\.jsonl line 8 \(row 8\): field 'question': "
+                                        r"Input should be a valid string \(got 1234\)"):
+        task.examples("train")
+
+
+def test_a_list_of_the_wrong_length_or_item_type_is_named(tmp_path):
+    good = {"quiz": "A says B is a knave.", "names": ["A", "B"], "solution": [True, False]}
+    write_jsonl(tmp_path / "test.jsonl", [good, good | {"solution": [True]}])
+    task = get_task("logic", scale="paper", data_path=tmp_path, dev_size=1)
+    with pytest.raises(DataError, match=r"test\.jsonl line 2 \(row 2\): 'names' has 2 people "
+                                        r"but 'solution' 1 roles"):
+        list(task.load("test", 0))
+    write_jsonl(tmp_path / "test.jsonl", [good | {"solution": [True, "knave"]}])
+    with pytest.raises(DataError, match=r"line 1 \(row 1\): field 'solution\.1': "
+                                        r"Input should be a valid boolean \(got 'knave'\)"):
+        list(task.load("test", 0))
+
+
+def test_a_carved_row_is_named_by_its_own_file_and_line(tmp_path):
+    rows = [{"target": 10 + i, "nums": [i + 1, 2, 8]} for i in range(40)]
+    write_jsonl(tmp_path / "train-0.jsonl", rows[:20])
+    write_jsonl(tmp_path / "train-1.jsonl", [{"nums": r["nums"]} for r in rows[20:]])
+    task = get_task("countdown", scale="paper", data_path=tmp_path, dev_size=10, test_size=10)
+    with pytest.raises(DataError) as e:
+        task.examples("dev")
+    found = re.search(r"train-1\.jsonl line (\d+) \(row \1\): lacks the field 'target'",
+                      str(e.value))
+    assert found and 1 <= int(found[1]) <= 20
+
+
+def test_files_of_two_formats_in_one_split_are_named(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(i) for i in range(20)])
+    datasets.Dataset.from_list([gsm8k_row(30)]).to_parquet(str(tmp_path / "train-1.parquet"))
+    with pytest.raises(DataError, match=r"mixed file formats for split train: .*train-1\.parquet"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=2).examples("dev")
+
+
+def test_a_file_too_short_to_carve_dev_from_is_named(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(0)])
+    with pytest.raises(DataError, match=r"train\.jsonl: 1 train rows, too few to carve a dev"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path).examples("dev")
+
+
+def test_a_split_with_fewer_items_than_asked_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [gsm8k_row(i) for i in range(40)])
+    write_jsonl(tmp_path / "test.jsonl", [gsm8k_row(i) for i in range(100, 103)])
+    with pytest.raises(SplitSizeError, match=rf"data_path={tmp_path}\): the test split holds 3 "
+                                             r"distinct problems, 5 asked"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=8,
+                 test_size=5).examples("test")
+    # The paper scale's default dev size (200) caps the 10 rows carved from 40: asking the
+    # split for more items than it holds is the error.
+    task = get_task("gsm8k", scale="paper", data_path=tmp_path)
+    assert len(task.examples("dev")) == 10
+    with pytest.raises(SplitSizeError, match=r"the dev split holds 10 distinct problems, "
+                                             r"12 asked; pass dev_size=10 or less"):
+        get_task("gsm8k", scale="paper", data_path=tmp_path, dev_size=12).examples("dev")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
+import pytest
 import torch
 
 from inner.config import GRPOConfig
 from inner.models import tiny_gpt2
+from inner.state import CorruptStateError, TrainState, sha256
 from inner.trainer import Failure, Trainer
 
 STAGE_A = GRPOConfig(prompts_per_step=4, num_generations=4, max_completion_length=6, beta=0.0)
@@ -164,3 +170,100 @@ def test_load_model_from_a_local_directory(tokenizer, task, tmp_path):
     assert model.config.pad_token_id is not None
     trainer = Trainer(model, loaded, task)
     assert trainer.evaluate(n=4).accuracy >= 0.0  # decodes end to end
+
+
+# ---- states on disk carry a digest ---------------------------------------------------------------
+
+
+def saved_state(tokenizer, task, path):
+    trainer = make_trainer(tokenizer, task)
+    trainer.train_stage(STAGE_A, 1)  # optimizer moments, history, cursors: a full trainer.pt
+    trainer.save_state_to_disk(path)
+    return trainer
+
+
+def reseal(path) -> None:
+    """Record the current files' digests, as a tamperer who also rewrites the manifest would."""
+    digests = {n: sha256(path / n) for n in ("model.safetensors", "trainer.pt")}
+    (path / "manifest.json").write_text(json.dumps({"format": 1, "sha256": digests}))
+
+
+def test_a_saved_state_records_the_sha256_of_each_file(tokenizer, task, tmp_path):
+    saved_state(tokenizer, task, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["sha256"] == {
+        n: hashlib.sha256((tmp_path / "s" / n).read_bytes()).hexdigest()
+        for n in ("model.safetensors", "trainer.pt")}
+    TrainState.load(tmp_path / "s")  # and a state as saved loads
+
+
+def test_changed_bytes_inside_the_weights_are_refused_naming_the_file(tokenizer, task, tmp_path):
+    path = tmp_path / "s"
+    trainer = saved_state(tokenizer, task, path)
+    before = weights(trainer)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # NaNs in a weight, same size
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CorruptStateError, match=r"model\.safetensors does not match the sha256"):
+        trainer.load_state_from_disk(path)
+    assert_same_weights(weights(trainer), before)  # nothing was loaded
+
+
+def test_a_truncated_weights_file_is_a_named_error_even_with_a_matching_digest(tokenizer, task,
+                                                                                tmp_path):
+    path = tmp_path / "s"
+    saved_state(tokenizer, task, path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CorruptStateError, match=r"model\.safetensors does not match"):
+        TrainState.load(path)
+    reseal(path)  # the digest now matches: the reader itself must name the file
+    with pytest.raises(CorruptStateError, match=r"model\.safetensors cannot be read"):
+        TrainState.load(path)
+
+
+def test_a_corrupt_trainer_file_never_gets_torchs_weights_only_advice(tokenizer, task, tmp_path):
+    path = tmp_path / "s"
+    saved_state(tokenizer, task, path)
+    data = bytearray((path / "trainer.pt").read_bytes())
+    data[100:400] = bytes(300)
+    (path / "trainer.pt").write_bytes(bytes(data))
+    with pytest.raises(CorruptStateError, match=r"trainer\.pt does not match"):
+        TrainState.load(path)
+    reseal(path)
+    with pytest.raises(CorruptStateError, match=r"trainer\.pt cannot be read") as e:
+        TrainState.load(path)
+    assert "weights_only" not in str(e.value) and e.value.__suppress_context__
+
+
+class Payload:
+    """Runs code when unpickled, as a hostile trainer.pt would."""
+
+    def __reduce__(self):
+        return (os.makedirs, (os.environ["PAYLOAD_DIR"],))
+
+
+def test_a_trainer_file_with_python_objects_is_refused_without_running_them(tokenizer, task,
+                                                                             tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    saved_state(tokenizer, task, path)
+    monkeypatch.setenv("PAYLOAD_DIR", str(tmp_path / "ran"))
+    torch.save({"optimizer": Payload()}, path / "trainer.pt")
+    reseal(path)
+    with pytest.raises(CorruptStateError, match=r"trainer\.pt cannot be read"):
+        TrainState.load(path)
+    assert not (tmp_path / "ran").exists()  # loaded with weights_only=True: nothing ran
+
+
+def test_a_state_without_its_manifest_or_a_file_is_refused(tokenizer, task, tmp_path):
+    path = tmp_path / "s"
+    saved_state(tokenizer, task, path)
+    (path / "trainer.pt").unlink()
+    with pytest.raises(CorruptStateError, match=r"trainer\.pt is missing"):
+        TrainState.load(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CorruptStateError, match=r"manifest\.json is missing"):
+        TrainState.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptStateError, match=r"manifest\.json cannot be read"):
+        TrainState.load(path)

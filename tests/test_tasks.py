@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import statistics
 
 import pytest
@@ -223,6 +224,39 @@ def test_register_names_what_a_task_class_gets_wrong(registry, change, message):
     with pytest.raises(ValueError, match="subclass of inner.tasks.Task"):
         tasks.register(object)
     assert tasks.registered() == before
+
+
+# ----- split sizes: never smaller than asked -----
+
+
+def test_a_split_that_cannot_hold_the_asked_size_is_an_error_naming_both_sizes():
+    # Two-digit strings: 100 distinct problems in all, 8 of them in dev.
+    with pytest.raises(tasks.SplitSizeError) as e:
+        Reverse(dev_size=8, test_size=95).examples("test")
+    msg = str(e.value)
+    assert "task 'reverse-test' (embedded scale, seed 0)" in msg
+    held = int(re.search(r"the test split holds (\d+) distinct problems, 95 asked", msg)[1])
+    assert 80 <= held <= 92 and f"pass test_size={held} or less" in msg
+    with pytest.raises(tasks.SplitSizeError, match=r"the dev split holds \d+ distinct problems, "
+                                                   "101 asked"):
+        Reverse(dev_size=101).examples("dev")
+
+
+def test_a_short_draw_is_drawn_again_longer_and_keeps_its_first_problems(monkeypatch):
+    # 80 of the 92 problems outside dev need more than the first draw's 136 rows; the longer
+    # draw starts with the shorter one, so a split's first problems never change with its size.
+    draws, build = [], Reverse._build
+
+    def counted(self, split, difficulty, n=None):
+        draws.append((split, n))
+        return build(self, split, difficulty, n)
+
+    small = Reverse(test_size=20).examples("test")
+    monkeypatch.setattr(Reverse, "_build", counted)
+    large = Reverse(test_size=80).examples("test")
+    assert len(large) == 80 and len({e.prompt for e in large}) == 80
+    assert large[:20] == small
+    assert draws == [("dev", 28), ("test", 136), ("test", 272)]  # the spare, then twice that
 
 
 # ----- checkers -----

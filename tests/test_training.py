@@ -202,3 +202,11 @@ def test_grpo_learns_and_shuffled_rewards_do_not(tokenizer, task_factory):
     assert learned >= base + 0.04
     assert control <= base + 0.02
     assert learned >= control + 0.15
+
+
+def test_evaluating_more_items_than_the_split_holds_is_an_error(tokenizer, task_factory):
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=32, seed=0)
+    trainer = Trainer(model, tokenizer, task_factory(n_dev=5), dev_size=8, eval_max_new_tokens=2)
+    with pytest.raises(ValueError, match="addition: 8 dev examples asked, the dev split holds 5"):
+        trainer.evaluate()
+    assert len(trainer.evaluate("dev", n=5).samples) == 5

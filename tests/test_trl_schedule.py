@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,91 @@ def test_export_says_what_is_missing_from_its_input(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the command line reports it and exits non-zero
         export_trl.main(["--run", str(no_schedule), "--model", "m", "--out", str(tmp_path)])
     assert "has no 'schedule'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"learning_rate": "fast"}, "stage 1: learning_rate must be a finite number, got 'fast'"),
+    ({"learning_rate": float("inf")}, "stage 1: learning_rate must be a finite number, got inf"),
+    ({"num_generations": 8.5}, "stage 1: num_generations must be a whole number, got 8.5"),
+    ({"loss_type": 3}, "stage 1: loss_type must be a string, got 3"),
+    ({"loss_type": "ppo"}, "stage 1: GRPOConfig.loss_type='ppo' is invalid"),
+    ({"difficulty": 9}, r"stage 1: difficulty must be one of \(1, 2, 3, 4\) for gsm8k"),
+    ({"learnin_rate": 1e-4}, "stage 1: unknown hyperparameter 'learnin_rate'"),
+])
+def test_a_schedule_value_of_the_wrong_type_names_the_stage_and_the_name(tmp_path, capsys,
+                                                                         stage, message):
+    found = tmp_path / "found.json"
+    found.write_text(json.dumps({"task": "gsm8k", "steps_per_stage": 5,
+                                 "schedule": [{"learning_rate": 1e-4}, stage]}))
+    with pytest.raises(SystemExit) as e:
+        export_trl.main(["--run", str(found), "--model", "m", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{found} {message}", err), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_json_run_with_bad_settings_names_them(tmp_path):
+    cases = [({"steps_per_stage": "ten"}, "steps_per_stage must be an integer >= 1, got 'ten'"),
+             ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+             ({"task": "chess"}, "unknown task 'chess'; valid tasks: gsm8k, math"),
+             ({"scale": "huge"}, "scale must be one of"),
+             ({"fixed": [1]}, "'fixed' must be an object"),
+             ({"schedule": [1e-4]}, "schedule stage 0 must be an object")]
+    for change, message in cases:
+        found = tmp_path / "found.json"
+        found.write_text(json.dumps({"task": "gsm8k", "steps_per_stage": 5,
+                                     "schedule": [{"beta": 0.0}]} | change))
+        with pytest.raises(export_trl.ExportError, match=re.escape(message)):
+            export_trl.full_stages(export_trl.load_run(found))
+
+
+def test_a_truncated_or_foreign_run_file_is_named(tmp_path):
+    h5 = leaderboard_file(tmp_path)
+    data = h5.read_bytes()
+    h5.write_bytes(data[: len(data) // 2])
+    with pytest.raises(export_trl.ExportError, match=rf"--run {h5} is neither a JSON schedule "
+                                                     r"\(\.json\) nor a readable HDF5 run log"):
+        export_trl.load_run(h5)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "gsm8k__x__seed0.h5").write_text("text, not HDF5")
+    with pytest.raises(export_trl.ExportError, match=r"gsm8k__x__seed0\.h5 is neither"):
+        export_trl.load_run(tmp_path)
+
+
+def test_an_existing_export_is_not_overwritten_without_force(tmp_path, capsys):
+    argv = ["--run", str(leaderboard_file(tmp_path)), "--task", "gsm8k", "--model",
+            "Qwen/Qwen3-0.6B"]
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(SystemExit):
+        export_trl.main([*argv, "--out", str(tmp_path / "a-file")])
+    assert f"--out {tmp_path / 'a-file'}: {tmp_path / 'a-file'} is a file" in (
+        capsys.readouterr().err)
+    out = tmp_path / "export"
+    assert export_trl.main([*argv, "--out", str(out)]) == 0
+    (out / "train_trl.py").write_text("# edited by hand")
+    with pytest.raises(SystemExit):
+        export_trl.main([*argv, "--out", str(out)])
+    assert "already holds train_trl.py and schedule.json; pass --force" in (
+        capsys.readouterr().err)
+    assert (out / "train_trl.py").read_text() == "# edited by hand"
+    assert export_trl.main([*argv, "--out", str(out), "--force"]) == 0
+    assert "GRPOTrainer" in (out / "train_trl.py").read_text()
+
+
+def test_a_model_path_that_does_not_exist_is_refused(tmp_path, capsys):
+    argv = ["--run", str(leaderboard_file(tmp_path)), "--task", "gsm8k", "--out",
+            str(tmp_path / "x")]
+    for model, message in [(str(tmp_path / "no-model"), "no such folder, and not a Hugging "
+                                                         "Face hub id"),
+                           ("./models/qwen", "no such folder"),
+                           (str(tmp_path), "is not a model folder (it has no config.json)")]:
+        with pytest.raises(SystemExit):
+            export_trl.main([*argv, "--model", model])
+        assert f"--model {model}" in (err := capsys.readouterr().err) and message in err
+    assert not (tmp_path / "x").exists()
+    assert export_trl.main([*argv, "--model", "Qwen/Qwen3-0.6B"]) == 0  # a hub id
+    assert "will load it from the Hugging Face hub" in capsys.readouterr().err
 
 
 def test_exported_script_runs_two_chained_stages_offline(model_dir, tmp_path):

@@ -33,6 +33,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,33 @@ PRESETS = {
 }
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object (the --env-kwargs and --controller-kwargs values)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
 def _names(values: list[str] | None) -> list[str] | None:
     # Accept both "--tasks gsm8k math" and "--tasks gsm8k,math".
     if values is None:
@@ -151,32 +179,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", metavar="TASK", help=f"subset of {', '.join(TASKS)}")
     p.add_argument("--controllers", nargs="+", metavar="NAME",
                    help="controller names (default: the preset's)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="e.g. --seeds 0 1 2")
-    p.add_argument("--budget", type=int, metavar="N",
+    p.add_argument("--seeds", nargs="+", type=at_least(0), metavar="SEED",
+                   help="e.g. --seeds 0 1 2")
+    p.add_argument("--budget", type=at_least(1), metavar="N",
                    help="stages per run, the same for every controller")
     p.add_argument("--budget-unit", choices=BUDGET_UNITS,
                    help="stages (default), or tokens: every controller gets the same token "
                         "budget (--budget-tokens, by default --budget x the tokens of one default "
                         "stage on the run's seed) and plans with that many stages")
-    p.add_argument("--budget-tokens", type=int, metavar="N",
+    p.add_argument("--budget-tokens", type=at_least(1), metavar="N",
                    help="tokens mode: prompt + completion tokens sampled per run")
-    p.add_argument("--replay-seed-offset", type=int, metavar="K",
+    p.add_argument("--replay-seed-offset", type=at_least(1), metavar="K",
                    help="retrain each run's chosen schedule on seed + K and score it on test "
                         "(default: the preset's; standard: 1000)")
-    p.add_argument("--stages", type=int, metavar="N", help="stages per episode (schedule length)")
-    p.add_argument("--steps-per-stage", type=int, metavar="N", help="GRPO steps per stage")
-    p.add_argument("--dev-size", type=int, metavar="N", help="dev examples (controllers select)")
-    p.add_argument("--test-size", type=int, metavar="N", help="test examples (scored once)")
+    p.add_argument("--stages", type=at_least(1), metavar="N",
+                   help="stages per episode (schedule length)")
+    p.add_argument("--steps-per-stage", type=at_least(1), metavar="N",
+                   help="GRPO steps per stage")
+    p.add_argument("--dev-size", type=at_least(1), metavar="N",
+                   help="dev examples (controllers select)")
+    p.add_argument("--test-size", type=at_least(1), metavar="N",
+                   help="test examples (scored once)")
     p.add_argument("--scale", choices=("embedded", "paper"))
     p.add_argument("--model", help="paper scale: Hugging Face model id or local path")
     p.add_argument("--data-path", metavar="DIR",
                    help="paper scale: local data instead of the hub, DIR/<task>/ per task "
                         "(files in the hub dataset's columns)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the preset's; auto)")
-    p.add_argument("--env-kwargs", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--env-kwargs", type=json_object, default=None, metavar="JSON",
                    help='more LLMZeroEnv arguments, e.g. \'{"fixed_hparams": '
                         '{"prompts_per_step": 4}}\' (merged over the preset\'s)')
-    p.add_argument("--controller-kwargs", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--controller-kwargs", type=json_object, default=None, metavar="JSON",
                    help='per-row arguments for controllers.make, e.g. \'{"llmzero-llm": '
                         '{"extra_body": {"chat_template_kwargs": {"enable_thinking": false}}}}\'')
     p.add_argument("--out", default=None,
@@ -184,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "results/standard/; tokens mode: results/<preset>-tokens/)")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=at_least(1), default=None,
                    help="torch threads per run (default: the preset's; quick 2, standard 1)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=at_least(1), default=None,
                    help="local executor: runs at a time, each in its own process (default: the "
                         "preset's; standard 2, for two one-thread runs on the 2-core CPU)")
     p.add_argument("--llm-base-url", default=os.environ.get("LLMZERO_BASE_URL"),
@@ -199,7 +232,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="skip tables and plots")
     a = p.parse_args(argv)
     a.tasks, a.controllers = _names(a.tasks), _names(a.controllers)
+    if a.out is not None and (blocked := file_in_the_way(Path(a.out))) is not None:
+        p.error(f"argument --out: {blocked} is a file; --out names a folder (made if missing)")
+    for name, kwargs in (a.controller_kwargs or {}).items():
+        why = controller_kwargs_error(name, kwargs, a)
+        if why:
+            p.error(f"argument --controller-kwargs: {why}")
     return a
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The path itself or its first ancestor that exists and is not a folder, if any."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def controller_kwargs_error(name: str, kwargs: Any, a: argparse.Namespace) -> str | None:
+    """Why controllers.make cannot take `kwargs` for the row `name`, or None. An unknown row
+    name is left to resolve(), which lists the valid ones."""
+    import controllers
+
+    make_name = "llmzero" if name == LLM_ROW else name
+    if make_name not in controllers.REGISTRY:
+        return None
+    if not isinstance(kwargs, dict):
+        return f"{name}'s settings must be a JSON object, got {json.dumps(kwargs)}"
+    params = inspect.signature(controllers.REGISTRY[make_name]).parameters
+    taken = [k for k, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+    open_ended = any(v.kind == v.VAR_KEYWORD for v in params.values())
+    unknown = sorted(set(kwargs) - set(taken))
+    if unknown and not open_ended:
+        return (f"{name} takes no {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(taken) or 'no settings'}")
+    if name == LLM_ROW:  # as build_specs makes it; the openai client only connects when used
+        kwargs = {**kwargs, "proposer": "llm", "base_url": a.llm_base_url, "model": a.llm_model}
+    try:
+        controllers.make(make_name, **kwargs)
+    except (TypeError, ValueError) as err:  # llmzero lists what it takes in its own message
+        return f"{name}: {err}"
+    return None
 
 
 def registered_controllers() -> tuple[str, ...]:
@@ -305,6 +378,7 @@ def resolve(a: argparse.Namespace) -> Preset:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
     preset = replace(preset, controllers=tuple(ctrls), notes=tuple(notes))
     check_data_path(preset)
+    check_envs(preset)
     return preset
 
 
@@ -373,6 +447,38 @@ def default_out(preset: Preset) -> str:
     return preset.out if preset.budget_unit == "stages" else f"results/{preset.name}-tokens"
 
 
+def check_envs(preset: Preset) -> None:
+    """Build each task's env once with the run's settings (no model loads), so that a bad env
+    setting is a clear SystemExit before any run starts, the base runs included."""
+    import gymnasium as gym
+
+    from benchmarks.leaderboard.executors import worker_env_kwargs
+    from metaenv import env_ids
+
+    for task in preset.tasks:
+        try:
+            gym.make(env_ids()[task], **worker_env_kwargs(env_kwargs(preset, task))).close()
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"the env of {task} cannot be built with these settings: "
+                             f"{err}") from None
+
+
+def env_kwargs(preset: Preset, task: str) -> dict[str, Any]:
+    """The LLMZeroEnv arguments of every run of `task` (device "auto" resolved by the worker)."""
+    kwargs: dict[str, Any] = {
+        **preset.env_kwargs,
+        "stages": preset.stages, "steps_per_stage": preset.steps_per_stage,
+        "dev_size": preset.dev_size, "test_size": preset.test_size,
+        "device": preset.device}
+    if preset.scale != "embedded":
+        kwargs["scale"] = preset.scale
+    if preset.model:
+        kwargs["model"] = preset.model
+    if preset.data_path:
+        kwargs["data_path"] = str(Path(preset.data_path) / task)
+    return kwargs
+
+
 def check_data_path(preset: Preset) -> None:
     """A clear SystemExit unless --data-path goes with the paper scale and has every task."""
     if preset.data_path is None:
@@ -393,23 +499,12 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
     The base model's test score does not depend on the seed (greedy decoding of fixed test
     examples), so it is computed once per task, under seed 0.
     """
-    env_kwargs: dict[str, Any] = {
-        **preset.env_kwargs,
-        "stages": preset.stages, "steps_per_stage": preset.steps_per_stage,
-        "dev_size": preset.dev_size, "test_size": preset.test_size,
-        "device": preset.device}  # "auto" is resolved by the worker, which owns the GPU
-    if preset.scale != "embedded":
-        env_kwargs["scale"] = preset.scale
-    if preset.model:
-        env_kwargs["model"] = preset.model
     from metaenv import env_ids
 
     specs = []
     for task in preset.tasks:
-        env_id = env_ids()[task]
-        if preset.data_path:
-            env_kwargs = {**env_kwargs, "data_path": str(Path(preset.data_path) / task)}
-        specs.append(RunSpec(task, BASE, 0, 0, env_id, env_kwargs, threads=preset.threads))
+        env_id, task_kwargs = env_ids()[task], env_kwargs(preset, task)
+        specs.append(RunSpec(task, BASE, 0, 0, env_id, task_kwargs, threads=preset.threads))
         budget = {"budget_unit": preset.budget_unit, "budget_tokens": preset.budget_tokens}
         for seed in preset.seeds:
             for c in preset.controllers:
@@ -422,7 +517,7 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
                                / runlog.run_filename(task, c, seed)[:-3])
                     kwargs |= {"proposer": "llm", "base_url": a.llm_base_url,
                                "model": a.llm_model, "run_dir": str(run_dir)}
-                specs.append(RunSpec(task, c, seed, preset.budget, env_id, env_kwargs, name,
+                specs.append(RunSpec(task, c, seed, preset.budget, env_id, task_kwargs, name,
                                      kwargs, threads=preset.threads,
                                      replay_seeds=transfer_seeds(preset, seed), **budget))
     return specs
@@ -453,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     preset = resolve(a)
     a.out = a.out or default_out(preset)
     out = Path(a.out)
+    if (blocked := file_in_the_way(out)) is not None:
+        raise SystemExit(f"the output folder {out}/ cannot be made: {blocked} is a file; "
+                         "pass --out FOLDER")
     # One leaderboard per output folder: a lock on the folder itself (no stray lock file to
     # commit), which the OS drops when the process dies, even by kill -9, so a rerun is never
     # locked out by the run it resumes.
@@ -483,8 +581,13 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
         console.print(f"[bold yellow]{SMOKE}[/]")
 
     # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
-    # with the same settings; anything else runs (again).
-    done = runlog.load_runs(out)
+    # with the same settings; anything else runs (again), an unreadable file set aside first.
+    done, notes = runlog.recover_runs(out)
+    combined = runlog.recover_combined(out)
+    for note in [*notes, *([combined] if combined else [])]:
+        console.print(f"[yellow]note:[/] {note}")
+    if combined:
+        runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
     todo = [s for s in specs
             if s.key not in done or done[s.key].settings.get("fingerprint") != fingerprint(s)]
     console.print(f"[bold]leaderboard[/] preset={preset.name} tasks={','.join(preset.tasks)} "

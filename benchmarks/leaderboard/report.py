@@ -24,7 +24,14 @@ import numpy as np
 
 from benchmarks.leaderboard import pairs, plots, stats, structure
 from benchmarks.leaderboard.pairs import N_BOOT, REFERENCES
-from benchmarks.leaderboard.runlog import BASE, COMBINED, RunRecord, read_combined
+from benchmarks.leaderboard.runlog import (
+    BASE,
+    COMBINED,
+    RUNS_DIR,
+    RunRecord,
+    UnreadableRunLog,
+    read_combined,
+)
 
 REFERENCE = REFERENCES["pairs"]  # grid search: the paper's second figure is relative to it
 SMOKE_BUDGET = 6  # the quick preset's budget: a run this small answers nothing
@@ -660,7 +667,12 @@ def main() -> None:
     p.add_argument("out", nargs="?", default="results", help="folder holding leaderboard.h5")
     a = p.parse_args()
     path = Path(a.out) / COMBINED
-    records = read_combined(path)
+    try:
+        records = read_combined(path)
+    except UnreadableRunLog as err:
+        raise SystemExit(f"{err}. Rerun the leaderboard command that made it: it rebuilds "
+                         f"{COMBINED} from {Path(a.out) / RUNS_DIR}/ and the report with "
+                         "it.") from None
     with h5py.File(path, "r") as f:
         header = str(f.attrs.get("header", ""))
         order = json.loads(f.attrs.get("order", "[]"))

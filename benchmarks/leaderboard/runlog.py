@@ -3,7 +3,9 @@
 Each finished run is written to its own small HDF5 file (``runs/<task>__<controller>__seed<k>.h5``)
 through a temp file and ``os.replace``, so a run file is either complete or absent. The combined
 ``leaderboard.h5`` is rebuilt from the run files the same way after every finished run. On restart
-the run files say which runs are done; nothing else is trusted.
+the run files say which runs are done; nothing else is trusted. A file that cannot be read (cut
+short by a full disk, damaged by a copy) is moved aside as ``<name>.corrupt-<n>`` and its run runs
+again (``recover_runs``); an unreadable ``leaderboard.h5`` is moved aside the same way and rebuilt.
 
 Layout of one run group (``/<task>/<controller>/seed_<k>`` in the combined file, the root of a
 run file):
@@ -36,6 +38,14 @@ BASE = "base"  # the pseudo-controller whose record scores the untrained model
 RUNS_DIR = "runs"
 COMBINED = "leaderboard.h5"
 STR = h5py.string_dtype()
+# What reading a damaged file raises: h5py's OSError (truncated, not HDF5), KeyError (a group or
+# attribute missing), ValueError/TypeError (a broken JSON attribute or column).
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError)
+
+
+class UnreadableRunLog(ValueError):
+    """A run log (a run's .h5 file or the combined leaderboard.h5) that cannot be read; the
+    message names the file."""
 
 
 @dataclass
@@ -276,17 +286,69 @@ def save_run(out_dir: Path, rec: RunRecord) -> Path:
     return path
 
 
+def read_run_file(path: Path) -> RunRecord:
+    """The run in one run file; UnreadableRunLog naming the file if it cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            return read_run(f)
+    except _READ_ERRORS as err:
+        raise UnreadableRunLog(f"run log {path} cannot be read ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def load_runs(out_dir: Path) -> dict[tuple[str, str, int], RunRecord]:
-    """Every finished run under out_dir/runs, keyed by (task, controller, seed); read only."""
+    """Every finished run under out_dir/runs, keyed by (task, controller, seed); read only, so
+    an unreadable file is an UnreadableRunLog naming it (the harness uses recover_runs)."""
     runs_dir = Path(out_dir) / RUNS_DIR
     if not runs_dir.is_dir():
         return {}
     out = {}
     for path in sorted(runs_dir.glob("*.h5")):
-        with h5py.File(path, "r") as f:
-            rec = read_run(f)
+        rec = read_run_file(path)
         out[rec.key] = rec
     return out
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a broken file to ``<name>.corrupt-<n>`` (the first n free), kept for inspection
+    and out of every glob of run files; returns the new path."""
+    n = 1
+    while path.with_name(f"{path.name}.corrupt-{n}").exists():
+        n += 1
+    return path.rename(path.with_name(f"{path.name}.corrupt-{n}"))
+
+
+def recover_runs(out_dir: Path) -> tuple[dict[tuple[str, str, int], RunRecord], list[str]]:
+    """load_runs for the owner of out_dir (the leaderboard holds its lock): each unreadable run
+    file is set aside, so that its run counts as not done and runs again. Returns the runs and
+    one note per file set aside."""
+    runs_dir = Path(out_dir) / RUNS_DIR
+    out, notes = {}, []
+    for path in sorted(runs_dir.glob("*.h5")) if runs_dir.is_dir() else []:
+        try:
+            rec = read_run_file(path)
+        except UnreadableRunLog as err:
+            notes.append(f"{err}; moved to {set_aside(path).name}, and the run runs again")
+            continue
+        out[rec.key] = rec
+    return out, notes
+
+
+def recover_combined(out_dir: Path) -> str | None:
+    """Set an unreadable out_dir/leaderboard.h5 aside (the caller rebuilds it from the run
+    files); returns a note saying so, or None when it is readable or absent."""
+    path = Path(out_dir) / COMBINED
+    if not path.exists():
+        return None
+    try:
+        read_combined(path)
+    except UnreadableRunLog as err:
+        return f"{err}; moved to {set_aside(path).name}, and rebuilt from the run files"
+    return None
 
 
 def remove_temp_files(out_dir: Path) -> int:
@@ -322,10 +384,13 @@ def write_combined(out_dir: Path, records: list[RunRecord], meta: dict[str, str]
 
 
 def read_combined(path: Path) -> list[RunRecord]:
-    """Every run in a combined leaderboard.h5."""
+    """Every run in a combined leaderboard.h5; UnreadableRunLog naming it if it cannot be read."""
     out = []
-    with h5py.File(path, "r") as f:
-        for task in f.values():
-            for ctrl in task.values():
-                out.extend(read_run(g) for g in ctrl.values())
+    try:
+        with h5py.File(path, "r") as f:
+            for task in f.values():
+                for ctrl in task.values():
+                    out.extend(read_run(g) for g in ctrl.values())
+    except _READ_ERRORS as err:
+        raise UnreadableRunLog(f"{path} cannot be read ({_first_line(err)})") from None
     return out

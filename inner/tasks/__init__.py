@@ -13,6 +13,9 @@ Splits: dev and test are built first, at the default difficulty, with their own 
 any problem that is in dev and train drops any problem that is in dev or test. So the evaluation
 splits never depend on which training difficulty was asked for, and no split overlaps another.
 A problem is its prompt, or a task's coarser `problem_key` (e.g. Countdown's numbers in any order).
+Dev and test hold exactly the size asked of them (and at the embedded scale, their default size)
+in distinct problems, or building them is a SplitSizeError that names the task, the split and
+both sizes: a split is never silently smaller than asked. An empty split is always an error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ class Example:
 
 # Built splits are shared by every Task object of the same configuration in this process.
 _CACHE: dict[tuple, list[Example]] = {}
+
+
+HELD_OUT_DRAW = 512  # Task.held_out_at draws at least as a test split of this size would
+
+
+class SplitSizeError(ValueError):
+    """A split cannot hold the number of problems asked of it (never silently a smaller one)."""
+
+
+def _spare(n: int | None) -> int | None:
+    """Rows drawn for an evaluation split of `n` distinct problems: spares for the duplicates."""
+    return None if n is None else int(n * 1.5) + 16
 
 
 class Task:
@@ -91,6 +106,12 @@ class Task:
             "dev": dev_size if dev_size is not None else defaults["dev"],
             "test": test_size if test_size is not None else defaults["test"],
         }
+        # The sizes dev and test must hold: those given, and at the embedded scale the defaults
+        # too (its generators can always draw more). A paper-scale default only caps what the
+        # data gives, so that a small local file gives small splits; asking a split for more
+        # than it holds (Trainer.evaluate) is still an error.
+        given = {"dev": dev_size, "test": test_size}
+        self.required = {s: self.size[s] if scale == "embedded" else given[s] for s in given}
         self.difficulty_levels, self.default_difficulty = self.levels[scale]
 
     def __repr__(self) -> str:
@@ -126,13 +147,43 @@ class Task:
                     e for e in self._build("train", level) if self.problem_key(e) not in held_out
                 )
                 _CACHE[(*base, split, level)] = list(islice(rows, self.size["train"]))
+                if not _CACHE[(*base, split, level)]:
+                    raise SplitSizeError(f"{self._where()}: the train split at difficulty "
+                                         f"{level} holds no problem outside dev and test")
             else:
-                dev = self._unique(self._build("dev", level), self.size["dev"], set())
+                dev = self._evaluation_split("dev", level, set())
                 dev_keys = {self.problem_key(e) for e in dev}
-                test = self._unique(self._build("test", level), self.size["test"], dev_keys)
+                test = self._evaluation_split("test", level, dev_keys)
                 _CACHE[(*base, "dev", level)] = dev
                 _CACHE[(*base, "test", level)] = test
         return _CACHE[(*base, split, level)]
+
+    def _evaluation_split(self, split: str, level: int, exclude: set[str]) -> list[Example]:
+        """The first `size[split]` distinct problems of dev or test outside `exclude` (all of
+        them for a size of None); SplitSizeError when fewer than required or none.
+
+        At the embedded scale a short draw is drawn again, twice and four times as long (the
+        generators are seeded per item, so a longer draw keeps the shorter one as its prefix
+        and the first problems of a split never change); the paper scale has what its data has.
+        """
+        n = self.size[split]
+        rows = self._unique(self._build(split, level, _spare(n)), n, exclude)
+        for factor in (2, 4) if self.scale == "embedded" and n is not None else ():
+            if len(rows) >= n:
+                break
+            rows = self._unique(self._build(split, level, factor * _spare(n)), n, exclude)
+        required = self.required[split]
+        if (required is not None and len(rows) < required) or not rows:
+            asked = f"{required} asked" if required is not None else "at least one asked"
+            hint = f"; pass {split}_size={len(rows)} or less" if rows else ""
+            raise SplitSizeError(f"{self._where()}: the {split} split holds {len(rows)} "
+                                 f"distinct problems, {asked}{hint}")
+        return rows
+
+    def _where(self) -> str:
+        """The task, its scale and where its data comes from, for error messages."""
+        source = f", data_path={self.data_path}" if self.data_path else ""
+        return f"task {self.name!r} ({self.scale} scale, seed {self.seed}{source})"
 
     def held_out_at(self, level: int, n: int) -> list[Example]:
         """`n` test-like problems at `level`, for per-level analyses (the env never uses them).
@@ -140,6 +191,8 @@ class Task:
         At the default level they are the test split's first `n`. At any other level they are
         drawn like a test split and kept apart from the dev split and from the train split of
         every level, so that no analysis scores a problem some stage may have trained on.
+        Unlike a split, this is at most `n`: a level whose problems run out gives fewer, and
+        the analysis reports how many it scored.
         """
         if level == self.default_difficulty:
             return self.examples("test")[:n]
@@ -150,15 +203,19 @@ class Task:
         seen = {self.problem_key(e) for e in self.examples("dev")}
         seen |= {self.problem_key(e) for d in self.difficulty_levels
                  for e in self.examples("train", d)}
-        return self._unique(self._build("test", level), n, seen)
+        # Drawn as a test split of at least HELD_OUT_DRAW problems is, whatever the task's test
+        # size, so that the per-level analyses see the same problems when a test size changes.
+        draw = _spare(max(n, HELD_OUT_DRAW))
+        return self._unique(self._build("test", level, draw), n, seen)
 
-    def _build(self, split: str, difficulty: int) -> Iterable[Example]:
-        """Raw examples of a split before de-duplication; dev/test may return extra."""
+    def _build(self, split: str, difficulty: int, n: int | None = None) -> Iterable[Example]:
+        """Raw examples of a split before de-duplication: at the embedded scale `n` of them (by
+        default the train size), at the paper scale all the data has."""
         if self.scale == "embedded":
             # reasoning-gym seeds item i with seed + i, so split seeds lie far apart; dev/test
             # ask for spare rows to survive de-duplication.
             offset = {"train": 10 + difficulty, "dev": 1, "test": 2}[split]
-            n = self.size[split] if split == "train" else int(self.size[split] * 1.5) + 16
+            n = self.size["train"] if n is None else n
             seed = 100_000_000 * self.seed + 1_000_000 * offset
             from inner.tasks.cache import cached  # the cache module imports this one
 

@@ -47,6 +47,15 @@ COUNTDOWN = {
     4: dict(min_numbers=4, max_numbers=4, min_value=1, max_value=20, min_target=10, max_target=100),
 }
 HUB = {"train": sources.HubSplit("Jiayi-Pan/Countdown-Tasks-3to4", None, "train")}
+
+
+class Row(sources.Schema):
+    """A row of Countdown-Tasks-3to4: the numbers to combine and the target."""
+
+    nums: list[int]
+    target: int
+
+
 PROMPT = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic "
     "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
@@ -107,7 +116,9 @@ class CountdownTask(Task):
     # Embedded worked solutions: p95 38 tokens at the default level, 56 at the hardest.
     completion_lengths = {"embedded": ((32, 48, 64, 80), 48), "paper": ((256, 512, 1024), 512)}
     sizes = {
-        "embedded": {"train": 4000, "dev": 256, "test": 512},
+        # Default-level puzzles (3 numbers up to 9) repeat often: beside dev, the test draw
+        # holds 405 distinct ones, and the train split is carved around exactly those.
+        "embedded": {"train": 4000, "dev": 256, "test": 405},
         "paper": {"train": 20000, "dev": 200, "test": 500},  # 490k rows: cap what is built
     }
     sft_early_fraction = 0.35
@@ -130,7 +141,7 @@ class CountdownTask(Task):
             )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
-        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+        for row in sources.rows(split, self.data_path, HUB, self.seed, Row):
             numbers, target = [int(x) for x in row["nums"]], int(row["target"])
             if split == "train" and difficulty not in (0, len(numbers)):
                 continue

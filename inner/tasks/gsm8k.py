@@ -30,6 +30,15 @@ HUB = {
     "train": sources.HubSplit("openai/gsm8k", "main", "train"),
     "test": sources.HubSplit("openai/gsm8k", "main", "test"),
 }
+
+
+class Row(sources.Schema):
+    """A row of openai/gsm8k: the question, and the worked answer that ends in "#### <n>"."""
+
+    question: str
+    answer: str
+
+
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 
 
@@ -69,7 +78,7 @@ class GSM8KTask(Task):
             )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
-        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+        for row in sources.rows(split, self.data_path, HUB, self.seed, Row):
             answer = hash_answer(row["answer"])
             level = paper_level(row["answer"])
             if answer is None or (split == "train" and difficulty not in (0, level)):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import pydantic
+
 from inner.tasks import Example, Task, register, sources
 from inner.tasks.answers import tagged_answer
 
@@ -26,6 +28,27 @@ HUB = {
     "train": sources.HubSplit("K-and-K/knights-and-knaves", data_files="train/*.jsonl"),
     "test": sources.HubSplit("K-and-K/knights-and-knaves", data_files="test/*.jsonl"),
 }
+
+
+class Row(sources.Schema):
+    """A row of K-and-K/knights-and-knaves: the quiz, its people and their roles (True for a
+    knight), and the optional chain of thought."""
+
+    quiz: str
+    names: list[str]
+    solution: list[bool]
+    cot_head: str | None = None
+    cot_repeat_steps: list[str] | None = None
+    cot_foot: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_role_per_name(self) -> Row:
+        if len(self.names) != len(self.solution):
+            raise ValueError(f"'names' has {len(self.names)} people but 'solution' "
+                             f"{len(self.solution)} roles")
+        return self
+
+
 INSTRUCTION = (
     "Think step by step, then give the identity of every person inside <answer> </answer> "
     "tags, one per line, for example <answer>(1) Zoey is a knight\n(2) Oliver is a knave</answer>."
@@ -104,7 +127,7 @@ class LogicTask(Task):
             )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
-        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+        for row in sources.rows(split, self.data_path, HUB, self.seed, Row):
             names, knights = list(row["names"]), [bool(k) for k in row["solution"]]
             if split == "train" and difficulty not in (0, len(names)):
                 continue

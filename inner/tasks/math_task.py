@@ -40,6 +40,20 @@ HUB = {
     "train": sources.HubSplit("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
     "test": sources.HubSplit("HuggingFaceH4/MATH-500", None, "test"),
 }
+
+
+class Row(sources.Schema):
+    """A row of MATH-lighteval (problem, level "Level 3", type, solution) or of MATH-500
+    (problem, solution, answer, subject, level 3)."""
+
+    problem: str
+    solution: str
+    answer: str | None = None
+    level: str | int | None = None
+    subject: str | None = None
+    type: str | None = None
+
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -176,7 +190,7 @@ class MathTask(Task):
                 )
 
     def load(self, split: str, difficulty: int) -> Iterable[Example]:
-        for row in sources.rows(split, self.data_path, HUB, seed=self.seed):
+        for row in sources.rows(split, self.data_path, HUB, self.seed, Row):
             # MATH-500 has an answer column; MATH train has only the solution's last \boxed{}.
             answer = row.get("answer") or boxed_answer(row["solution"])
             level = paper_level(row.get("level"))
