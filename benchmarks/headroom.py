@@ -15,8 +15,7 @@ Per task, on the env's own defaults (`gym.make(env_id)`), three phases:
 2. **Test** (fresh seeds `--test-seeds`, never used in selection): the default, the best constant
    and the best adaptive schedule, and the best adaptive's last stage held from the start (its
    control: is the gain in the change over time?), each scored with
-   `env.unwrapped.evaluate_test()` after `reset(seed)` and one `step(hparams.encode(stage))` per
-   stage.
+   `env.unwrapped.evaluate_test()` after `reset(seed)` and one `step(stage)` per stage.
 3. **Report**: per task the test scores and the paired gaps (best adaptive - best constant, best -
    default, best adaptive - its last stage held) with a t-interval over seeds (scipy).
 
@@ -68,8 +67,7 @@ def _grid_step(space: HParamSpace, name: str, value: Any, delta: int) -> Any | N
     """The grid value `delta` indices from `value`, or None off the grid's ends."""
     if name not in space.names:
         return None
-    grid, i = space.grids[name], space.index(name, value) + delta
-    return grid[i] if 0 <= i < len(grid) else None
+    return space.neighbour(name, value, delta, clamp=False)
 
 
 def _phases(stages: int, *parts: tuple[float, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,7 +135,7 @@ def adaptive_schedules(space: HParamSpace, stages: int) -> dict[str, Schedule]:
 
 def full(space: HParamSpace, schedule: Schedule) -> Schedule:
     """Every stage with every controlled value (the default for those it leaves out)."""
-    return [space.decode(space.encode(stage)) for stage in schedule]
+    return [space.values(stage) for stage in schedule]
 
 
 def searched_schedule(env: gym.Env, name: str, seed: int, budget: int, log: Episodes,
@@ -188,7 +186,6 @@ class Episodes:
                        if _key(env, task, seed, s) not in self.done}.items())
         shared = _shared_prefixes([s for _, s in todo])
         states: dict[tuple, Any] = {}
-        space = env.unwrapped.hparams
         for key, schedule in todo:
             t0 = time.perf_counter()
             env.reset(seed=seed)
@@ -197,7 +194,7 @@ class Episodes:
                 env.unwrapped.load_state(states[_prefix(schedule[:start])])
             info: dict = {}
             for i in range(start, len(schedule)):
-                _, _, terminated, truncated, info = env.step(space.encode(schedule[i]))
+                _, _, terminated, truncated, info = env.step(schedule[i])
                 if _prefix(schedule[: i + 1]) in shared:
                     states[_prefix(schedule[: i + 1])] = env.unwrapped.save_state()
                 if terminated or truncated:

@@ -10,8 +10,8 @@ A user's controller, in full::
     import controllers
     from controllers.base import Tracker, default_hparams
 
-    class HalvingLR:
-        name = "halving-lr"
+    class StepDownLR:
+        name = "step-down-lr"
         def run(self, env, budget, seed=0):
             tracker = Tracker(env, budget, seed)   # resets; counts stages; keeps the best dev state
             space, path = tracker.space, []
@@ -19,19 +19,19 @@ A user's controller, in full::
             while tracker.remaining > 0:
                 dev, done = tracker.step(path + [hp])   # trains one stage, inside the budget
                 path.append(hp)
-                lower = {**hp, "learning_rate": hp["learning_rate"] / 2}
-                hp = space.decode(space.encode(lower, snap=True))   # nearest grid values
+                lower = space.neighbour("learning_rate", hp["learning_rate"], -1)  # one step
+                hp = {**hp, "learning_rate": lower}
                 if done:
                     break
             return tracker.result(self.name)
 
-    controllers.register("halving-lr", HalvingLR)   # controllers.make("halving-lr").run(env, 8)
+    controllers.register("step-down-lr", StepDownLR)  # controllers.make("step-down-lr").run(env, 8)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -101,7 +101,7 @@ def episode_stages(env: gym.Env) -> int:
 
 def default_hparams(space: Any) -> dict[str, Any]:
     """The task's default hyperparameters as a plain dict."""
-    return plain(space.decode(space.default_action()))
+    return plain(space.defaults)
 
 
 def plain(hp: dict[str, Any]) -> dict[str, Any]:
@@ -151,8 +151,8 @@ class Tracker:
         self.anytime: list[tuple[int, float]] = [(0, self.base_dev)]
         self.trials: list[dict[str, Any]] = []
         self.last_info: dict[str, Any] = info
-        # Stages and cost paid by earlier processes of a resumed search (see search.py).
-        self.prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
+        # Stages and cost paid by earlier processes of a resumed search (``resume``).
+        self._prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
 
     @property
     def chosen(self) -> Best:
@@ -174,7 +174,7 @@ class Tracker:
     @property
     def spent(self) -> int:
         """Stages paid so far, earlier processes of a resumed run included."""
-        return int(counters(self.env)["stages"] - self.start["stages"] + self.prior["stages"])
+        return int(counters(self.env)["stages"] - self.start["stages"] + self._prior["stages"])
 
     @property
     def refusal(self) -> str | None:
@@ -196,10 +196,10 @@ class Tracker:
         """
         if self.remaining < 1:
             raise BudgetExceeded(self.refusal or f"budget of {self.budget} stages is spent")
-        # A partial stage keeps the loaded state's values for the names it leaves out.
-        action = self.space.encode(schedule[-1], base=self.env.unwrapped.current_hparams)
         try:
-            self.last_obs, _, terminated, truncated, info = self.env.step(action)
+            # Values, not indices: a partial stage keeps the loaded state's values for the names
+            # it leaves out (the env's step checks them on the grids).
+            self.last_obs, _, terminated, truncated, info = self.env.step(dict(schedule[-1]))
         except BudgetExhausted as e:   # a wrapper's or another counter's limit: still the end
             raise BudgetExceeded(str(e)) from e
         self.last_info = info
@@ -220,9 +220,33 @@ class Tracker:
         self.anytime.append((self.spent, now))
         return dev, bool(terminated or truncated)
 
+    def resume(self, trial: dict[str, Any], cost: Mapping[str, float]
+               ) -> tuple[float, list[dict[str, Any]]] | None:
+        """Count a trial that an earlier process of this run trained (a resumed search).
+
+        Its ``cost`` joins the run's, the ``trial`` record (with its ``schedule``, ``dev_scores``
+        and ``stages``) joins ``trials`` marked ``resumed``, and its dev scores extend the anytime
+        curve. Returns (dev, schedule prefix) of its last state that beat the curve so far, or
+        None: that state is lost with the earlier process, and only a replay rebuilds it.
+        """
+        for k, v in cost.items():
+            self._prior[k] += v
+        self.trials.append({**trial, "resumed": True})
+        spent = int(self._prior["stages"])
+        before, curve = spent - trial["stages"], self.anytime[-1][1]
+        best = None
+        for i, dev in enumerate(trial["dev_scores"]):
+            if dev > curve:      # curve starts at the base dev score: strictly better states only
+                best = (dev, trial["schedule"][: i + 1])
+            curve = max(curve, dev)
+            self.anytime.append((before + i + 1, curve))
+        if not trial["dev_scores"] and trial["stages"]:    # a killed trial: paid, nothing kept
+            self.anytime.append((spent, curve))
+        return best
+
     def cost(self) -> dict[str, float]:
         now = counters(self.env)
-        c = {k: now[k] - self.start[k] + self.prior[k] for k in now}
+        c = {k: now[k] - self.start[k] + self._prior[k] for k in now}
         c["stages"] = int(c["stages"])
         c.update(dict.fromkeys(LLM_COST_KEYS, 0))   # an LLM proposer fills these in
         return c

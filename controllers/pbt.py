@@ -122,8 +122,7 @@ def explore(hparams: dict[str, Any], space: Any, rng: np.random.Generator,
         if u < resample_prob:
             out[p] = grid[int(rng.integers(len(grid)))]
         elif u < resample_prob + perturb_prob:
-            i = space.index(p, out[p], snap=True) + int(rng.choice((-1, 1)))
-            out[p] = grid[min(max(i, 0), len(grid) - 1)]
+            out[p] = space.neighbour(p, out[p], int(rng.choice((-1, 1))))
     return out
 
 

@@ -179,8 +179,8 @@ class Grid(OptunaSearch):
         names += [n for n in space.names if n not in names]
         points = [default]
         for name in names:
-            grid, i = list(space.grids[name]), space.index(name, default[name])
-            points += [{**default, name: grid[j]} for j in (i - 1, i + 1) if 0 <= j < len(grid)]
+            moved = (space.neighbour(name, default[name], d, clamp=False) for d in (-1, 1))
+            points += [{**default, name: v} for v in moved if v is not None]
         return points
 
     def fits(self, budget: int, stages: int) -> str | None:
@@ -317,17 +317,6 @@ def _resume(study: optuna.Study, tracker: Tracker) -> tuple[float, list[dict]] |
             study.enqueue_trial(t.params)
         if t.state == TrialState.WAITING:
             continue
-        for k, v in t.user_attrs.get("cost", {}).items():
-            tracker.prior[k] += v
-        rec = _record(study.trials[t.number])
-        rec["resumed"] = True
-        tracker.trials.append(rec)
-        before, curve = int(tracker.prior["stages"]) - rec["stages"], tracker.anytime[-1][1]
-        for i, dev in enumerate(rec["dev_scores"]):
-            if dev > curve:      # curve starts at the base dev score: strictly better states only
-                best = (dev, rec["schedule"][: i + 1])
-            curve = max(curve, dev)
-            tracker.anytime.append((before + i + 1, curve))
-        if not rec["dev_scores"] and rec["stages"]:    # a killed trial: paid for, nothing kept
-            tracker.anytime.append((int(tracker.prior["stages"]), curve))
+        earlier = tracker.resume(_record(study.trials[t.number]), t.user_attrs.get("cost", {}))
+        best = earlier or best
     return best

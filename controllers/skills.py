@@ -99,9 +99,7 @@ def shift(hp: dict[str, Any], space: Any, name: str, delta: int) -> dict[str, An
     """Move ``name`` by ``delta`` grid indices, clamped; unchanged if ``name`` is not controlled."""
     if name not in space.names:
         return hp
-    grid = list(space.grids[name])
-    i = space.index(name, hp[name], snap=True) + delta
-    return {**hp, name: grid[min(max(i, 0), len(grid) - 1)]}
+    return {**hp, name: space.neighbour(name, hp[name], delta)}
 
 
 def scale(hp: dict[str, Any], space: Any, name: str, factor: float) -> dict[str, Any]:

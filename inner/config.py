@@ -8,9 +8,12 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOConfig:
-    """One stage's hyperparameters; any of them may change from one stage to the next."""
+    """One stage's hyperparameters; any of them may change from one stage to the next.
+
+    Frozen and validated when built, so a config that exists is a valid one.
+    """
 
     learning_rate: float = 1e-4
     beta: float = 0.04  # k3 KL coefficient; the reference model is always kept, so 0 -> >0 works

@@ -14,6 +14,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,11 @@ class EnvState:
 def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
     # Wall-clock entries differ between identical runs; they are counted in the budget instead.
     return {k: v for k, v in metrics.items() if not k.endswith("_time")}
+
+
+def _full_hparams(config: GRPOConfig, difficulty: int) -> dict[str, Any]:
+    """A stage's every hyperparameter, as `info["hparams"]` reports them."""
+    return config.to_dict() | {DIFFICULTY: difficulty}
 
 
 class LLMZeroEnv(gym.Env):
@@ -354,20 +360,24 @@ class LLMZeroEnv(gym.Env):
             self._last = {
                 "metrics": [], "pathologies": [], "failure": None,
                 "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
-                "hparams": self._full_hparams(self.hparams.defaults),
+                "hparams": _full_hparams(*self._config(self.hparams.defaults)),
             }
             self._obs = obs_layout.build_observation(
-                None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
+                None, score, self.hparams.positions(self.hparams.defaults), 0.0
             )
             self._seeds[inner_seed][1] = self.save_state()
         self.budget.seconds += time.perf_counter() - t0
         return self._obs.copy(), self._info()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Train one stage with the action's hyperparameters, then evaluate on dev."""
+        """Train one stage with the action's hyperparameters, then evaluate on dev.
+
+        `action`: a MultiDiscrete index array (a policy's), or a dict of hyperparameter values
+        (a controller's), whose missing names keep the last stage's values.
+        """
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
-        idx = self.hparams.validate(action)  # raises InvalidAction naming the parameter
+        values = self._stage_values(action)  # raises InvalidAction naming the parameter
         if self.done:
             raise RuntimeError(
                 "the episode is over (last stage reached, or truncated by divergence/OOM); "
@@ -376,12 +386,9 @@ class LLMZeroEnv(gym.Env):
         refusal = self.budget.refusal()
         if refusal is not None:
             raise BudgetExhausted(f"{refusal}; evaluate_test() and load_state() still work")
-        values = self.hparams.decode(idx)
         config, difficulty = self._config(values)
         dev_before = self.dev_score
-        result = self.trainer.train_stage(
-            config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
-        )
+        result = self._train_stage(config, difficulty)
         self._pay(result)
         self.stage += 1
         self.current_hparams = dict(values)
@@ -398,11 +405,24 @@ class LLMZeroEnv(gym.Env):
             "pathologies": self._pathologies(result),
             "failure": None if result.failure is None else str(result.failure),
             "samples": copy.deepcopy(evaluation.samples[:NUM_SAMPLES]) if evaluation else [],
-            "hparams": self._full_hparams(values),
+            "hparams": _full_hparams(config, difficulty),
         }
-        self._obs = self._stage_observation(result, config, idx, dev_before)
+        self._obs = self._stage_observation(result, config, values, dev_before)
         reward = float(self.dev_score - dev_before)
         return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _stage_values(self, action: Any) -> dict[str, Any]:
+        """The stage's controlled values, checked once: an index array is decoded, a dict of
+        values is checked on the grids and completed from the last stage's values."""
+        if isinstance(action, Mapping):
+            return self.hparams.values(action, base=self.current_hparams)
+        return self.hparams.decode(action)
+
+    def _train_stage(self, config: GRPOConfig, difficulty: int) -> StageResult:
+        """Train the current state by one stage of `config` and evaluate it on dev."""
+        return self.trainer.train_stage(
+            config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
+        )
 
     def _pay(self, result: StageResult) -> None:
         """Count the stage's cost, whatever happened in it; costs are never rewound."""
@@ -421,20 +441,16 @@ class LLMZeroEnv(gym.Env):
             found.append(FAILURE_PATHOLOGY[result.failure])
         return found
 
-    def _stage_observation(self, result: StageResult, config: GRPOConfig, idx: np.ndarray,
-                           dev_before: float) -> np.ndarray:
+    def _stage_observation(self, result: StageResult, config: GRPOConfig,
+                           values: dict[str, Any], dev_before: float) -> np.ndarray:
         diagnostics = obs_layout.stage_diagnostics(
             result.metrics, config.max_completion_length, self.dev_score, dev_before
         )
         if result.failure is not None:  # nothing was measured on the lost model
             diagnostics = obs_layout.failed(diagnostics)
         return obs_layout.build_observation(
-            diagnostics, self.dev_score, self.hparams.normalized(idx), self.stage / self.stages
+            diagnostics, self.dev_score, self.hparams.positions(values), self.stage / self.stages
         )
-
-    def _full_hparams(self, values: dict[str, Any]) -> dict[str, Any]:
-        config, difficulty = self._config(values)
-        return config.to_dict() | {DIFFICULTY: difficulty}
 
     def _info(self) -> dict[str, Any]:
         # Fresh objects on every call: callers keep infos, and gymnasium checks none are shared.

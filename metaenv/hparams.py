@@ -1,9 +1,12 @@
-"""The action space: per-task grids of absolute hyperparameter values, and their encoding.
+"""The action space: per-task grids of absolute hyperparameter values.
 
-One MultiDiscrete index per controlled hyperparameter selects a value from its grid. Grids are plain
-data (`default_grids(task, scale)`: grids shared by every task, plus the task's own completion
-lengths) that a user overrides per name with the env's `hparam_grid`; `"difficulty"` is the
-training-data difficulty level, every other name is a `GRPOConfig` field.
+Values are the currency: a stage is a dict {name: grid value}, which controllers build and
+`HParamSpace.values` checks (the env's one check of a stage); `neighbour` moves a value along its
+grid. Indices exist for a MultiDiscrete policy only: one index per controlled name selects a value
+from its grid (`encode`, `decode`). Grids are plain data (`default_grids(task, scale)`: grids
+shared by every task, plus the task's own completion lengths) that a user overrides per name with
+the env's `hparam_grid`; `"difficulty"` is the training-data difficulty level, every other name is
+a `GRPOConfig` field.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ _PAPER_COMMON: dict[str, tuple] = {
 # e.g. hparam_grid={"epsilon": [0.1, 0.2, 0.3], "num_iterations": [2]}.
 CLIP_NAMES = ("epsilon", "epsilon_high")
 COMMON_GRIDS = {"embedded": _EMBEDDED_COMMON, "paper": _PAPER_COMMON}
-# Default value of each shared name (what `default_action()` selects and `encode` fills in when
-# given no base). Names absent here default to the GRPOConfig default.
+# Default value of each shared name (what `values` and `encode` fill in when given no base).
+# Names absent here default to the GRPOConfig default.
 COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedded": {"learning_rate": 1e-4, "beta": 0.04, "temperature": 1.0, "num_generations": 8},
     "paper": {"learning_rate": 1e-6, "beta": 0.0, "temperature": 1.0, "num_generations": 8},
@@ -143,15 +146,20 @@ class HParamSpace:
             + (" (pass snap=True for the nearest)" if numeric and not snap else "")
         )
 
-    def encode(
+    def values(
         self,
         values: Mapping[str, Any],
         *,
         base: Mapping[str, Any] | None = None,
         snap: bool = False,
-    ) -> np.ndarray:
-        """Action for `values`; names it lacks take their value in `base` (a full set of values,
-        e.g. the last stage's; other names in it are ignored), or the defaults without one."""
+    ) -> dict[str, Any]:
+        """Every controlled name's grid value: `values` checked on the grids (or, with `snap`,
+        moved to the nearest grid value), and the names it lacks from `base` (a full set of values,
+        e.g. the last stage's; other names in it are ignored), or the defaults without one.
+
+        This is the one check a stage's values pass; it returns the grid's own values, so a float
+        made by arithmetic (0.1 * 3e-4) trains exactly as the grid value 3e-5 does.
+        """
         unknown = [k for k in values if k not in self.grids]
         if unknown:
             raise InvalidAction(
@@ -162,7 +170,30 @@ class HParamSpace:
         if lacking:
             raise InvalidAction(f"base lacks {lacking}: it must give every controlled name")
         merged = {**fill, **values}
-        return np.array([self.index(n, merged[n], snap) for n in self.names], dtype=np.int64)
+        return {n: self.grids[n][self.index(n, merged[n], snap)] for n in self.names}
+
+    def encode(
+        self,
+        values: Mapping[str, Any],
+        *,
+        base: Mapping[str, Any] | None = None,
+        snap: bool = False,
+    ) -> np.ndarray:
+        """The MultiDiscrete action of `values` (completed as `values()` does), for a policy that
+        acts in indices; controllers pass the values themselves to `env.step`."""
+        full = self.values(values, base=base, snap=snap)
+        return np.array([self.index(n, full[n]) for n in self.names], dtype=np.int64)
+
+    def neighbour(self, name: str, value: Any, delta: int, clamp: bool = True) -> Any:
+        """The grid value `delta` steps from `value` (snapped to the grid) along `name`'s grid.
+
+        Past the grid's end: its last (or first) value when `clamp`, else None.
+        """
+        grid = self.grids[name]
+        i = self.index(name, value, snap=True) + delta
+        if 0 <= i < len(grid):
+            return grid[i]
+        return grid[min(max(i, 0), len(grid) - 1)] if clamp else None
 
     def validate(self, action: Any) -> np.ndarray:
         """Check an action against the grids; returns it as int64 or raises naming the parameter."""
@@ -192,9 +223,10 @@ class HParamSpace:
     def default_action(self) -> np.ndarray:
         return np.array([self.index(n, self.defaults[n]) for n in self.names], dtype=np.int64)
 
-    def normalized(self, action: Any) -> np.ndarray:
-        """Each index divided by its grid's last index, in [0, 1] (0 for one-value grids)."""
-        idx = self.validate(action).astype(np.float32)
+    def positions(self, values: Mapping[str, Any]) -> np.ndarray:
+        """Where each controlled value lies on its grid: its index over the grid's last index, in
+        [0, 1] (0 for one-value grids); the observation's view of the hyperparameters."""
+        idx = np.array([self.index(n, values[n]) for n in self.names], dtype=np.float32)
         top = np.maximum(self.nvec - 1, 1).astype(np.float32)
         return idx / top
 

@@ -293,6 +293,45 @@ def test_save_step_load_step_is_identical_and_budget_is_not_rewound():
     assert uenv.hparams.decode(uenv.hparams.encode({}, base=uenv.current_hparams)) == state.hparams
 
 
+def test_a_dict_of_values_trains_exactly_as_its_indices_do_and_keeps_left_out_names():
+    env_a, env_b = make(), make()
+    env_a.reset(seed=3)
+    env_b.reset(seed=3)
+    space = env_a.unwrapped.hparams
+    values = {"learning_rate": 1e-3, "beta": 0.0}
+    by_index = env_a.step(space.encode(values))
+    # A float made by arithmetic trains as its grid value; the names left out keep their values.
+    by_value = env_b.step({"learning_rate": 0.1 * 1e-2, "beta": 0.0})
+    assert np.array_equal(by_index[0], by_value[0]) and by_index[1:4] == by_value[1:4]
+    assert by_index[4]["metrics"] == by_value[4]["metrics"]
+    assert by_index[4]["hparams"] == by_value[4]["hparams"]
+    assert env_b.unwrapped.current_hparams == space.defaults | values
+    env_b.step({"max_completion_length": 4})   # a partial stage: the last stage's lr and beta
+    assert env_b.unwrapped.current_hparams == space.defaults | values | {
+        "max_completion_length": 4}
+    with pytest.raises(InvalidAction, match=r"learning_rate=0\.5 is not on the grid"):
+        env_a.step({"learning_rate": 0.5})
+    with pytest.raises(InvalidAction, match="unknown hyperparameter 'lr'"):
+        env_a.step({"lr": 1e-3})
+    assert env_a.unwrapped.budget.stages == 1  # rejected actions cost nothing
+
+
+def test_neighbour_moves_along_the_grid_and_positions_place_values_on_it():
+    space, _ = build_hparam_space("gsm8k", difficulty_levels=(1, 2, 3), default_difficulty=1)
+    lrs = space.grids["learning_rate"]
+    assert space.neighbour("learning_rate", lrs[1], 1) == lrs[2]
+    assert space.neighbour("learning_rate", lrs[1], -1) == lrs[0]
+    assert space.neighbour("learning_rate", lrs[0], -1) == lrs[0]   # clamped at the end
+    assert space.neighbour("learning_rate", lrs[0], -1, clamp=False) is None
+    assert space.neighbour("learning_rate", lrs[-1], 3, clamp=False) is None
+    assert space.neighbour("learning_rate", 2e-4, 1) == 1e-3       # off-grid: snapped first
+    assert space.values({"learning_rate": 0.1 * 3e-4})["learning_rate"] == 3e-5
+    top = {n: g[-1] for n, g in space.grids.items()}
+    assert np.array_equal(space.positions(top), np.ones(len(space.names), np.float32))
+    assert space.positions(space.defaults)[space.names.index("learning_rate")] == pytest.approx(
+        lrs.index(space.defaults["learning_rate"]) / (len(lrs) - 1))
+
+
 def test_invalid_action_names_the_parameter():
     env = make()
     env.reset(seed=0)

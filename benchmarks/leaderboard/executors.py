@@ -230,7 +230,7 @@ def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int) -> int:
     try:
         u = env.unwrapped
         env.reset(seed=seed)
-        env.step(u.hparams.default_action())
+        env.step(u.hparams.defaults)
         return int(u.budget.tokens)
     finally:
         env.close()
@@ -261,8 +261,7 @@ def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int) -> d
         env.reset(seed=seed)
         for hp in json.loads(schedule_key):
             # As the Tracker trains a stage: names a stage leaves out keep the last stage's value.
-            _, _, terminated, truncated, _ = env.step(u.hparams.encode(hp,
-                                                                       base=u.current_hparams))
+            _, _, terminated, truncated, _ = env.step(hp)
             if terminated or truncated:
                 break
         out: dict[str, Any] = {"seed": seed, "test_score": _test_score(env),
