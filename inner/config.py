@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -41,6 +42,10 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"GRPOConfig.{f.name}={value!r} is invalid: not a finite number")
         checks = {
             "learning_rate": self.learning_rate >= 0,
             "beta": self.beta >= 0,

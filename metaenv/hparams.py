@@ -253,6 +253,7 @@ def build_hparam_space(
     both = set(hparam_grid) & set(fixed_hparams or {})
     if both:
         raise ValueError(f"{sorted(both)} are both in hparam_grid and fixed_hparams; choose one")
+    _check_values(hparam_grid, fixed)
 
     levels = tuple(difficulty_levels) if difficulty_levels is not None else None
     config_defaults = GRPOConfig().to_dict()
@@ -277,6 +278,26 @@ def build_hparam_space(
         fixed[DIFFICULTY] = default_difficulty
     _check_clip_acts(grids, fixed, config_defaults["num_iterations"])
     return HParamSpace(grids, defaults), fixed
+
+
+def _check_values(hparam_grid: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    """Each grid a non-empty list (or None), and no number in a grid or a fixed value that is
+    not finite: ValueError naming the argument, the name and the value."""
+    for name, grid in hparam_grid.items():
+        if grid is None:
+            continue
+        if isinstance(grid, str | bytes | Mapping) or not isinstance(grid, Sequence) or not grid:
+            raise ValueError(f"hparam_grid[{name!r}]={grid!r}: a grid is a non-empty list of "
+                             "values (or None, to leave the name uncontrolled)")
+        for value in grid:
+            _check_finite(f"hparam_grid[{name!r}]", value)
+    for name, value in fixed.items():
+        _check_finite(f"fixed_hparams[{name!r}]", value)
+
+
+def _check_finite(where: str, value: Any) -> None:
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        raise ValueError(f"{where} holds {value!r}: hyperparameter values must be finite numbers")
 
 
 def _check_clip_acts(grids: Mapping[str, tuple], fixed: Mapping[str, Any],

@@ -18,6 +18,7 @@ from inner.state import CorruptStateError
 from inner.tasks.gsm8k import GSM8KTask
 from metaenv import BudgetExhausted
 from metaenv import observation as obs_layout
+from metaenv.config import EnvConfig
 from metaenv.env import LLMZeroEnv
 from metaenv.hparams import InvalidAction, build_hparam_space, default_grids
 from metaenv.pathologies import (
@@ -227,6 +228,68 @@ def make(env_id="LLMZero-GSM8K-v0", **overrides) -> gym.Env:
     return gym.make(env_id, **(TINY | overrides))
 
 
+def _no_model_loads(monkeypatch):
+    def refuse(self):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(LLMZeroEnv, "_load_base", refuse)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"dev_size": 5000}, ["dev_size=5000", "'gsm8k'", "distinct dev problems", "allowed: 1.."]),
+    ({"hparam_grid": {"learning_rate": [1e-4, math.inf]}},
+     ["hparam_grid['learning_rate']", "inf", "finite"]),
+    ({"hparam_grid": {"beta": []}}, ["hparam_grid['beta']=[]", "non-empty list"]),
+    ({"fixed_hparams": {"beta": math.nan}}, ["fixed_hparams['beta']", "nan", "finite"]),
+    ({"eval_max_new_tokens": 0}, ["eval_max_new_tokens", ">= 1", "got 0"]),
+    ({"eval_max_new_tokens": -3}, ["eval_max_new_tokens", ">= 1", "got -3"]),
+    ({"stages": 2.7}, ["stages", "an int", "got 2.7"]),
+    ({"stages": True}, ["stages", "not a float or a bool", "got True"]),
+    ({"steps_per_stage": 0}, ["steps_per_stage", ">= 1", "got 0"]),
+    ({"device": "tpu"}, ["device='tpu'", "not a torch device", "allowed: 'cpu'"]),
+    ({"device": "cuda:99" if torch.cuda.is_available() else "cuda"},
+     ["device='cuda", "not available", "allowed: 'cpu'"]),
+    ({"difficulty": 9}, ["difficulty=9", "'gsm8k'", "allowed: [1, 2, 3, 4]"]),
+    ({"dev_metric": "f1"}, ["dev_metric", "'f1'", "'accuracy'"]),
+    ({"seed": -1}, ["seed", ">= 0", "got -1"]),
+])
+def test_a_bad_argument_is_named_before_any_model_loads(monkeypatch, kwargs, words):
+    _no_model_loads(monkeypatch)
+    with pytest.raises(ValueError) as caught:
+        gym.make("LLMZero-GSM8K-v0", **kwargs)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_a_test_split_the_task_cannot_fill_is_an_error_not_a_smaller_split(monkeypatch):
+    _no_model_loads(monkeypatch)
+    held = len(tasks.get_task("countdown").examples("test"))
+    words = rf"test_size={held + 1} .*'countdown'.*allowed: 1\.\.{held}"
+    with pytest.raises(ValueError, match=words):
+        gym.make("LLMZero-Countdown-v0", test_size=held + 1)
+    assert gym.make("LLMZero-Countdown-v0", test_size=held).unwrapped.test_size == held
+
+
+def test_a_state_dir_that_cannot_be_created_is_named_at_construction(monkeypatch, tmp_path):
+    _no_model_loads(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"state_dir=.*a-file/states.* cannot be created"):
+        gym.make("LLMZero-GSM8K-v0", state_dir=str(blocker / "states"))
+    made = tmp_path / "new" / "states"
+    gym.make("LLMZero-GSM8K-v0", state_dir=str(made))
+    assert made.is_dir()
+
+
+def test_unknown_arguments_and_a_config_object():
+    with pytest.raises(TypeError, match="unknown argument.*'stagez'.*'stages'"):
+        gym.make("LLMZero-GSM8K-v0", stagez=3)
+    env = LLMZeroEnv(config=EnvConfig(task="logic", stages=3))
+    assert env.config.stages == env.stages == 3 and env.config.dev_size == 64  # scale default
+    with pytest.raises(TypeError, match="either config"):
+        LLMZeroEnv(config=EnvConfig(), stages=3)
+
+
 @pytest.mark.parametrize("env_id", list(metaenv.env_ids().values()))
 def test_gymnasium_and_sb3_env_checkers_pass(env_id):
     env = make(env_id)
@@ -366,11 +429,15 @@ def test_out_of_memory_in_training_or_dev_eval_truncates_as_out_of_memory(monkey
 
 
 def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers():
-    # An infinite learning rate makes AdamW's update non-finite whatever the gradients are.
-    env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, math.inf]})
+    # AdamW's decoupled decay scales every weight by 1 - lr x weight_decay = -1e37: the weights'
+    # norm overflows whatever the gradients are (a large lr alone moves nothing while every
+    # group's advantages are 0, as they are for this tiny model).
+    env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, 1e30],
+                                                  "weight_decay": [0.0, 1e7]})
     env.reset(seed=0)
     space = env.unwrapped.hparams
-    obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
+    obs, reward, terminated, truncated, info = env.step(
+        space.encode({"learning_rate": 1e30, "weight_decay": 1e7}))
     assert truncated and not terminated
     assert "divergence" in info["pathologies"] and info["failure"] == "non_finite_weights"
     assert obs in env.observation_space and info["dev_score"] == 0.0

@@ -185,11 +185,13 @@ def test_paper_env_trains_forks_and_replays_bit_identically(env):
 
 
 def test_paper_env_forced_divergence_truncates_and_reset_recovers(tiny_qwen3_dir, data_root):
-    env = make_env(tiny_qwen3_dir, data_root, hparam_grid=GRID | {"learning_rate": [1e-3,
-                                                                                    math.inf]})
+    # lr x weight_decay = 1e37: AdamW's decay overflows the weights' norm whatever the gradients.
+    env = make_env(tiny_qwen3_dir, data_root, hparam_grid=GRID | {"learning_rate": [1e-3, 1e30],
+                                                                  "weight_decay": [0.0, 1e7]})
     env.reset(seed=0)
     space = env.unwrapped.hparams
-    obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
+    obs, reward, terminated, truncated, info = env.step(
+        space.encode({"learning_rate": 1e30, "weight_decay": 1e7}))
     assert truncated and not terminated and "divergence" in info["pathologies"]
     assert info["failure"] == "non_finite_weights" and info["dev_score"] == 0.0
     env.reset(seed=0)

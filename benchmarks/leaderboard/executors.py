@@ -184,7 +184,7 @@ def execute(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
 
 def episode_stages(spec: RunSpec) -> int:
     """Stages in one episode of the run's env (its explicit setting, else the scale's default)."""
-    from metaenv.env import SCALE_DEFAULTS
+    from metaenv.config import SCALE_DEFAULTS
 
     stages = spec.env_kwargs.get("stages")
     return int(stages if stages is not None
