@@ -31,6 +31,7 @@ A user's controller, in full::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -85,6 +86,40 @@ def fits(controller: Any, budget: int, stages: int) -> str | None:
     return None if check is None else check(budget, stages)
 
 
+# ---- argument checks: a bad setting is named where it enters, before anything trains ------------
+
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= ``minimum`` (or None if
+    ``optional``); a float or a bool is refused, not truncated."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} and an int (not a float or a bool)"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0,
+                   open_low: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is a number in [low, high] ((low, high] if
+    ``open_low``)."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not (low < value if open_low else low <= value) or not value <= high:
+        bounds = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number >= 0."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_budget(budget: Any) -> None:
+    """The budget of ``run``: a whole number of stages."""
+    check_int("budget", budget, 0)
+
+
 # ---- small helpers on the env's public surface --------------------------------------------------
 
 def counters(env: gym.Env) -> dict[str, float]:
@@ -136,8 +171,7 @@ class Tracker:
     """
 
     def __init__(self, env: gym.Env, budget: int, seed: int = 0, select: Selection = "any") -> None:
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0 stages, got {budget}")
+        check_budget(budget)
         if select not in ("any", "final"):
             raise ValueError(f"select must be 'any' or 'final', got {select!r}")
         self.env, self.budget, self.seed, self.select = env, int(budget), seed, select

@@ -39,6 +39,7 @@ from optuna.trial import BaseTrial, Trial, TrialState
 from controllers.base import (
     RunResult,
     Tracker,
+    check_int,
     counters,
     default_hparams,
     episode_stages,
@@ -57,6 +58,12 @@ class OptunaSearch:
     storage: str | None = None      # journal file path; None keeps the study in memory
     study_name: str | None = None   # default "<name>-seed<seed>"
     stages: int | None = None       # stages per trial; None -> the env's episode length
+
+    def __post_init__(self) -> None:
+        check_int("stages", self.stages, 1, optional=True)
+        for name in ("storage", "study_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
 
     def sampler(self, space: Any, seed: int) -> BaseSampler:
         raise NotImplementedError
@@ -226,6 +233,11 @@ class ScheduleSearch(OptunaSearch):
     min_trials: int = 10
     reduction_factor: int | None = 3   # None: no pruning (every trial runs to its end)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("min_trials", self.min_trials, 1)
+        check_int("reduction_factor", self.reduction_factor, 2, optional=True)
+
     def pruner(self) -> BasePruner:
         if self.reduction_factor is None:
             return NopPruner()
@@ -280,6 +292,10 @@ class TPE(ScheduleSearch):
 
     name: str = "tpe"
     n_startup_trials: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("n_startup_trials", self.n_startup_trials, 0)
 
     def sampler(self, space: Any, seed: int) -> BaseSampler:
         return TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
