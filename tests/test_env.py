@@ -126,7 +126,7 @@ def test_user_grid_overrides_and_fixed_values():
 
 
 def test_a_task_registered_after_import_gets_its_gym_id_and_its_own_grids(monkeypatch):
-    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks.base, "_REGISTRY", dict(tasks.base._REGISTRY))
 
     class ShortGSM8K(GSM8KTask):
         name, env_id = "gsm8k-short", "LLMZero-GSM8KShort-v0"

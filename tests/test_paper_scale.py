@@ -21,11 +21,11 @@ from benchmarks.leaderboard.harness import main as leaderboard
 from benchmarks.leaderboard.harness import registered_controllers
 from inner.config import GRPOConfig
 from inner.models import load_model
-from inner.models import main as models_cli
 from inner.prompts import SYSTEM_PROMPT, PromptFormat, final_answer
 from inner.state import TrainState
 from inner.tasks import get_task
 from inner.tiny_qwen3 import build_tiny_qwen3
+from inner.tiny_qwen3 import main as tiny_qwen3_cli
 from inner.trainer import Trainer
 
 # The local GSM8K rows take one or four calculation steps: difficulty levels 1 and 2 (0 = all).
@@ -73,7 +73,7 @@ def env(tiny_qwen3_dir, data_root):
 
 
 def test_tiny_qwen3_command_writes_a_directory_that_loads_as_qwen3(tmp_path):
-    models_cli(["tiny-qwen3", "--out", str(tmp_path / "a")])
+    tiny_qwen3_cli(["--out", str(tmp_path / "a")])
     model, tokenizer = load_model(str(tmp_path / "a"))
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.model_type == "qwen3"
     assert model.dtype == torch.float32 and model.config.tie_word_embeddings
