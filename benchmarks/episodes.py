@@ -39,7 +39,7 @@ def phases(stages: int, *parts: tuple[float, dict[str, Any]]) -> list[dict[str, 
 
 def full(space: HParamSpace, schedule: Schedule) -> Schedule:
     """Every stage with every controlled value (the default for those it leaves out)."""
-    return [space.values(stage) for stage in schedule]
+    return [space.complete(stage) for stage in schedule]
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, Any]:

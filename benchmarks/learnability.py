@@ -42,7 +42,7 @@ def run_schedule(
     env = gym.make(metaenv.env_ids()[task], test_size=TEST_SIZE, shuffle_rewards=shuffle_rewards,
                    model=model, steps_per_stage=steps_per_stage)
     uenv = env.unwrapped
-    values = uenv.hparams.values(uenv.hparams.defaults | (overrides or {}))
+    values = uenv.hparams.complete(uenv.hparams.defaults | (overrides or {}))
     _, info = env.reset(seed=seed)
     row = {"base_dev": info["dev_score"], "base_test": uenv.evaluate_test()}
     stage_seconds, done = [], False
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:  # every task's grid, before any training (grids differ per task)
         env = gym.make(metaenv.env_ids()[task]).unwrapped
         try:
-            env.hparams.values(env.hparams.defaults | overrides)
+            env.hparams.complete(env.hparams.defaults | overrides)
         except InvalidAction as err:
             raise SystemExit(f"--set ({task}): {err}") from None
         finally:

@@ -403,11 +403,13 @@ class LLMZeroEnv(gym.Env):
         return self._obs.copy(), reward, terminated, truncated, self._info()
 
     def _stage_values(self, action: Any) -> dict[str, Any]:
-        """The stage's controlled values, checked once: an index array is decoded, a dict of
-        values is checked on the grids and completed from the last stage's values."""
+        """The stage's controlled values, checked once: a dict of values is checked on the grids
+        and completed from the last stage's values; a policy's index array is decoded."""
         if isinstance(action, Mapping):
-            return self.hparams.values(action, base=self.current_hparams)
-        return self.hparams.decode(action)
+            values = self.hparams.complete(action, base=self.current_hparams)
+        else:
+            values = self.hparams.decode(action)
+        return values
 
     def _train_stage(self, config: GRPOConfig, difficulty: int) -> StageResult:
         """Train the current state by one stage of `config` and evaluate it on dev."""

@@ -1,7 +1,7 @@
 """The action space: per-task grids of absolute hyperparameter values.
 
 Values are the currency: a stage is a dict {name: grid value}, which controllers build and
-`HParamSpace.values` checks (the env's one check of a stage); `neighbour` moves a value along its
+`HParamSpace.complete` checks (the env's one check of a stage); `neighbour` moves a value along its
 grid. Indices exist for a MultiDiscrete policy only: one index per controlled name selects a value
 from its grid (`encode`, `decode`). Grids are plain data (`default_grids(task, scale)`: grids
 shared by every task, plus the task's own completion lengths) that a user overrides per name with
@@ -47,7 +47,7 @@ _PAPER_COMMON: dict[str, tuple] = {
 # e.g. hparam_grid={"epsilon": [0.1, 0.2, 0.3], "num_iterations": [2]}.
 CLIP_NAMES = ("epsilon", "epsilon_high")
 COMMON_GRIDS = {"embedded": _EMBEDDED_COMMON, "paper": _PAPER_COMMON}
-# Default value of each shared name (what `values` and `encode` fill in when given no base).
+# Default value of each shared name (what `complete` and `encode` fill in when given no base).
 # Names absent here default to the GRPOConfig default.
 COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedded": {"learning_rate": 1e-4, "beta": 0.04, "temperature": 1.0, "num_generations": 8},
@@ -114,7 +114,7 @@ class HParamSpace:
         for name, grid in self.grids.items():
             if len(grid) == 0:
                 raise ValueError(f"hyperparameter {name!r} has an empty grid")
-            self.index(name, self.defaults[name])  # every default must be on its grid
+            self.grid_value(name, self.defaults[name])  # every default must be on its grid
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -128,25 +128,31 @@ class HParamSpace:
         """The gymnasium action space of this grid."""
         return spaces.MultiDiscrete(self.nvec)
 
-    def index(self, name: str, value: Any, snap: bool = False) -> int:
-        """Grid index of `value` for `name`; raises naming both unless `snap` takes the nearest."""
+    def grid_value(self, name: str, value: Any, snap: bool = False) -> Any:
+        """The grid's own value equal to `value` for `name` (a float made by arithmetic, 0.1 *
+        3e-4, matches 3e-5); raises naming both unless `snap` takes the nearest."""
         if name not in self.grids:
             raise InvalidAction(
                 f"unknown hyperparameter {name!r}; controlled names are {list(self.names)}"
             )
         grid = self.grids[name]
-        for i, v in enumerate(grid):
+        for v in grid:
             if _same(v, value):
-                return i
+                return v
         numeric = _is_numeric_grid(grid)
         if snap and numeric and isinstance(value, int | float) and math.isfinite(value):
-            return grid.index(_nearest(grid, value))
+            return _nearest(grid, value)
         raise InvalidAction(
             f"{name}={value!r} is not on the grid; allowed values: {list(grid)}"
             + (" (pass snap=True for the nearest)" if numeric and not snap else "")
         )
 
-    def values(
+    def index(self, name: str, value: Any, snap: bool = False) -> int:
+        """Grid index of `value` for `name` (as `grid_value` finds it)."""
+        on_grid = self.grid_value(name, value, snap)  # raises first, naming an unknown name
+        return self.grids[name].index(on_grid)
+
+    def complete(
         self,
         values: Mapping[str, Any],
         *,
@@ -170,7 +176,7 @@ class HParamSpace:
         if lacking:
             raise InvalidAction(f"base lacks {lacking}: it must give every controlled name")
         merged = {**fill, **values}
-        return {n: self.grids[n][self.index(n, merged[n], snap)] for n in self.names}
+        return {n: self.grid_value(n, merged[n], snap) for n in self.names}
 
     def encode(
         self,
@@ -179,9 +185,9 @@ class HParamSpace:
         base: Mapping[str, Any] | None = None,
         snap: bool = False,
     ) -> np.ndarray:
-        """The MultiDiscrete action of `values` (completed as `values()` does), for a policy that
+        """The MultiDiscrete action of `values` (completed as `complete` does), for a policy that
         acts in indices; controllers pass the values themselves to `env.step`."""
-        full = self.values(values, base=base, snap=snap)
+        full = self.complete(values, base=base, snap=snap)
         return np.array([self.index(n, full[n]) for n in self.names], dtype=np.int64)
 
     def neighbour(self, name: str, value: Any, delta: int, clamp: bool = True) -> Any:

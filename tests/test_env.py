@@ -388,7 +388,7 @@ def test_neighbour_moves_along_the_grid_and_positions_place_values_on_it():
     assert space.neighbour("learning_rate", lrs[0], -1, clamp=False) is None
     assert space.neighbour("learning_rate", lrs[-1], 3, clamp=False) is None
     assert space.neighbour("learning_rate", 2e-4, 1) == 1e-3       # off-grid: snapped first
-    assert space.values({"learning_rate": 0.1 * 3e-4})["learning_rate"] == 3e-5
+    assert space.complete({"learning_rate": 0.1 * 3e-4})["learning_rate"] == 3e-5
     top = {n: g[-1] for n, g in space.grids.items()}
     assert np.array_equal(space.positions(top), np.ones(len(space.names), np.float32))
     assert space.positions(space.defaults)[space.names.index("learning_rate")] == pytest.approx(
