@@ -121,6 +121,8 @@ class EnvConfig:
         if self.data_path is not None and self.scale != "paper":
             raise ValueError(f"data_path is for scale='paper' (real datasets), not {self.scale!r}; "
                              f"got data_path={self.data_path!r}")
+        if isinstance(self.model, os.PathLike):
+            object.__setattr__(self, "model", os.fspath(self.model))
         if self.model is not None and not (isinstance(self.model, str) and self.model):
             raise ValueError(f"model must be a Hugging Face id or a local path, got {self.model!r}")
         levels = tuple(cls.levels[self.scale][0])

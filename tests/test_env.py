@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -288,6 +289,9 @@ def test_unknown_arguments_and_a_config_object():
     assert env.config.stages == env.stages == 3 and env.config.dev_size == 64  # scale default
     with pytest.raises(TypeError, match="either config"):
         LLMZeroEnv(config=EnvConfig(), stages=3)
+    assert EnvConfig(model=Path("models") / "tiny").model == str(Path("models") / "tiny")
+    with pytest.raises(ValueError, match="model must be a Hugging Face id or a local path"):
+        EnvConfig(model="")
 
 
 @pytest.mark.parametrize("env_id", list(metaenv.env_ids().values()))
