@@ -26,7 +26,7 @@ import torch
 from inner.config import GRPOConfig
 from inner.prompts import PromptFormat
 from inner.state import TrainState
-from inner.tasks import get_task, task_class
+from inner.tasks import SplitSizeError, get_task, task_class
 from inner.trainer import EvalResult, Failure, StageResult, Trainer
 from metaenv import observation as obs_layout
 from metaenv.config import RENDER_MODES, EnvConfig
@@ -229,13 +229,16 @@ class LLMZeroEnv(gym.Env):
                  if defaults[split] is not None and n > defaults[split]}
         self.task = get_task(cfg.task, cfg.scale, data_path=cfg.data_path, **sizes)
         for split, asked in (("dev", cfg.dev_size), ("test", cfg.test_size)):
-            held = len(self.task.examples(split))
-            if held < asked:
-                raise ValueError(
+            try:  # the task refuses a split short of a size it was given ...
+                held = len(self.task.examples(split))
+            except SplitSizeError as err:
+                raise SplitSizeError(f"{split}_size={asked}: {err}") from err
+            if held < asked:  # ... and the env one short of its own (a paper-scale default)
+                raise SplitSizeError(
                     f"{split}_size={asked} is more than task {cfg.task!r} holds at scale "
                     f"{cfg.scale!r}: {held} distinct {split} problems"
                     + (f" with dev_size={cfg.dev_size}" if split == "test" else "")
-                    + f"; allowed: 1..{held}")
+                    + f"; pass {split}_size={held} or less")
         self.difficulty = (cfg.difficulty if cfg.difficulty is not None
                            else self.task.default_difficulty)
 

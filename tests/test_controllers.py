@@ -437,3 +437,11 @@ def test_a_bad_controller_setting_is_named_at_construction(name, kwargs, words):
         controllers.make(name, **kwargs)
     for word in words:
         assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_an_unknown_controller_setting_names_the_controller_and_its_settings():
+    with pytest.raises(TypeError, match=r"controller 'grid' takes no setting\(s\) \['n_pointz'\]; "
+                                        r"it takes \[.*'order'.*\]"):
+        controllers.make("grid", n_pointz=3)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['kk'\] for llmzero"):
+        controllers.make("llmzero", kk=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -237,7 +238,7 @@ def _no_model_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"dev_size": 5000}, ["dev_size=5000", "'gsm8k'", "distinct dev problems", "allowed: 1.."]),
+    ({"dev_size": 5000}, ["dev_size=5000", "'gsm8k'", "distinct problems", "or less"]),
     ({"hparam_grid": {"learning_rate": [1e-4, math.inf]}},
      ["hparam_grid['learning_rate']", "inf", "finite"]),
     ({"hparam_grid": {"beta": []}}, ["hparam_grid['beta']=[]", "non-empty list"]),
@@ -262,13 +263,21 @@ def test_a_bad_argument_is_named_before_any_model_loads(monkeypatch, kwargs, wor
         assert word in str(caught.value), (word, str(caught.value))
 
 
-def test_a_test_split_the_task_cannot_fill_is_an_error_not_a_smaller_split(monkeypatch):
+def test_a_split_shorter_than_the_env_asks_is_an_error_not_a_smaller_split(monkeypatch, tmp_path):
+    # Paper scale, a local file of 40 train rows: dev is carved from it (10 problems), and the
+    # env's default dev_size (128) is under the task's own default (200), which only caps.
     _no_model_loads(monkeypatch)
-    held = len(tasks.get_task("countdown").examples("test"))
-    words = rf"test_size={held + 1} .*'countdown'.*allowed: 1\.\.{held}"
-    with pytest.raises(ValueError, match=words):
-        gym.make("LLMZero-Countdown-v0", test_size=held + 1)
-    assert gym.make("LLMZero-Countdown-v0", test_size=held).unwrapped.test_size == held
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}.\n#### {2 * i}"}
+            for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    with pytest.raises(tasks.SplitSizeError,
+                       match=r"dev_size=128 is more than task 'gsm8k' holds at scale 'paper': "
+                             r"10 distinct dev problems; pass dev_size=10 or less"):
+        gym.make("LLMZero-GSM8K-v0", scale="paper", data_path=str(tmp_path))
+    env = gym.make("LLMZero-GSM8K-v0", scale="paper", data_path=str(tmp_path), dev_size=10,
+                   test_size=4)
+    assert len(env.unwrapped.task.examples("dev")) == 10   # no model loaded: none was needed
 
 
 def test_a_state_dir_that_cannot_be_created_is_named_at_construction(monkeypatch, tmp_path):
