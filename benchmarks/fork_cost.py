@@ -24,7 +24,7 @@ def time_stage(env: gym.Env, reps: int) -> tuple[float, float]:
     """Median wall time of env.step and of its training part, replaying the same stage."""
     uenv = env.unwrapped
     root = uenv.save_state()
-    action = uenv.hparams.default_action()
+    action = uenv.hparams.defaults
     walls, trains = [], []
     for _ in range(reps):
         uenv.load_state(root)
@@ -63,7 +63,7 @@ def main() -> None:
     env = gym.make(env_id)  # the embedded default configuration
     uenv = env.unwrapped
     env.reset(seed=0)
-    env.step(uenv.hparams.default_action())  # fork a state with AdamW moments, as in a search
+    env.step(uenv.hparams.defaults)  # fork a state with AdamW moments, as in a search
     n_params = sum(p.numel() for p in uenv.trainer.model.parameters())
     stage_s, train_s = time_stage(env, args.stage_reps)
     fork_s = time_fork(env, args.fork_reps)
@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         disk_env = gym.make(env_id, max_states_in_memory=0, state_dir=tmp)
         disk_env.reset(seed=0)
-        disk_env.step(disk_env.unwrapped.hparams.default_action())
+        disk_env.step(disk_env.unwrapped.hparams.defaults)
         disk_fork_s = time_fork(disk_env, args.disk_reps)
         disk_env.close()
 

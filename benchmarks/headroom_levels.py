@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 
 import metaenv
-from benchmarks.headroom import Episodes, Schedule, _phases, full, paired
+from benchmarks.episodes import Episodes, Schedule, command, full, paired, phases, write_report
 from inner.tasks import task_names
 from metaenv.hparams import DIFFICULTY
 
@@ -57,12 +56,12 @@ def level_schedules(space: Any, stages: int, levels: tuple[int, ...],
         if lv != default:
             out[f"difficulty {lv} held"] = ("constant", [{DIFFICULTY: lv}] * stages)
     if easier and harder:
-        out["curriculum (easier, default, harder)"] = ("adaptive", _phases(
+        out["curriculum (easier, default, harder)"] = ("adaptive", phases(
             stages, (1, {DIFFICULTY: easier[-1]}), (1, {}), (1, {DIFFICULTY: harder[0]})))
     if harder:
-        out["curriculum (default, then harder)"] = ("adaptive", _phases(
+        out["curriculum (default, then harder)"] = ("adaptive", phases(
             stages, (5, {}), (3, {DIFFICULTY: harder[0]})))
-    out["every level, easiest first"] = ("adaptive", _phases(
+    out["every level, easiest first"] = ("adaptive", phases(
         stages, *((1, {DIFFICULTY: lv}) for lv in levels)))
     return {k: (family, full(space, s)) for k, (family, s) in out.items()}
 
@@ -148,16 +147,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     headroom = json.loads((a.out / "headroom.json").read_text())["tasks"]
     log = Episodes(a.out / "headroom_levels_episodes.jsonl")
-    given = argv if argv is not None else sys.argv[1:]
-    report = {"command": ("python -m benchmarks.headroom_levels " + " ".join(given)).strip(),
-              "seeds": a.seeds, "per_level": a.per_level, "tasks": {}}
+    report = {"command": command("benchmarks.headroom_levels", argv), "seeds": a.seeds,
+              "per_level": a.per_level, "tasks": {}}
     for task in a.tasks:
         report["tasks"][task] = run_task(task, a.seeds, a.per_level, headroom[task], log)
         print(f"{task}: mixture gap {report['tasks'][task]['gap']['mixture']['mean']:+.3f}",
               flush=True)
-    (a.out / "headroom_levels.json").write_text(json.dumps(report, indent=1) + "\n")
-    (a.out / "headroom_levels.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, "headroom_levels", report, markdown)
     return report
 
 

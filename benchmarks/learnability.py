@@ -42,12 +42,12 @@ def run_schedule(
     env = gym.make(metaenv.env_ids()[task], test_size=TEST_SIZE, shuffle_rewards=shuffle_rewards,
                    model=model, steps_per_stage=steps_per_stage)
     uenv = env.unwrapped
-    action = uenv.hparams.encode(uenv.hparams.defaults | (overrides or {}))
+    values = uenv.hparams.complete(uenv.hparams.defaults | (overrides or {}))
     _, info = env.reset(seed=seed)
     row = {"base_dev": info["dev_score"], "base_test": uenv.evaluate_test()}
     stage_seconds, done = [], False
     while not done:
-        _, _, terminated, truncated, info = env.step(action)
+        _, _, terminated, truncated, info = env.step(values)
         stage_seconds.append(uenv.last_stage_seconds)
         done = terminated or truncated
     row |= {"dev": info["dev_score"], "test": uenv.evaluate_test(),
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:  # every task's grid, before any training (grids differ per task)
         env = gym.make(metaenv.env_ids()[task]).unwrapped
         try:
-            env.hparams.encode(env.hparams.defaults | overrides)
+            env.hparams.complete(env.hparams.defaults | overrides)
         except InvalidAction as err:
             raise SystemExit(f"--set ({task}): {err}") from None
         finally:

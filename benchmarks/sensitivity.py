@@ -68,10 +68,9 @@ def measure_task(task: str, seed: int, stages: int, model: str | None,
         if name != "default" and value == defaults[name]:
             continue
         uenv.load_state(root)
-        action = uenv.hparams.encode(values)
         steps, last_steps, info = [], [], {}
         for _ in range(stages):
-            _, _, terminated, truncated, info = env.step(action)
+            _, _, terminated, truncated, info = env.step(values)
             steps += info["metrics"]
             last_steps += info["metrics"][-1:]
             if terminated or truncated:

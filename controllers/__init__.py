@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from controllers.base import BudgetExceeded, Controller, RunResult, Tracker
@@ -25,7 +26,14 @@ def make(name: str, **kwargs) -> Controller:
     """Build the controller registered as ``name`` with its keyword arguments."""
     if name not in REGISTRY:
         raise ValueError(f"unknown controller {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**kwargs)
+    factory = REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):   # make_llmzero names its own
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise TypeError(f"controller {name!r} takes no setting(s) {unknown}; it takes "
+                            f"{list(params)}")
+    return factory(**kwargs)
 
 
 for _name, _factory in {"fixed": Fixed, "progressive": Progressive, "grid": Grid,

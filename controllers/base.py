@@ -10,8 +10,8 @@ A user's controller, in full::
     import controllers
     from controllers.base import Tracker, default_hparams
 
-    class HalvingLR:
-        name = "halving-lr"
+    class StepDownLR:
+        name = "step-down-lr"
         def run(self, env, budget, seed=0):
             tracker = Tracker(env, budget, seed)   # resets; counts stages; keeps the best dev state
             space, path = tracker.space, []
@@ -19,19 +19,20 @@ A user's controller, in full::
             while tracker.remaining > 0:
                 dev, done = tracker.step(path + [hp])   # trains one stage, inside the budget
                 path.append(hp)
-                lower = {**hp, "learning_rate": hp["learning_rate"] / 2}
-                hp = space.decode(space.encode(lower, snap=True))   # nearest grid values
+                lower = space.neighbour("learning_rate", hp["learning_rate"], -1)  # one step
+                hp = {**hp, "learning_rate": lower}
                 if done:
                     break
             return tracker.result(self.name)
 
-    controllers.register("halving-lr", HalvingLR)   # controllers.make("halving-lr").run(env, 8)
+    controllers.register("step-down-lr", StepDownLR)  # controllers.make("step-down-lr").run(env, 8)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -85,6 +86,40 @@ def fits(controller: Any, budget: int, stages: int) -> str | None:
     return None if check is None else check(budget, stages)
 
 
+# ---- argument checks: a bad setting is named where it enters, before anything trains ------------
+
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= ``minimum`` (or None if
+    ``optional``); a float or a bool is refused, not truncated."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} and an int (not a float or a bool)"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0,
+                   open_low: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is a number in [low, high] ((low, high] if
+    ``open_low``)."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not (low < value if open_low else low <= value) or not value <= high:
+        bounds = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number >= 0."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_budget(budget: Any) -> None:
+    """The budget of ``run``: a whole number of stages."""
+    check_int("budget", budget, 0)
+
+
 # ---- small helpers on the env's public surface --------------------------------------------------
 
 def counters(env: gym.Env) -> dict[str, float]:
@@ -101,7 +136,7 @@ def episode_stages(env: gym.Env) -> int:
 
 def default_hparams(space: Any) -> dict[str, Any]:
     """The task's default hyperparameters as a plain dict."""
-    return plain(space.decode(space.default_action()))
+    return plain(space.defaults)
 
 
 def plain(hp: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +171,7 @@ class Tracker:
     """
 
     def __init__(self, env: gym.Env, budget: int, seed: int = 0, select: Selection = "any") -> None:
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0 stages, got {budget}")
+        check_budget(budget)
         if select not in ("any", "final"):
             raise ValueError(f"select must be 'any' or 'final', got {select!r}")
         self.env, self.budget, self.seed, self.select = env, int(budget), seed, select
@@ -151,8 +185,8 @@ class Tracker:
         self.anytime: list[tuple[int, float]] = [(0, self.base_dev)]
         self.trials: list[dict[str, Any]] = []
         self.last_info: dict[str, Any] = info
-        # Stages and cost paid by earlier processes of a resumed search (see search.py).
-        self.prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
+        # Stages and cost paid by earlier processes of a resumed search (``resume``).
+        self._prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
 
     @property
     def chosen(self) -> Best:
@@ -174,7 +208,7 @@ class Tracker:
     @property
     def spent(self) -> int:
         """Stages paid so far, earlier processes of a resumed run included."""
-        return int(counters(self.env)["stages"] - self.start["stages"] + self.prior["stages"])
+        return int(counters(self.env)["stages"] - self.start["stages"] + self._prior["stages"])
 
     @property
     def refusal(self) -> str | None:
@@ -196,10 +230,10 @@ class Tracker:
         """
         if self.remaining < 1:
             raise BudgetExceeded(self.refusal or f"budget of {self.budget} stages is spent")
-        # A partial stage keeps the loaded state's values for the names it leaves out.
-        action = self.space.encode(schedule[-1], base=self.env.unwrapped.current_hparams)
         try:
-            self.last_obs, _, terminated, truncated, info = self.env.step(action)
+            # Values, not indices: a partial stage keeps the loaded state's values for the names
+            # it leaves out (the env's step checks them on the grids).
+            self.last_obs, _, terminated, truncated, info = self.env.step(dict(schedule[-1]))
         except BudgetExhausted as e:   # a wrapper's or another counter's limit: still the end
             raise BudgetExceeded(str(e)) from e
         self.last_info = info
@@ -220,9 +254,33 @@ class Tracker:
         self.anytime.append((self.spent, now))
         return dev, bool(terminated or truncated)
 
+    def resume(self, trial: dict[str, Any], cost: Mapping[str, float]
+               ) -> tuple[float, list[dict[str, Any]]] | None:
+        """Count a trial that an earlier process of this run trained (a resumed search).
+
+        Its ``cost`` joins the run's, the ``trial`` record (with its ``schedule``, ``dev_scores``
+        and ``stages``) joins ``trials`` marked ``resumed``, and its dev scores extend the anytime
+        curve. Returns (dev, schedule prefix) of its last state that beat the curve so far, or
+        None: that state is lost with the earlier process, and only a replay rebuilds it.
+        """
+        for k, v in cost.items():
+            self._prior[k] += v
+        self.trials.append({**trial, "resumed": True})
+        spent = int(self._prior["stages"])
+        before, curve = spent - trial["stages"], self.anytime[-1][1]
+        best = None
+        for i, dev in enumerate(trial["dev_scores"]):
+            if dev > curve:      # curve starts at the base dev score: strictly better states only
+                best = (dev, trial["schedule"][: i + 1])
+            curve = max(curve, dev)
+            self.anytime.append((before + i + 1, curve))
+        if not trial["dev_scores"] and trial["stages"]:    # a killed trial: paid, nothing kept
+            self.anytime.append((spent, curve))
+        return best
+
     def cost(self) -> dict[str, float]:
         now = counters(self.env)
-        c = {k: now[k] - self.start[k] + self.prior[k] for k in now}
+        c = {k: now[k] - self.start[k] + self._prior[k] for k in now}
         c["stages"] = int(c["stages"])
         c.update(dict.fromkeys(LLM_COST_KEYS, 0))   # an LLM proposer fills these in
         return c

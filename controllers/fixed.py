@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,6 +12,8 @@ import numpy as np
 from controllers.base import (
     RunResult,
     Tracker,
+    check_fraction,
+    check_int,
     default_hparams,
     episode_stages,
     run_schedule,
@@ -29,6 +31,11 @@ class Fixed:
     name: str = "fixed"
     overrides: dict[str, Any] = field(default_factory=dict)
     unspent_reason: ClassVar[str | None] = OPEN_LOOP
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides must be a dict of hyperparameter values, got "
+                             f"{self.overrides!r}")
 
     def schedule(self, env: gym.Env, stages: int) -> list[dict[str, Any]]:
         hp = {**default_hparams(env.unwrapped.hparams), **self.overrides}
@@ -59,6 +66,11 @@ class Progressive(Fixed):
     param: str = "max_completion_length"
     coverage: float = 0.95
     sample: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("coverage", self.coverage, open_low=True)
+        check_int("sample", self.sample, 1)
 
     def schedule(self, env: gym.Env, stages: int) -> list[dict[str, Any]]:
         space = env.unwrapped.hparams

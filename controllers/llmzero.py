@@ -34,6 +34,9 @@ from controllers.base import (
     RunResult,
     Selection,
     Tracker,
+    check_budget,
+    check_int,
+    check_nonnegative,
     default_hparams,
     episode_stages,
     plain,
@@ -133,10 +136,8 @@ class LLMZero:
     def __post_init__(self) -> None:
         if isinstance(self.proposer, str):
             self.proposer = make_proposer(self.proposer)
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be >= 1 or None, got {self.k}")
-        if self.max_expansions is not None and self.max_expansions < 1:
-            raise ValueError(f"max_expansions must be >= 1 or None, got {self.max_expansions}")
+        check_int("k", self.k, 1, optional=True)
+        check_int("max_expansions", self.max_expansions, 1, optional=True)
         if not 0.0 <= self.max_fallback_rate <= 1.0:
             raise ValueError(f"max_fallback_rate must be in [0, 1], got {self.max_fallback_rate}")
         if self.widen_c <= 0 or not 0.0 <= self.widen_alpha <= 1.0:
@@ -144,6 +145,10 @@ class LLMZero:
                              f"{self.widen_c} and {self.widen_alpha}")
         if self.select not in ("any", "final"):
             raise ValueError(f"select must be 'any' or 'final', got {self.select!r}")
+        check_nonnegative("c_uct", self.c_uct)
+        check_nonnegative("margin_se", self.margin_se)
+        if self.margin is not None:
+            check_nonnegative("margin", self.margin)
 
     def expansions_per_node(self) -> int:
         if self.max_expansions is not None:
@@ -172,6 +177,7 @@ class LLMZero:
         return None
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
+        check_budget(budget)   # before the proposer contacts its endpoint
         proposer = self.proposer
         run_dir = Path(self.run_dir) if self.run_dir else None
         if hasattr(proposer, "start"):  # before reset: a dead endpoint costs no stage

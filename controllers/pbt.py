@@ -17,7 +17,14 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from controllers.base import RunResult, Tracker, default_hparams, episode_stages
+from controllers.base import (
+    RunResult,
+    Tracker,
+    check_fraction,
+    check_int,
+    default_hparams,
+    episode_stages,
+)
 
 
 @dataclass
@@ -44,6 +51,16 @@ class PBT:
     unspent_reason: ClassVar[str | None] = (
         "synchronous rounds of the whole population, at most one episode of them: the budget "
         "beyond population x rounds pays for no round")
+
+    def __post_init__(self) -> None:
+        check_int("population", self.population, 1, optional=True)
+        # The top and bottom `frac` of the population must not overlap.
+        check_fraction("frac", self.frac, 0.0, 0.5, open_low=True)
+        check_fraction("perturb_prob", self.perturb_prob)
+        check_fraction("resample_prob", self.resample_prob)
+        if self.perturb_prob + self.resample_prob > 1:
+            raise ValueError(f"perturb_prob + resample_prob must be <= 1, got "
+                             f"{self.perturb_prob} + {self.resample_prob}")
 
     def sizes(self, budget: int, horizon: int) -> tuple[int, int]:
         """(members, rounds) for a budget: as many members as full episodes fit, at least 2."""
@@ -122,8 +139,7 @@ def explore(hparams: dict[str, Any], space: Any, rng: np.random.Generator,
         if u < resample_prob:
             out[p] = grid[int(rng.integers(len(grid)))]
         elif u < resample_prob + perturb_prob:
-            i = space.index(p, out[p], snap=True) + int(rng.choice((-1, 1)))
-            out[p] = grid[min(max(i, 0), len(grid) - 1)]
+            out[p] = space.neighbour(p, out[p], int(rng.choice((-1, 1))))
     return out
 
 

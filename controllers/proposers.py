@@ -74,7 +74,7 @@ def on_grid(hparams: dict, space: Any) -> dict:
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; allowed: {list(space.names)}")
     try:
-        return space.decode(space.encode(hparams))
+        return space.complete(hparams)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ValueError(str(e)) from None
 

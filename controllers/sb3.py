@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from controllers.base import RunResult, Tracker, plain
+from controllers.base import RunResult, Tracker, check_budget, check_int, plain
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "results" / "sb3" / "policy.zip"
@@ -108,7 +108,11 @@ class SB3:
         "a deterministic policy on a deterministic env: one episode (unless episodes > 1 samples "
         "more); repeating it retrains the same states")
 
+    def __post_init__(self) -> None:
+        check_int("episodes", self.episodes, 1)
+
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
+        check_budget(budget)   # before the policy loads
         model, meta = load_policy(self.policy_path or POLICY)
         check_compatible(model, meta, env)
         tracker = Tracker(env, budget, seed)

@@ -39,6 +39,7 @@ from optuna.trial import BaseTrial, Trial, TrialState
 from controllers.base import (
     RunResult,
     Tracker,
+    check_int,
     counters,
     default_hparams,
     episode_stages,
@@ -57,6 +58,12 @@ class OptunaSearch:
     storage: str | None = None      # journal file path; None keeps the study in memory
     study_name: str | None = None   # default "<name>-seed<seed>"
     stages: int | None = None       # stages per trial; None -> the env's episode length
+
+    def __post_init__(self) -> None:
+        check_int("stages", self.stages, 1, optional=True)
+        for name in ("storage", "study_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
 
     def sampler(self, space: Any, seed: int) -> BaseSampler:
         raise NotImplementedError
@@ -179,8 +186,8 @@ class Grid(OptunaSearch):
         names += [n for n in space.names if n not in names]
         points = [default]
         for name in names:
-            grid, i = list(space.grids[name]), space.index(name, default[name])
-            points += [{**default, name: grid[j]} for j in (i - 1, i + 1) if 0 <= j < len(grid)]
+            moved = (space.neighbour(name, default[name], d, clamp=False) for d in (-1, 1))
+            points += [{**default, name: v} for v in moved if v is not None]
         return points
 
     def fits(self, budget: int, stages: int) -> str | None:
@@ -225,6 +232,11 @@ class ScheduleSearch(OptunaSearch):
 
     min_trials: int = 10
     reduction_factor: int | None = 3   # None: no pruning (every trial runs to its end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("min_trials", self.min_trials, 1)
+        check_int("reduction_factor", self.reduction_factor, 2, optional=True)
 
     def pruner(self) -> BasePruner:
         if self.reduction_factor is None:
@@ -281,6 +293,10 @@ class TPE(ScheduleSearch):
     name: str = "tpe"
     n_startup_trials: int = 4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("n_startup_trials", self.n_startup_trials, 0)
+
     def sampler(self, space: Any, seed: int) -> BaseSampler:
         return TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
 
@@ -317,17 +333,6 @@ def _resume(study: optuna.Study, tracker: Tracker) -> tuple[float, list[dict]] |
             study.enqueue_trial(t.params)
         if t.state == TrialState.WAITING:
             continue
-        for k, v in t.user_attrs.get("cost", {}).items():
-            tracker.prior[k] += v
-        rec = _record(study.trials[t.number])
-        rec["resumed"] = True
-        tracker.trials.append(rec)
-        before, curve = int(tracker.prior["stages"]) - rec["stages"], tracker.anytime[-1][1]
-        for i, dev in enumerate(rec["dev_scores"]):
-            if dev > curve:      # curve starts at the base dev score: strictly better states only
-                best = (dev, rec["schedule"][: i + 1])
-            curve = max(curve, dev)
-            tracker.anytime.append((before + i + 1, curve))
-        if not rec["dev_scores"] and rec["stages"]:    # a killed trial: paid for, nothing kept
-            tracker.anytime.append((int(tracker.prior["stages"]), curve))
+        earlier = tracker.resume(_record(study.trials[t.number]), t.user_attrs.get("cost", {}))
+        best = earlier or best
     return best

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 
-from controllers.base import RunResult, Tracker, default_hparams, episode_stages
+from controllers.base import RunResult, Tracker, check_int, default_hparams, episode_stages
 from metaenv import pathologies as P
 from metaenv.pathologies import stage_mean
 
@@ -99,9 +99,7 @@ def shift(hp: dict[str, Any], space: Any, name: str, delta: int) -> dict[str, An
     """Move ``name`` by ``delta`` grid indices, clamped; unchanged if ``name`` is not controlled."""
     if name not in space.names:
         return hp
-    grid = list(space.grids[name])
-    i = space.index(name, hp[name], snap=True) + delta
-    return {**hp, name: grid[min(max(i, 0), len(grid) - 1)]}
+    return {**hp, name: space.neighbour(name, hp[name], delta)}
 
 
 def scale(hp: dict[str, Any], space: Any, name: str, factor: float) -> dict[str, Any]:
@@ -286,6 +284,12 @@ class SkillAgent:
     unspent_reason: ClassVar[str | None] = (
         "at most max_width candidates per stage (or fewer distinct remedies) along one episode: "
         "the budget beyond that pays for no candidate")
+
+    def __post_init__(self) -> None:
+        check_int("width", self.width, 1, optional=True)
+        check_int("max_width", self.max_width, 1)
+        if self.library is not None and not isinstance(self.library, SkillLibrary):
+            raise ValueError(f"library must be a SkillLibrary or None, got {self.library!r}")
 
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         tracker = Tracker(env, budget, seed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from inner.models import tiny_gpt2
-from inner.sft import batch_loss, sft_tensors
+from inner.sft import WarmupCosine, batch_loss, sft_tensors
 from inner.tasks import get_task, registered, task_names
 from inner.tokenizer import build_char_tokenizer
 
@@ -110,13 +109,7 @@ def bucketed_sft(
     lengths = all_mask.sum(1)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup_steps = max(1, int(warmup * steps))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    schedule = WarmupCosine(optimizer, max(1, int(warmup * steps)), steps, final=0.1)
 
     def epoch_batches() -> list[torch.Tensor]:
         # Shuffle, stable-sort by length (random order among equal lengths), cut into batches,
@@ -129,17 +122,16 @@ def bucketed_sft(
     model.train()
     batches: list[torch.Tensor] = []
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         if not batches:
             batches = epoch_batches()
         rows = batches.pop()
         loss = batch_loss(model, all_ids[rows], all_mask[rows], all_labels[rows])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
     model.eval()
     return losses

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOConfig:
-    """One stage's hyperparameters; any of them may change from one stage to the next."""
+    """One stage's hyperparameters; any of them may change from one stage to the next.
+
+    Frozen and validated when built, so a config that exists is a valid one.
+    """
 
     learning_rate: float = 1e-4
     beta: float = 0.04  # k3 KL coefficient; the reference model is always kept, so 0 -> >0 works
@@ -38,6 +42,10 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"GRPOConfig.{f.name}={value!r} is invalid: not a finite number")
         checks = {
             "learning_rate": self.learning_rate >= 0,
             "beta": self.beta >= 0,

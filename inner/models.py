@@ -1,11 +1,10 @@
 """Model loading: any Hugging Face causal LM (paper scale) and tiny GPT-2s (embedded, tests).
 
-    python -m inner.models tiny-qwen3 --out DIR     # a tiny Qwen3 built locally (inner.tiny_qwen3)
+A tiny Qwen3 for the paper-scale path on CPU is built by `inner.tiny_qwen3`.
 """
 
 from __future__ import annotations
 
-import argparse
 import types
 
 import torch
@@ -91,28 +90,3 @@ def autocast_forward(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16
     """
     model.autocast_dtype = dtype
     model.forward = types.MethodType(_autocast_forward, model)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m inner.models", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny-qwen3", help="write a tiny Qwen3 model directory (CPU, offline)")
-    tiny.add_argument("--out", required=True, help="directory to write")
-    tiny.add_argument("--layers", type=int, default=2)
-    tiny.add_argument("--hidden-size", type=int, default=64)
-    tiny.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (at most)")
-    tiny.add_argument("--sft-steps", type=int, default=0,
-                      help="supervised warm start on the tasks' solutions (0: random weights)")
-    tiny.add_argument("--sft-tasks", nargs="+", metavar="TASK", help="warm-start tasks (all)")
-    tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from inner.tiny_qwen3 import build_tiny_qwen3
-
-    out = build_tiny_qwen3(args.out, vocab_size=args.vocab_size, n_layer=args.layers,
-                           hidden_size=args.hidden_size, sft_steps=args.sft_steps,
-                           sft_tasks=tuple(args.sft_tasks or ()) or None, seed=args.seed)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -28,6 +28,29 @@ def sft_tensors(tokenizer, pairs: list[tuple[str, str]]) -> tuple[Tensor, Tensor
     return ids, mask, labels
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup to each group's lr over `warmup_steps` steps, then a cosine decay that
+    reaches `final` x lr at `total_steps` (`final=1`: constant after the warmup).
+
+    A scheduler of its own rather than `LambdaLR`: that one computes lr x factor, and the shipped
+    base model was trained with lr x (step + 1) / warmup_steps, which differs from it in the last
+    bit at some steps; this keeps `python -m inner.base_model` exact.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                 final: float = 0.0) -> None:
+        self.warmup_steps, self.total_steps, self.final = warmup_steps, total_steps, final
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        step, warmup = self.last_epoch, self.warmup_steps
+        if step < warmup:
+            return [lr * (step + 1) / warmup for lr in self.base_lrs]
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        scale = self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return [lr * scale for lr in self.base_lrs]
+
+
 def sft(
     model: torch.nn.Module,
     tokenizer,
@@ -50,19 +73,10 @@ def sft(
     all_ids, all_mask, all_labels = (t.to(device) for t in sft_tensors(tokenizer, pairs))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = WarmupCosine(optimizer, warmup_steps, steps, final=0.0 if cosine else 1.0)
     model.train()
     order, cursor, losses = torch.randperm(len(pairs), generator=generator), 0, []
-    for step in range(steps):
-        if step < warmup_steps:
-            scale = (step + 1) / warmup_steps
-        elif not cosine:
-            scale = 1.0
-        else:
-            scale = 0.5 * (
-                1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps))
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+    for _ in range(steps):
         if cursor + batch_size > len(order):  # new epoch, new order
             order, cursor = torch.randperm(len(pairs), generator=generator), 0
         rows = order[cursor : cursor + batch_size].to(device)
@@ -72,6 +86,7 @@ def sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
     return losses
 

@@ -5,11 +5,14 @@ Qwen/Qwen3-0.6B: a `Qwen3ForCausalLM` with random weights (2 layers, hidden size
 byte-level BPE tokenizer trained with `tokenizers` on the embedded tasks' text, with Qwen3's
 special tokens, and a chat template with Qwen3's layout and its `enable_thinking` switch.
 `sft_steps > 0` adds a short supervised warm start on the tasks' worked solutions through the
-chat template, so that rewards are not all zero. Command line: `python -m inner.models tiny-qwen3`.
+chat template, so that rewards are not all zero. Command line:
+
+    python -m inner.tiny_qwen3 --out DIR [--sft-steps N]
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -157,3 +160,26 @@ def build_tiny_qwen3(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m inner.tiny_qwen3",
+        description="Write a tiny Qwen3 model directory (CPU, offline) that loads as Qwen3-0.6B.")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (at most)")
+    parser.add_argument("--sft-steps", type=int, default=0,
+                        help="supervised warm start on the tasks' solutions (0: random weights)")
+    parser.add_argument("--sft-tasks", nargs="+", metavar="TASK", help="warm-start tasks (all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_qwen3(args.out, vocab_size=args.vocab_size, n_layer=args.layers,
+                           hidden_size=args.hidden_size, sft_steps=args.sft_steps,
+                           sft_tasks=tuple(args.sft_tasks or ()) or None, seed=args.seed)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

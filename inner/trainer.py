@@ -229,7 +229,6 @@ class Trainer:
         of memory (in training or in the evaluation): `StageResult.failure` says which.
         difficulty=None uses the Trainer's difficulty (itself None = the task's default).
         """
-        config.validate()
         difficulty = self.difficulty if difficulty is None else difficulty
         self._set_optimizer_hparams(config)
         start, tokens_before = time.perf_counter(), self.num_tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 from gymnasium.envs.registration import register, registry
 
 from inner.tasks import Task, on_register, registered
+from metaenv.config import EnvConfig
 from metaenv.env import Budget, BudgetExhausted, EnvState, LLMZeroEnv
 from metaenv.hparams import HParamSpace, InvalidAction
 
@@ -31,6 +32,7 @@ on_register(_register_env)
 __all__ = [
     "Budget",
     "BudgetExhausted",
+    "EnvConfig",
     "EnvState",
     "HParamSpace",
     "InvalidAction",

@@ -1,10 +1,11 @@
 """LLMZeroEnv: one episode = one GRPO post-training run; one step = one stage of it.
 
-The action picks each controlled hyperparameter from its grid (metaenv.hparams); the observation
-summarises the last stage (metaenv.observation); the reward is the stage's change in dev score, so
-an episode's return is final dev score - base dev score. `info` is a deterministic function of the
-seed and the actions (gymnasium's checker compares it across runs): wall-clock time is counted in
-`budget.seconds` and `last_stage_seconds`, not in `info`.
+Its arguments are one EnvConfig (metaenv.config). The action picks each controlled hyperparameter
+from its grid (metaenv.hparams); the observation summarises the last stage (metaenv.observation);
+the reward is the stage's change in dev score, so an episode's return is final dev score - base dev
+score. `info` is a deterministic function of the seed and the actions (gymnasium's checker compares
+it across runs): wall-clock time is counted in `budget.seconds` and `last_stage_seconds`, not in
+`info`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,30 +26,20 @@ import torch
 from inner.config import GRPOConfig
 from inner.prompts import PromptFormat
 from inner.state import TrainState
-from inner.tasks import get_task
+from inner.tasks import SplitSizeError, get_task, task_class
 from inner.trainer import EvalResult, Failure, StageResult, Trainer
 from metaenv import observation as obs_layout
+from metaenv.config import RENDER_MODES, EnvConfig
 from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
 from metaenv.render import training_curves_png, training_curves_rgb
 from metaenv.store import StateStore
 
-# Per-scale defaults. Embedded: 8 stages of 5 steps give a controller 8 decisions per episode,
-# long enough for entropy collapse, zero-variance groups and plateaus to appear and be answered,
-# while a stage stays under 10 s on 2 CPU cores (benchmarks/learnability.py, headroom.py).
-SCALE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "embedded": {"stages": 8, "steps_per_stage": 5, "dev_size": 64, "test_size": 256,
-                 "max_states_in_memory": 16},
-    # Large models: every saved state goes straight to disk (an AdamW state is 3x the weights).
-    "paper": {"stages": 8, "steps_per_stage": 25, "dev_size": 128, "test_size": 500,
-              "max_states_in_memory": 0, "model": "Qwen/Qwen3-0.6B"},
-}
 NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
 # Seeds whose trainer and initial state are kept, so that resets alternating between seeds (as
 # gymnasium's checker and multi-seed controllers do) restore instead of rebuilding. Paper scale
 # keeps one: a second trainer would hold a second copy of a large model on the accelerator.
 SEED_CACHE = {"embedded": 4, "paper": 1}
-DEV_METRICS = ("accuracy", "mean_score")
 # The one place where a failed stage becomes a pathology; every failure truncates the episode.
 FAILURE_PATHOLOGY = {
     Failure.OUT_OF_MEMORY: OUT_OF_MEMORY,
@@ -127,82 +119,92 @@ def _deterministic(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.endswith("_time")}
 
 
-class LLMZeroEnv(gym.Env):
-    """GRPO post-training of a causal LM as a Gymnasium env; one step trains one stage.
+def _full_hparams(config: GRPOConfig, difficulty: int) -> dict[str, Any]:
+    """A stage's every hyperparameter, as `info["hparams"]` reports them."""
+    return config.to_dict() | {DIFFICULTY: difficulty}
 
-    task: a registered task's name (inner.tasks.task_names()). scale: "embedded" (shipped tiny
-    model, CPU, offline) or "paper" (`model` = HF id or local path). stages x steps_per_stage:
-    episode length.
-    hparam_grid: {name: [values] | None} overrides the task's grids (metaenv.hparams);
-    fixed_hparams: uncontrolled GRPOConfig values. difficulty: default training level.
-    dev_size / test_size: evaluation sizes; dev_metric: "accuracy" or "mean_score".
-    max_stages / max_tokens: budgets (stages trained; prompt + completion tokens sampled) after
-    which step() raises BudgetExhausted; each counts every stage this env trains.
-    max_states_in_memory / state_dir: bound of the saved-state store before it spills to disk.
-    shuffle_rewards: a control for benchmarks (rewards permuted across each batch, so nothing can
-    be learned).
-    data_path (paper scale): local files in the hub dataset's columns instead of the hub.
-    enable_thinking: Qwen3's switch in the chat template (chat models only; default off).
+
+class LLMZeroEnv(gym.Env):
+    """GRPO post-training of a causal language model as a Gymnasium env.
+
+    ## Description
+
+    One episode is one RL post-training run of a causal LM with GRPO (`inner/`, TRL's names and
+    semantics); one step trains one *stage* of `steps_per_stage` GRPO steps with the action's
+    hyperparameters, then scores the model on the task's dev split. A controller's job is the
+    schedule: which hyperparameters each stage trains with. `save_state()` / `load_state()` fork
+    and restore the whole training state (weights, AdamW moments, RNGs, data cursor), so a search
+    can branch from any checkpoint; `evaluate_test()` scores the current state on the held-out
+    test split (for the harness, counted apart from the search's cost).
+
+    ## Action Space
+
+    `MultiDiscrete(nvec)`: one index per controlled hyperparameter into its grid of absolute
+    values (`self.hparams`: names, grids and defaults, `metaenv.hparams`), so an SB3 policy works
+    unchanged. A controller passes the values themselves: `step({"learning_rate": 3e-5,
+    "beta": 0.01})`, where the names it leaves out keep the last stage's values. Either form is
+    checked once on the grids; an action off them raises `InvalidAction` (a ValueError naming the
+    parameter and its allowed values) and costs nothing.
+
+    ## Observation Space
+
+    A `Box` of float32 in bounds, never NaN (`metaenv.observation`, `self.observation_names`): the
+    last stage's diagnostics (stage means of reward, KL, entropy, clip and length ratios, gradient
+    norm), the dev score and its change, each hyperparameter's position on its grid, and progress.
+    `info` holds the full record: per-step metrics and their history, dev samples, detected
+    pathologies, the stage's every hyperparameter, the failure if any, and the path's cost.
+
+    ## Rewards
+
+    The stage's change in dev score (`dev_metric`), so an episode's return is final dev score -
+    base dev score. A failed stage loses its model and scores 0.
+
+    ## Starting State
+
+    `reset(seed)` restores the base model (loaded once, then copied or cached per seed) and its
+    dev score; the seed fixes the data order and sampling, so the same seed and actions give the
+    same numbers.
+
+    ## Episode End
+
+    Terminated after `stages` stages. Truncated when a stage fails: divergence (a non-finite loss,
+    gradient or weight) or running out of memory, named in `info["failure"]` and
+    `info["pathologies"]`. Past the env's budget (`max_stages`, `max_tokens`, counted over every
+    stage it trains) `step` raises `BudgetExhausted`.
+
+    ## Arguments
+
+    `gym.make(env_id, **kwargs)` passes keyword arguments that become one `EnvConfig`
+    (`metaenv.config`, where each is described); each is checked as it enters, before any model
+    loads: task, scale, model, device, stages, steps_per_stage, hparam_grid, fixed_hparams,
+    difficulty, dev_size, test_size, dev_metric, eval_max_new_tokens, seed, max_stages,
+    max_tokens, max_states_in_memory, state_dir, render_mode, shuffle_rewards, data_path,
+    enable_thinking. `LLMZeroEnv(config=EnvConfig(...))` takes a built one.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 1}
 
-    def __init__(
-        self,
-        task: str = "gsm8k",
-        scale: str = "embedded",
-        model: str | None = None,
-        device: str = "cpu",
-        stages: int | None = None,
-        steps_per_stage: int | None = None,
-        hparam_grid: dict[str, list | None] | None = None,
-        fixed_hparams: dict[str, Any] | None = None,
-        difficulty: int | None = None,
-        dev_size: int | None = None,
-        test_size: int | None = None,
-        seed: int | None = None,
-        render_mode: str | None = None,
-        max_stages: int | None = None,
-        max_tokens: int | None = None,
-        max_states_in_memory: int | None = None,
-        state_dir: str | None = None,
-        dev_metric: str = "accuracy",
-        eval_max_new_tokens: int | None = None,
-        shuffle_rewards: bool = False,
-        data_path: str | None = None,
-        enable_thinking: bool = False,
-    ) -> None:
-        if scale not in SCALE_DEFAULTS:
-            raise ValueError(f"scale must be one of {list(SCALE_DEFAULTS)}, got {scale!r}")
-        if data_path is not None and scale != "paper":
-            raise ValueError(f"data_path is for scale='paper' (real datasets), not {scale!r}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        if dev_metric not in DEV_METRICS:
-            raise ValueError(f"dev_metric must be one of {DEV_METRICS}, got {dev_metric!r}")
-        d = SCALE_DEFAULTS[scale]
-        self.task_name, self.scale, self.device = task, scale, device
-        self.model_name = model if model is not None else d.get("model")
-        self._set_episode_sizes(d, stages, steps_per_stage, dev_size, test_size)
-        self.dev_metric = dev_metric
-        self.render_mode = render_mode
-        self._seed = seed
-        self._eval_max_new_tokens = eval_max_new_tokens
-        self._shuffle_rewards = shuffle_rewards
-        self._enable_thinking = enable_thinking
-        self._data_path = data_path
-        self._build_task_and_spaces(difficulty, hparam_grid, fixed_hparams)
-
-        for name, value in (("max_stages", max_stages), ("max_tokens", max_tokens)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self.budget = Budget(max_stages=max_stages, max_tokens=max_tokens)
-        n_mem = d["max_states_in_memory"] if max_states_in_memory is None else max_states_in_memory
+    def __init__(self, config: EnvConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise TypeError("pass either config=EnvConfig(...) or keyword arguments, not both")
+        unknown = sorted(set(kwargs) - set(EnvConfig.names()))
+        if unknown:
+            raise TypeError(f"unknown argument(s) {unknown}; the env takes "
+                            f"{list(EnvConfig.names())}")
+        self.config = cfg = config if config is not None else EnvConfig(**kwargs)
+        self.task_name, self.scale, self.device = cfg.task, cfg.scale, cfg.device
+        self.model_name = cfg.model
+        self.stages, self.steps_per_stage = cfg.stages, cfg.steps_per_stage
+        self.dev_size, self.test_size = cfg.dev_size, cfg.test_size
+        self.dev_metric, self.render_mode = cfg.dev_metric, cfg.render_mode
+        self._build_task()
+        self._build_spaces()
+        self.budget = Budget(max_stages=cfg.max_stages, max_tokens=cfg.max_tokens)
         self._store = StateStore(
-            n_mem,
+            cfg.max_states_in_memory,
             save=lambda state, path: state.save(path),
-            load=lambda path: TrainState.load(path, device=device),
-            directory=state_dir,
+            load=lambda path: TrainState.load(path, device=cfg.device),
+            directory=cfg.state_dir,
         )
         self._base_model: torch.nn.Module | None = None  # pristine base weights (never trained)
         self._tokenizer: Any = None
@@ -215,29 +217,37 @@ class LLMZeroEnv(gym.Env):
         self._reset_episode_fields()
 
     # ------------------------------------------------------------------ construction helpers
-    def _set_episode_sizes(self, defaults: dict[str, Any], stages: int | None,
-                           steps_per_stage: int | None, dev_size: int | None,
-                           test_size: int | None) -> None:
-        given = {"stages": stages, "steps_per_stage": steps_per_stage, "dev_size": dev_size,
-                 "test_size": test_size}
-        for name, value in given.items():
-            value = int(value if value is not None else defaults[name])
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-            setattr(self, name, value)
+    def _build_task(self) -> None:
+        """The task, with dev and test splits that hold `dev_size` and `test_size` problems.
 
-    def _build_task_and_spaces(self, difficulty: int | None, hparam_grid: dict | None,
-                               fixed_hparams: dict | None) -> None:
-        # Dev/test are generated at the task's default difficulty whatever the training level.
-        self.task = get_task(self.task_name, self.scale, data_path=self._data_path,
-                             **self._split_sizes(self.task_name, self.scale))
-        levels = tuple(self.task.difficulty_levels)
-        if difficulty is not None and difficulty not in levels:
-            raise ValueError(f"difficulty must be one of {levels}, got {difficulty!r}")
-        self.difficulty = difficulty if difficulty is not None else self.task.default_difficulty
+        Dev/test are built at the task's default difficulty whatever the training level, and only
+        resized when asked for more than the task's default (resizing dev changes test).
+        """
+        cfg = self.config
+        defaults = task_class(cfg.task).sizes[cfg.scale]
+        sizes = {f"{split}_size": n for split, n in (("dev", cfg.dev_size), ("test", cfg.test_size))
+                 if defaults[split] is not None and n > defaults[split]}
+        self.task = get_task(cfg.task, cfg.scale, data_path=cfg.data_path, **sizes)
+        for split, asked in (("dev", cfg.dev_size), ("test", cfg.test_size)):
+            try:  # the task refuses a split short of a size it was given ...
+                held = len(self.task.examples(split))
+            except SplitSizeError as err:
+                raise SplitSizeError(f"{split}_size={asked}: {err}") from err
+            if held < asked:  # ... and the env one short of its own (a paper-scale default)
+                raise SplitSizeError(
+                    f"{split}_size={asked} is more than task {cfg.task!r} holds at scale "
+                    f"{cfg.scale!r}: {held} distinct {split} problems"
+                    + (f" with dev_size={cfg.dev_size}" if split == "test" else "")
+                    + f"; pass {split}_size={held} or less")
+        self.difficulty = (cfg.difficulty if cfg.difficulty is not None
+                           else self.task.default_difficulty)
+
+    def _build_spaces(self) -> None:
+        cfg = self.config
         self.hparams: HParamSpace
         self.hparams, self.fixed_hparams = build_hparam_space(
-            self.task_name, self.scale, hparam_grid, fixed_hparams, levels, self.difficulty
+            cfg.task, cfg.scale, cfg.hparam_grid, cfg.fixed_hparams,
+            tuple(self.task.difficulty_levels), self.difficulty
         )
         # Building every GRPOConfig now turns a bad grid value into an error at construction.
         for name, grid in self.hparams.grids.items():
@@ -246,16 +256,6 @@ class LLMZeroEnv(gym.Env):
         self.action_space = self.hparams.space()
         self.observation_space = obs_layout.observation_space(len(self.hparams.names))
         self.observation_names = obs_layout.observation_names(self.hparams.names)
-
-    def _split_sizes(self, task: str, scale: str) -> dict[str, int]:
-        # Ask the task for bigger dev/test splits only when needed: resizing dev changes test.
-        probe = get_task(task, scale)
-        sizes = {}
-        if probe.size["dev"] is not None and self.dev_size > probe.size["dev"]:
-            sizes["dev_size"] = self.dev_size
-        if probe.size["test"] is not None and self.test_size > probe.size["test"]:
-            sizes["test_size"] = self.test_size
-        return sizes
 
     def _config(self, values: dict[str, Any]) -> tuple[GRPOConfig, int]:
         """GRPOConfig and training difficulty for controlled `values` plus the fixed ones."""
@@ -300,13 +300,13 @@ class LLMZeroEnv(gym.Env):
             model, self._base_model = self._base_model, None
         else:
             model = copy.deepcopy(self._base_model)
-        kwargs = {}
-        if self._eval_max_new_tokens is not None:
-            kwargs["eval_max_new_tokens"] = self._eval_max_new_tokens
+        cfg, kwargs = self.config, {}
+        if cfg.eval_max_new_tokens is not None:
+            kwargs["eval_max_new_tokens"] = cfg.eval_max_new_tokens
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
                        difficulty=self.difficulty, dev_size=self.dev_size,
-                       shuffle_rewards=self._shuffle_rewards,
-                       prompt_format=PromptFormat(self._tokenizer, self._enable_thinking), **kwargs)
+                       shuffle_rewards=cfg.shuffle_rewards,
+                       prompt_format=PromptFormat(self._tokenizer, cfg.enable_thinking), **kwargs)
 
     def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
         """Make the trainer of `seed` current (building it if needed); return its initial state.
@@ -335,8 +335,8 @@ class LLMZeroEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Restore the base model (cached after the first time) and its dev score."""
-        if seed is None and self._np_random is None and self._seed is not None:
-            seed = self._seed
+        if seed is None and self._np_random is None and self.config.seed is not None:
+            seed = self.config.seed
         super().reset(seed=seed)
         # An unseeded reset draws the next training seed from the env's RNG, as gymnasium expects.
         inner_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
@@ -354,20 +354,24 @@ class LLMZeroEnv(gym.Env):
             self._last = {
                 "metrics": [], "pathologies": [], "failure": None,
                 "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
-                "hparams": self._full_hparams(self.hparams.defaults),
+                "hparams": _full_hparams(*self._config(self.hparams.defaults)),
             }
             self._obs = obs_layout.build_observation(
-                None, score, self.hparams.normalized(self.hparams.default_action()), 0.0
+                None, score, self.hparams.positions(self.hparams.defaults), 0.0
             )
             self._seeds[inner_seed][1] = self.save_state()
         self.budget.seconds += time.perf_counter() - t0
         return self._obs.copy(), self._info()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Train one stage with the action's hyperparameters, then evaluate on dev."""
+        """Train one stage with the action's hyperparameters, then evaluate on dev.
+
+        `action`: a MultiDiscrete index array (a policy's), or a dict of hyperparameter values
+        (a controller's), whose missing names keep the last stage's values.
+        """
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
-        idx = self.hparams.validate(action)  # raises InvalidAction naming the parameter
+        values = self._stage_values(action)  # raises InvalidAction naming the parameter
         if self.done:
             raise RuntimeError(
                 "the episode is over (last stage reached, or truncated by divergence/OOM); "
@@ -376,12 +380,9 @@ class LLMZeroEnv(gym.Env):
         refusal = self.budget.refusal()
         if refusal is not None:
             raise BudgetExhausted(f"{refusal}; evaluate_test() and load_state() still work")
-        values = self.hparams.decode(idx)
         config, difficulty = self._config(values)
         dev_before = self.dev_score
-        result = self.trainer.train_stage(
-            config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
-        )
+        result = self._train_stage(config, difficulty)
         self._pay(result)
         self.stage += 1
         self.current_hparams = dict(values)
@@ -398,11 +399,26 @@ class LLMZeroEnv(gym.Env):
             "pathologies": self._pathologies(result),
             "failure": None if result.failure is None else str(result.failure),
             "samples": copy.deepcopy(evaluation.samples[:NUM_SAMPLES]) if evaluation else [],
-            "hparams": self._full_hparams(values),
+            "hparams": _full_hparams(config, difficulty),
         }
-        self._obs = self._stage_observation(result, config, idx, dev_before)
+        self._obs = self._stage_observation(result, config, values, dev_before)
         reward = float(self.dev_score - dev_before)
         return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _stage_values(self, action: Any) -> dict[str, Any]:
+        """The stage's controlled values, checked once: a dict of values is checked on the grids
+        and completed from the last stage's values; a policy's index array is decoded."""
+        if isinstance(action, Mapping):
+            values = self.hparams.complete(action, base=self.current_hparams)
+        else:
+            values = self.hparams.decode(action)
+        return values
+
+    def _train_stage(self, config: GRPOConfig, difficulty: int) -> StageResult:
+        """Train the current state by one stage of `config` and evaluate it on dev."""
+        return self.trainer.train_stage(
+            config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
+        )
 
     def _pay(self, result: StageResult) -> None:
         """Count the stage's cost, whatever happened in it; costs are never rewound."""
@@ -421,20 +437,16 @@ class LLMZeroEnv(gym.Env):
             found.append(FAILURE_PATHOLOGY[result.failure])
         return found
 
-    def _stage_observation(self, result: StageResult, config: GRPOConfig, idx: np.ndarray,
-                           dev_before: float) -> np.ndarray:
+    def _stage_observation(self, result: StageResult, config: GRPOConfig,
+                           values: dict[str, Any], dev_before: float) -> np.ndarray:
         diagnostics = obs_layout.stage_diagnostics(
             result.metrics, config.max_completion_length, self.dev_score, dev_before
         )
         if result.failure is not None:  # nothing was measured on the lost model
             diagnostics = obs_layout.failed(diagnostics)
         return obs_layout.build_observation(
-            diagnostics, self.dev_score, self.hparams.normalized(idx), self.stage / self.stages
+            diagnostics, self.dev_score, self.hparams.positions(values), self.stage / self.stages
         )
-
-    def _full_hparams(self, values: dict[str, Any]) -> dict[str, Any]:
-        config, difficulty = self._config(values)
-        return config.to_dict() | {DIFFICULTY: difficulty}
 
     def _info(self) -> dict[str, Any]:
         # Fresh objects on every call: callers keep infos, and gymnasium checks none are shared.

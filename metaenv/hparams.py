@@ -1,9 +1,12 @@
-"""The action space: per-task grids of absolute hyperparameter values, and their encoding.
+"""The action space: per-task grids of absolute hyperparameter values.
 
-One MultiDiscrete index per controlled hyperparameter selects a value from its grid. Grids are plain
-data (`default_grids(task, scale)`: grids shared by every task, plus the task's own completion
-lengths) that a user overrides per name with the env's `hparam_grid`; `"difficulty"` is the
-training-data difficulty level, every other name is a `GRPOConfig` field.
+Values are the currency: a stage is a dict {name: grid value}, which controllers build and
+`HParamSpace.complete` checks (the env's one check of a stage); `neighbour` moves a value along its
+grid. Indices exist for a MultiDiscrete policy only: one index per controlled name selects a value
+from its grid (`encode`, `decode`). Grids are plain data (`default_grids(task, scale)`: grids
+shared by every task, plus the task's own completion lengths) that a user overrides per name with
+the env's `hparam_grid`; `"difficulty"` is the training-data difficulty level, every other name is
+a `GRPOConfig` field.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ _PAPER_COMMON: dict[str, tuple] = {
 # e.g. hparam_grid={"epsilon": [0.1, 0.2, 0.3], "num_iterations": [2]}.
 CLIP_NAMES = ("epsilon", "epsilon_high")
 COMMON_GRIDS = {"embedded": _EMBEDDED_COMMON, "paper": _PAPER_COMMON}
-# Default value of each shared name (what `default_action()` selects and `encode` fills in when
-# given no base). Names absent here default to the GRPOConfig default.
+# Default value of each shared name (what `complete` and `encode` fill in when given no base).
+# Names absent here default to the GRPOConfig default.
 COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedded": {"learning_rate": 1e-4, "beta": 0.04, "temperature": 1.0, "num_generations": 8},
     "paper": {"learning_rate": 1e-6, "beta": 0.0, "temperature": 1.0, "num_generations": 8},
@@ -111,7 +114,7 @@ class HParamSpace:
         for name, grid in self.grids.items():
             if len(grid) == 0:
                 raise ValueError(f"hyperparameter {name!r} has an empty grid")
-            self.index(name, self.defaults[name])  # every default must be on its grid
+            self.grid_value(name, self.defaults[name])  # every default must be on its grid
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -125,33 +128,44 @@ class HParamSpace:
         """The gymnasium action space of this grid."""
         return spaces.MultiDiscrete(self.nvec)
 
-    def index(self, name: str, value: Any, snap: bool = False) -> int:
-        """Grid index of `value` for `name`; raises naming both unless `snap` takes the nearest."""
+    def grid_value(self, name: str, value: Any, snap: bool = False) -> Any:
+        """The grid's own value equal to `value` for `name` (a float made by arithmetic, 0.1 *
+        3e-4, matches 3e-5); raises naming both unless `snap` takes the nearest."""
         if name not in self.grids:
             raise InvalidAction(
                 f"unknown hyperparameter {name!r}; controlled names are {list(self.names)}"
             )
         grid = self.grids[name]
-        for i, v in enumerate(grid):
+        for v in grid:
             if _same(v, value):
-                return i
+                return v
         numeric = _is_numeric_grid(grid)
         if snap and numeric and isinstance(value, int | float) and math.isfinite(value):
-            return grid.index(_nearest(grid, value))
+            return _nearest(grid, value)
         raise InvalidAction(
             f"{name}={value!r} is not on the grid; allowed values: {list(grid)}"
             + (" (pass snap=True for the nearest)" if numeric and not snap else "")
         )
 
-    def encode(
+    def index(self, name: str, value: Any, snap: bool = False) -> int:
+        """Grid index of `value` for `name` (as `grid_value` finds it)."""
+        on_grid = self.grid_value(name, value, snap)  # raises first, naming an unknown name
+        return self.grids[name].index(on_grid)
+
+    def complete(
         self,
         values: Mapping[str, Any],
         *,
         base: Mapping[str, Any] | None = None,
         snap: bool = False,
-    ) -> np.ndarray:
-        """Action for `values`; names it lacks take their value in `base` (a full set of values,
-        e.g. the last stage's; other names in it are ignored), or the defaults without one."""
+    ) -> dict[str, Any]:
+        """Every controlled name's grid value: `values` checked on the grids (or, with `snap`,
+        moved to the nearest grid value), and the names it lacks from `base` (a full set of values,
+        e.g. the last stage's; other names in it are ignored), or the defaults without one.
+
+        This is the one check a stage's values pass; it returns the grid's own values, so a float
+        made by arithmetic (0.1 * 3e-4) trains exactly as the grid value 3e-5 does.
+        """
         unknown = [k for k in values if k not in self.grids]
         if unknown:
             raise InvalidAction(
@@ -162,7 +176,30 @@ class HParamSpace:
         if lacking:
             raise InvalidAction(f"base lacks {lacking}: it must give every controlled name")
         merged = {**fill, **values}
-        return np.array([self.index(n, merged[n], snap) for n in self.names], dtype=np.int64)
+        return {n: self.grid_value(n, merged[n], snap) for n in self.names}
+
+    def encode(
+        self,
+        values: Mapping[str, Any],
+        *,
+        base: Mapping[str, Any] | None = None,
+        snap: bool = False,
+    ) -> np.ndarray:
+        """The MultiDiscrete action of `values` (completed as `complete` does), for a policy that
+        acts in indices; controllers pass the values themselves to `env.step`."""
+        full = self.complete(values, base=base, snap=snap)
+        return np.array([self.index(n, full[n]) for n in self.names], dtype=np.int64)
+
+    def neighbour(self, name: str, value: Any, delta: int, clamp: bool = True) -> Any:
+        """The grid value `delta` steps from `value` (snapped to the grid) along `name`'s grid.
+
+        Past the grid's end: its last (or first) value when `clamp`, else None.
+        """
+        grid = self.grids[name]
+        i = self.index(name, value, snap=True) + delta
+        if 0 <= i < len(grid):
+            return grid[i]
+        return grid[min(max(i, 0), len(grid) - 1)] if clamp else None
 
     def validate(self, action: Any) -> np.ndarray:
         """Check an action against the grids; returns it as int64 or raises naming the parameter."""
@@ -192,9 +229,10 @@ class HParamSpace:
     def default_action(self) -> np.ndarray:
         return np.array([self.index(n, self.defaults[n]) for n in self.names], dtype=np.int64)
 
-    def normalized(self, action: Any) -> np.ndarray:
-        """Each index divided by its grid's last index, in [0, 1] (0 for one-value grids)."""
-        idx = self.validate(action).astype(np.float32)
+    def positions(self, values: Mapping[str, Any]) -> np.ndarray:
+        """Where each controlled value lies on its grid: its index over the grid's last index, in
+        [0, 1] (0 for one-value grids); the observation's view of the hyperparameters."""
+        idx = np.array([self.index(n, values[n]) for n in self.names], dtype=np.float32)
         top = np.maximum(self.nvec - 1, 1).astype(np.float32)
         return idx / top
 
@@ -221,6 +259,7 @@ def build_hparam_space(
     both = set(hparam_grid) & set(fixed_hparams or {})
     if both:
         raise ValueError(f"{sorted(both)} are both in hparam_grid and fixed_hparams; choose one")
+    _check_values(hparam_grid, fixed)
 
     levels = tuple(difficulty_levels) if difficulty_levels is not None else None
     config_defaults = GRPOConfig().to_dict()
@@ -245,6 +284,26 @@ def build_hparam_space(
         fixed[DIFFICULTY] = default_difficulty
     _check_clip_acts(grids, fixed, config_defaults["num_iterations"])
     return HParamSpace(grids, defaults), fixed
+
+
+def _check_values(hparam_grid: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    """Each grid a non-empty list (or None), and no number in a grid or a fixed value that is
+    not finite: ValueError naming the argument, the name and the value."""
+    for name, grid in hparam_grid.items():
+        if grid is None:
+            continue
+        if isinstance(grid, str | bytes | Mapping) or not isinstance(grid, Sequence) or not grid:
+            raise ValueError(f"hparam_grid[{name!r}]={grid!r}: a grid is a non-empty list of "
+                             "values (or None, to leave the name uncontrolled)")
+        for value in grid:
+            _check_finite(f"hparam_grid[{name!r}]", value)
+    for name, value in fixed.items():
+        _check_finite(f"fixed_hparams[{name!r}]", value)
+
+
+def _check_finite(where: str, value: Any) -> None:
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        raise ValueError(f"{where} holds {value!r}: hyperparameter values must be finite numbers")
 
 
 def _check_clip_acts(grids: Mapping[str, tuple], fixed: Mapping[str, Any],

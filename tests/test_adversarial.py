@@ -40,7 +40,7 @@ ADVERSARIAL = {
 @pytest.fixture(scope="module")
 def loaded():
     """One small example per task; each reward path is exercised once so imports are warm."""
-    tasks._CACHE.clear()
+    tasks.base._CACHE.clear()
     out = {}
     for name in task_names():
         task = get_task(name, train_size=8, dev_size=4, test_size=4)

@@ -399,3 +399,49 @@ def test_a_new_pathology_is_one_table_row_and_optionally_one_skill(monkeypatch):
     summary = StateSummary(DEFAULTS, metrics=metrics)  # detected from the metrics
     assert summary.pathologies == ("long_answers",)
     assert lib.proposals(summary, SPACE, 1)[0].skill == "shorten"
+
+
+@pytest.mark.parametrize("name", sorted(controllers.REGISTRY))
+@pytest.mark.parametrize("budget", [1.5, True, -1])
+def test_a_budget_that_is_not_a_whole_number_of_stages_is_named_before_anything_runs(
+        monkeypatch, name, budget):
+    def refuse(self):
+        raise AssertionError("a model was loaded before the budget was checked")
+
+    monkeypatch.setattr(metaenv.LLMZeroEnv, "_load_base", refuse)
+    env = gym.make("LLMZero-GSM8K-v0")
+    with pytest.raises(ValueError, match=rf"budget must be >= 0 and an int.*got {budget!r}"):
+        controllers.make(name).run(env, budget, seed=0)
+    assert env.unwrapped.budget.stages == 0
+
+
+@pytest.mark.parametrize("name, kwargs, words", [
+    ("pbt", {"frac": 0.7}, ["frac", "(0.0, 0.5]", "0.7"]),
+    ("pbt", {"population": 2.5}, ["population", "an int", "2.5"]),
+    ("pbt", {"perturb_prob": 0.9, "resample_prob": 0.2}, ["perturb_prob + resample_prob"]),
+    ("tpe", {"min_trials": 0}, ["min_trials", ">= 1", "got 0"]),
+    ("random", {"reduction_factor": 1}, ["reduction_factor", ">= 2", "got 1"]),
+    ("tpe", {"n_startup_trials": -1}, ["n_startup_trials", ">= 0"]),
+    ("grid", {"stages": 0}, ["stages", ">= 1", "got 0"]),
+    ("skills", {"width": 0}, ["width", ">= 1", "got 0"]),
+    ("skills", {"max_width": 1.5}, ["max_width", "an int", "1.5"]),
+    ("sb3", {"episodes": 0}, ["episodes", ">= 1", "got 0"]),
+    ("progressive", {"coverage": 0.0}, ["coverage", "(0.0, 1.0]", "got 0.0"]),
+    ("fixed", {"overrides": [("beta", 0.0)]}, ["overrides", "dict"]),
+    ("llmzero", {"k": 2.5}, ["k must be >= 1", "2.5"]),
+    ("llmzero", {"c_uct": -0.5}, ["c_uct", ">= 0", "-0.5"]),
+    ("llmzero", {"margin": float("nan")}, ["margin", "finite", "nan"]),
+])
+def test_a_bad_controller_setting_is_named_at_construction(name, kwargs, words):
+    with pytest.raises(ValueError) as caught:
+        controllers.make(name, **kwargs)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_an_unknown_controller_setting_names_the_controller_and_its_settings():
+    with pytest.raises(TypeError, match=r"controller 'grid' takes no setting\(s\) \['n_pointz'\]; "
+                                        r"it takes \[.*'order'.*\]"):
+        controllers.make("grid", n_pointz=3)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['kk'\] for llmzero"):
+        controllers.make("llmzero", kk=3)

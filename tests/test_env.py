@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +20,7 @@ from inner.state import CorruptStateError
 from inner.tasks.gsm8k import GSM8KTask
 from metaenv import BudgetExhausted
 from metaenv import observation as obs_layout
+from metaenv.config import EnvConfig
 from metaenv.env import LLMZeroEnv
 from metaenv.hparams import InvalidAction, build_hparam_space, default_grids
 from metaenv.pathologies import (
@@ -125,7 +128,7 @@ def test_user_grid_overrides_and_fixed_values():
 
 
 def test_a_task_registered_after_import_gets_its_gym_id_and_its_own_grids(monkeypatch):
-    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks.base, "_REGISTRY", dict(tasks.base._REGISTRY))
 
     class ShortGSM8K(GSM8KTask):
         name, env_id = "gsm8k-short", "LLMZero-GSM8KShort-v0"
@@ -227,6 +230,79 @@ def make(env_id="LLMZero-GSM8K-v0", **overrides) -> gym.Env:
     return gym.make(env_id, **(TINY | overrides))
 
 
+def _no_model_loads(monkeypatch):
+    def refuse(self):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(LLMZeroEnv, "_load_base", refuse)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"dev_size": 5000}, ["dev_size=5000", "'gsm8k'", "distinct problems", "or less"]),
+    ({"hparam_grid": {"learning_rate": [1e-4, math.inf]}},
+     ["hparam_grid['learning_rate']", "inf", "finite"]),
+    ({"hparam_grid": {"beta": []}}, ["hparam_grid['beta']=[]", "non-empty list"]),
+    ({"fixed_hparams": {"beta": math.nan}}, ["fixed_hparams['beta']", "nan", "finite"]),
+    ({"eval_max_new_tokens": 0}, ["eval_max_new_tokens", ">= 1", "got 0"]),
+    ({"eval_max_new_tokens": -3}, ["eval_max_new_tokens", ">= 1", "got -3"]),
+    ({"stages": 2.7}, ["stages", "an int", "got 2.7"]),
+    ({"stages": True}, ["stages", "not a float or a bool", "got True"]),
+    ({"steps_per_stage": 0}, ["steps_per_stage", ">= 1", "got 0"]),
+    ({"device": "tpu"}, ["device='tpu'", "not a torch device", "allowed: 'cpu'"]),
+    ({"device": "cuda:99" if torch.cuda.is_available() else "cuda"},
+     ["device='cuda", "not available", "allowed: 'cpu'"]),
+    ({"difficulty": 9}, ["difficulty=9", "'gsm8k'", "allowed: [1, 2, 3, 4]"]),
+    ({"dev_metric": "f1"}, ["dev_metric", "'f1'", "'accuracy'"]),
+    ({"seed": -1}, ["seed", ">= 0", "got -1"]),
+])
+def test_a_bad_argument_is_named_before_any_model_loads(monkeypatch, kwargs, words):
+    _no_model_loads(monkeypatch)
+    with pytest.raises(ValueError) as caught:
+        gym.make("LLMZero-GSM8K-v0", **kwargs)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_a_split_shorter_than_the_env_asks_is_an_error_not_a_smaller_split(monkeypatch, tmp_path):
+    # Paper scale, a local file of 40 train rows: dev is carved from it (10 problems), and the
+    # env's default dev_size (128) is under the task's own default (200), which only caps.
+    _no_model_loads(monkeypatch)
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}.\n#### {2 * i}"}
+            for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    with pytest.raises(tasks.SplitSizeError,
+                       match=r"dev_size=128 is more than task 'gsm8k' holds at scale 'paper': "
+                             r"10 distinct dev problems; pass dev_size=10 or less"):
+        gym.make("LLMZero-GSM8K-v0", scale="paper", data_path=str(tmp_path))
+    env = gym.make("LLMZero-GSM8K-v0", scale="paper", data_path=str(tmp_path), dev_size=10,
+                   test_size=4)
+    assert len(env.unwrapped.task.examples("dev")) == 10   # no model loaded: none was needed
+
+
+def test_a_state_dir_that_cannot_be_created_is_named_at_construction(monkeypatch, tmp_path):
+    _no_model_loads(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"state_dir=.*a-file/states.* cannot be created"):
+        gym.make("LLMZero-GSM8K-v0", state_dir=str(blocker / "states"))
+    made = tmp_path / "new" / "states"
+    gym.make("LLMZero-GSM8K-v0", state_dir=str(made))
+    assert made.is_dir()
+
+
+def test_unknown_arguments_and_a_config_object():
+    with pytest.raises(TypeError, match="unknown argument.*'stagez'.*'stages'"):
+        gym.make("LLMZero-GSM8K-v0", stagez=3)
+    env = LLMZeroEnv(config=EnvConfig(task="logic", stages=3))
+    assert env.config.stages == env.stages == 3 and env.config.dev_size == 64  # scale default
+    with pytest.raises(TypeError, match="either config"):
+        LLMZeroEnv(config=EnvConfig(), stages=3)
+    assert EnvConfig(model=Path("models") / "tiny").model == str(Path("models") / "tiny")
+    with pytest.raises(ValueError, match="model must be a Hugging Face id or a local path"):
+        EnvConfig(model="")
+
+
 @pytest.mark.parametrize("env_id", list(metaenv.env_ids().values()))
 def test_gymnasium_and_sb3_env_checkers_pass(env_id):
     env = make(env_id)
@@ -293,6 +369,45 @@ def test_save_step_load_step_is_identical_and_budget_is_not_rewound():
     assert uenv.hparams.decode(uenv.hparams.encode({}, base=uenv.current_hparams)) == state.hparams
 
 
+def test_a_dict_of_values_trains_exactly_as_its_indices_do_and_keeps_left_out_names():
+    env_a, env_b = make(), make()
+    env_a.reset(seed=3)
+    env_b.reset(seed=3)
+    space = env_a.unwrapped.hparams
+    values = {"learning_rate": 1e-3, "beta": 0.0}
+    by_index = env_a.step(space.encode(values))
+    # A float made by arithmetic trains as its grid value; the names left out keep their values.
+    by_value = env_b.step({"learning_rate": 0.1 * 1e-2, "beta": 0.0})
+    assert np.array_equal(by_index[0], by_value[0]) and by_index[1:4] == by_value[1:4]
+    assert by_index[4]["metrics"] == by_value[4]["metrics"]
+    assert by_index[4]["hparams"] == by_value[4]["hparams"]
+    assert env_b.unwrapped.current_hparams == space.defaults | values
+    env_b.step({"max_completion_length": 4})   # a partial stage: the last stage's lr and beta
+    assert env_b.unwrapped.current_hparams == space.defaults | values | {
+        "max_completion_length": 4}
+    with pytest.raises(InvalidAction, match=r"learning_rate=0\.5 is not on the grid"):
+        env_a.step({"learning_rate": 0.5})
+    with pytest.raises(InvalidAction, match="unknown hyperparameter 'lr'"):
+        env_a.step({"lr": 1e-3})
+    assert env_a.unwrapped.budget.stages == 1  # rejected actions cost nothing
+
+
+def test_neighbour_moves_along_the_grid_and_positions_place_values_on_it():
+    space, _ = build_hparam_space("gsm8k", difficulty_levels=(1, 2, 3), default_difficulty=1)
+    lrs = space.grids["learning_rate"]
+    assert space.neighbour("learning_rate", lrs[1], 1) == lrs[2]
+    assert space.neighbour("learning_rate", lrs[1], -1) == lrs[0]
+    assert space.neighbour("learning_rate", lrs[0], -1) == lrs[0]   # clamped at the end
+    assert space.neighbour("learning_rate", lrs[0], -1, clamp=False) is None
+    assert space.neighbour("learning_rate", lrs[-1], 3, clamp=False) is None
+    assert space.neighbour("learning_rate", 2e-4, 1) == 1e-3       # off-grid: snapped first
+    assert space.complete({"learning_rate": 0.1 * 3e-4})["learning_rate"] == 3e-5
+    top = {n: g[-1] for n, g in space.grids.items()}
+    assert np.array_equal(space.positions(top), np.ones(len(space.names), np.float32))
+    assert space.positions(space.defaults)[space.names.index("learning_rate")] == pytest.approx(
+        lrs.index(space.defaults["learning_rate"]) / (len(lrs) - 1))
+
+
 def test_invalid_action_names_the_parameter():
     env = make()
     env.reset(seed=0)
@@ -327,11 +442,15 @@ def test_out_of_memory_in_training_or_dev_eval_truncates_as_out_of_memory(monkey
 
 
 def test_forced_divergence_truncates_with_a_named_pathology_and_reset_recovers():
-    # An infinite learning rate makes AdamW's update non-finite whatever the gradients are.
-    env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, math.inf]})
+    # AdamW's decoupled decay scales every weight by 1 - lr x weight_decay = -1e37: the weights'
+    # norm overflows whatever the gradients are (a large lr alone moves nothing while every
+    # group's advantages are 0, as they are for this tiny model).
+    env = make(hparam_grid=TINY["hparam_grid"] | {"learning_rate": [1e-4, 1e30],
+                                                  "weight_decay": [0.0, 1e7]})
     env.reset(seed=0)
     space = env.unwrapped.hparams
-    obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
+    obs, reward, terminated, truncated, info = env.step(
+        space.encode({"learning_rate": 1e30, "weight_decay": 1e7}))
     assert truncated and not terminated
     assert "divergence" in info["pathologies"] and info["failure"] == "non_finite_weights"
     assert obs in env.observation_space and info["dev_score"] == 0.0

@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 
 import metaenv  # noqa: F401  (registers the env ids)
-from benchmarks import headroom, headroom_levels
+from benchmarks import episodes, headroom, headroom_levels
 from metaenv.hparams import build_hparam_space
 
 TINY = dict(stages=3, steps_per_stage=1, dev_size=4, test_size=4, eval_max_new_tokens=16,
@@ -21,7 +21,7 @@ def test_at_least_twelve_constant_and_twelve_adaptive_schedules_on_the_grid(task
     assert "default" in constant and len(constant) >= 12 and len(adaptive) >= 10  # + 2 searches
     for schedules, varying in ((constant, False), (adaptive, True)):
         for name, schedule in schedules.items():
-            stages = headroom.full(space, schedule)  # every stage encodes: all values on the grid
+            stages = episodes.full(space, schedule)  # every stage encodes: all values on the grid
             assert len(stages) == 8, name
             assert any(s != stages[0] for s in stages) == varying, name
 
@@ -30,16 +30,16 @@ def test_shared_prefixes_replay_exactly_and_a_rerun_resumes_from_the_log(tmp_pat
     env = gym.make("LLMZero-GSM8K-v0", **TINY)
     space = env.unwrapped.hparams
     lr_up = {"learning_rate": 1e-3}
-    a = headroom.full(space, [{}, {}, {}])
-    b = headroom.full(space, [{}, {}, lr_up])     # shares two stages with a
-    c = headroom.full(space, [{}, lr_up, lr_up])  # shares one stage with both
+    a = episodes.full(space, [{}, {}, {}])
+    b = episodes.full(space, [{}, {}, lr_up])     # shares two stages with a
+    c = episodes.full(space, [{}, lr_up, lr_up])  # shares one stage with both
 
     def score(e):
         return {"test": e.unwrapped.evaluate_test()}
 
-    shared = headroom.Episodes(tmp_path / "shared.jsonl").run(env, "gsm8k", 3, [a, b, c], score)
+    shared = episodes.Episodes(tmp_path / "shared.jsonl").run(env, "gsm8k", 3, [a, b, c], score)
     stages_shared = env.unwrapped.budget.stages
-    alone = [headroom.Episodes(tmp_path / f"{i}.jsonl").run(env, "gsm8k", 3, [s], score)[0]
+    alone = [episodes.Episodes(tmp_path / f"{i}.jsonl").run(env, "gsm8k", 3, [s], score)[0]
              for i, s in enumerate((a, b, c))]
     assert stages_shared == 3 + 1 + 2  # a whole, then b's and c's unshared stages
     for x, y in zip(shared, alone, strict=True):
@@ -51,14 +51,14 @@ def test_shared_prefixes_replay_exactly_and_a_rerun_resumes_from_the_log(tmp_pat
         raise AssertionError("a logged episode was trained again")
 
     env.unwrapped.step = no_training
-    again = headroom.Episodes(tmp_path / "shared.jsonl").run(env, "gsm8k", 3, [c, a], score)
+    again = episodes.Episodes(tmp_path / "shared.jsonl").run(env, "gsm8k", 3, [c, a], score)
     assert again == [shared[2], shared[0]]
 
 
 def test_paired_gap_has_a_t_interval_and_fresh_test_seeds_are_enforced():
-    gap = headroom.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
+    gap = episodes.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
     assert gap["mean"] == pytest.approx(0.1333, abs=1e-3) and gap["ci"][0] < 0.133 < gap["ci"][1]
-    assert headroom.paired([0.5, 0.5], [0.4, 0.4])["ci"] == [pytest.approx(0.1)] * 2
+    assert episodes.paired([0.5, 0.5], [0.4, 0.4])["ci"] == [pytest.approx(0.1)] * 2
     with pytest.raises(SystemExit, match="test seeds must be fresh"):
         headroom.main(["--selection-seeds", "1", "--test-seeds", "1", "2", "--out", "unused"])
 

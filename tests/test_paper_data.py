@@ -22,7 +22,7 @@ def offline(monkeypatch):
     """No test here may reach the network: the hub is switched off for `datasets`."""
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(tasks, "_CACHE", {})
+    monkeypatch.setattr(tasks.base, "_CACHE", {})
 
 
 ISLAND = (

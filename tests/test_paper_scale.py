@@ -21,11 +21,11 @@ from benchmarks.leaderboard.harness import main as leaderboard
 from benchmarks.leaderboard.harness import registered_controllers
 from inner.config import GRPOConfig
 from inner.models import load_model
-from inner.models import main as models_cli
 from inner.prompts import SYSTEM_PROMPT, PromptFormat, final_answer
 from inner.state import TrainState
 from inner.tasks import get_task
 from inner.tiny_qwen3 import build_tiny_qwen3
+from inner.tiny_qwen3 import main as tiny_qwen3_cli
 from inner.trainer import Trainer
 
 # The local GSM8K rows take one or four calculation steps: difficulty levels 1 and 2 (0 = all).
@@ -73,7 +73,7 @@ def env(tiny_qwen3_dir, data_root):
 
 
 def test_tiny_qwen3_command_writes_a_directory_that_loads_as_qwen3(tmp_path):
-    models_cli(["tiny-qwen3", "--out", str(tmp_path / "a")])
+    tiny_qwen3_cli(["--out", str(tmp_path / "a")])
     model, tokenizer = load_model(str(tmp_path / "a"))
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.model_type == "qwen3"
     assert model.dtype == torch.float32 and model.config.tie_word_embeddings
@@ -185,11 +185,13 @@ def test_paper_env_trains_forks_and_replays_bit_identically(env):
 
 
 def test_paper_env_forced_divergence_truncates_and_reset_recovers(tiny_qwen3_dir, data_root):
-    env = make_env(tiny_qwen3_dir, data_root, hparam_grid=GRID | {"learning_rate": [1e-3,
-                                                                                    math.inf]})
+    # lr x weight_decay = 1e37: AdamW's decay overflows the weights' norm whatever the gradients.
+    env = make_env(tiny_qwen3_dir, data_root, hparam_grid=GRID | {"learning_rate": [1e-3, 1e30],
+                                                                  "weight_decay": [0.0, 1e7]})
     env.reset(seed=0)
     space = env.unwrapped.hparams
-    obs, reward, terminated, truncated, info = env.step(space.encode({"learning_rate": math.inf}))
+    obs, reward, terminated, truncated, info = env.step(
+        space.encode({"learning_rate": 1e30, "weight_decay": 1e7}))
     assert truncated and not terminated and "divergence" in info["pathologies"]
     assert info["failure"] == "non_finite_weights" and info["dev_score"] == 0.0
     env.reset(seed=0)

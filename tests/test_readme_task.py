@@ -56,9 +56,10 @@ def test_the_own_controller_block_registers_and_walks_the_learning_rate_down():
             super().__init__(env)
             self.stages = []
 
-        def step(self, action):
-            self.stages.append(self.unwrapped.hparams.decode(action))
-            return super().step(action)
+        def step(self, action):  # a dict of values (a controller's) or indices (a policy's)
+            out = super().step(action)
+            self.stages.append(out[-1]["hparams"])  # the stage's every value, as trained
+            return out
 
     namespace = {}
     exec(python_block("Your own controller"), namespace)

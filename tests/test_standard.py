@@ -29,7 +29,7 @@ from benchmarks.leaderboard.harness import (
 )
 from controllers.base import RunResult, Tracker, default_hparams
 from controllers.fixed import Fixed
-from metaenv.env import SCALE_DEFAULTS
+from metaenv.config import SCALE_DEFAULTS
 
 # Two-stage episodes of one GRPO step of 2 prompts x 4 completions, 8 dev/test examples scored
 # by mean score, and a learning rate at which two stages move the test score of the shipped

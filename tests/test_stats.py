@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 from scipy.stats import trim_mean
 
 from benchmarks.leaderboard import stats
@@ -236,3 +237,18 @@ def test_performance_profile_known_values_and_band():
     assert point.tolist() == lo.tolist() == hi.tolist() == [0.5]
     with pytest.raises(ValueError, match="2 seeds"):
         stats.performance_profile(scores[:1], [0.5])
+
+
+def test_the_seeds_x_items_bootstrap_with_one_item_per_seed_is_scipys_over_seeds():
+    # scipy has no hierarchical (seeds, then items within a seed) bootstrap, so that one is ours.
+    # With one item per seed the items add nothing: it is scipy's percentile bootstrap of the
+    # per-seed differences, and it draws the very same seeds from the same generator.
+    rng = np.random.default_rng(4)
+    x = {s: [float(v)] for s, v in enumerate(rng.random(9))}
+    ref = {s: [float(v)] for s, v in enumerate(rng.random(9))}
+    ours = stats.paired_difference(x, ref, n_boot=5000, seed=11)
+    diffs = np.array([x[s][0] - ref[s][0] for s in range(9)])
+    ci = scipy.stats.bootstrap((diffs,), np.mean, n_resamples=5000, method="percentile",
+                               rng=np.random.default_rng(11)).confidence_interval
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    assert ours.mean_diff == pytest.approx(diffs.mean())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import statistics
+from fractions import Fraction
 
 import pytest
 
@@ -13,7 +14,7 @@ from inner.tasks import Example, arith, get_task, task_names
 from inner.tasks.answers import boxed_answer, hash_answer, math_equal, tagged_answer
 from inner.tasks.countdown import solve
 from inner.tasks.logic import parse_assignment
-from inner.tasks.math_task import equation_solution
+from inner.tasks.math_task import equation_solution, linear_form
 
 SMALL = dict(train_size=200, dev_size=40, test_size=60)
 
@@ -23,7 +24,7 @@ def private_cache(tmp_path_factory):
     """This module builds its data afresh, once, with a private on-disk cache."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMZERO_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(tasks, "_CACHE", {})
+        mp.setattr(tasks.base, "_CACHE", {})
         yield
 
 
@@ -106,10 +107,10 @@ def test_embedded_prompts_and_solutions_are_compact(name):
 
 def test_seeded_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMZERO_CACHE", str(tmp_path))
-    monkeypatch.setattr(tasks, "_CACHE", {})
+    monkeypatch.setattr(tasks.base, "_CACHE", {})
     first = get_task("countdown", train_size=10, dev_size=10, test_size=10).examples("dev")
     assert list((tmp_path / "tasks").glob("countdown-*.json"))
-    monkeypatch.setattr(tasks, "_CACHE", {})
+    monkeypatch.setattr(tasks.base, "_CACHE", {})
 
     def no_generation(*args, **kwargs):
         raise AssertionError("should have been read from the disk cache")
@@ -170,8 +171,8 @@ class Reverse(tasks.Task):
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry (and no subscribers), restored after the test."""
-    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
-    monkeypatch.setattr(tasks, "_HOOKS", [])
+    monkeypatch.setattr(tasks.base, "_REGISTRY", dict(tasks.base._REGISTRY))
+    monkeypatch.setattr(tasks.base, "_HOOKS", [])
 
 
 def test_the_built_in_tasks_are_registered_in_order_with_their_own_data():
@@ -285,6 +286,9 @@ def test_math_answer_extraction_and_equivalence():
     )
     assert equation_solution("8-o=6", "o") == ("-o=-2\no=2\n\\boxed{2}", "2")
     assert equation_solution("x*x=4", "x") is None  # not linear
+    assert linear_form("-(4*t-6)+2*t", "t") == (Fraction(-2), Fraction(6))
+    for side in ("x*x", "2x", "x/2", "y+1", "1e3+x", "()", "(x+1", "__import__('os')"):
+        assert linear_form(side, "x") is None, side   # non-linear, or not the generator's text
 
 
 def test_countdown_checker():

@@ -81,9 +81,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     import optuna
     import torch
 
-    import controllers
     import metaenv  # noqa: F401  (registers the env ids)
-    from controllers.base import LLM_COST_KEYS
 
     torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
@@ -97,60 +95,83 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     if on_stage is not None:
         on_stage(spec.key, 0)
     try:
-        if spec.controller == BASE:
-            # The untrained model: its dev score is the env's root, its test score the baseline.
-            rec_env.reset(seed=spec.seed)
-            base_dev = float(env.unwrapped.base_dev_score)
-            test = _test_score(env)
-            return RunRecord(task=spec.task, controller=BASE, seed=spec.seed, test_score=test,
-                             test_correct=_test_correct(env),
-                             dev_score=base_dev, base_dev_score=base_dev, budget=0,
-                             stages_spent=0, wall_s=time.time() - started, started_at=started,
-                             finished_at=time.time(), anytime=[(0, base_dev)],
-                             settings={"env_id": spec.env_id, "env_kwargs": env_kwargs})
-        ctrl = controllers.make(spec.make_name or spec.controller, **spec.make_kwargs)
-        result = ctrl.run(rec_env, spec.budget, spec.seed)
-        # The protocol: the controller decided on dev; the harness scores its choice once on test.
-        env.unwrapped.load_state(result.final_state)
-        test = _test_score(env)
-        test_correct = _test_correct(env)  # now: a later evaluate_test would overwrite it
-        # The env's own counters are the authority on what was spent (a fresh env per run).
-        budget = env.unwrapped.budget
-        spent = int(budget.stages)
-        base_dev = float(env.unwrapped.base_dev_score)  # the loaded path's root: the base model
-        cost = {k: float(v) for k, v in (result.cost or {}).items()}
-        anytime = [(int(s), float(b)) for s, b in (result.anytime or [])]
-        if not anytime:  # a user's controller may not report one; rebuild it from the stages
-            best = base_dev
-            anytime = [(0, best)]
-            for i, s in enumerate(rec_env.stages, 1):
-                best = max(best, s.dev_score)
-                anytime.append((i, best))
-        extra = {"cost": cost, **{k: cost.get(k, 0.0) for k in LLM_COST_KEYS},
-                 "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
-        if getattr(ctrl, "unspent_reason", None):  # why an open-loop controller stops early
-            extra["unspent_reason"] = ctrl.unspent_reason
-        # Who proposed each stage, in training order, where the controller says (llmzero does).
-        sources = [t["source"] for t in result.trials or [] if "source" in t]
-        if sources:
-            extra["stage_sources"] = sources
-        if spent != len(rec_env.stages):
-            # Stages trained without going through env.step would escape the run log: say so.
-            extra["warning"] = (f"the env trained {spent} stages, "
-                                f"env.step saw {len(rec_env.stages)}")
-        return RunRecord(
-            task=spec.task, controller=spec.controller, seed=spec.seed, test_score=test,
-            test_correct=test_correct, dev_score=float(result.dev_score), base_dev_score=base_dev,
-            budget=spec.budget, stages_spent=spent, tokens=float(budget.tokens),
-            seconds=float(budget.seconds), wall_s=time.time() - started, started_at=started,
-            finished_at=time.time(), schedule=[plain(h) for h in result.schedule],
-            stages=rec_env.stages, anytime=anytime,
-            settings={"env_id": spec.env_id, "env_kwargs": env_kwargs,
-                      "controller": spec.make_name or spec.controller,
-                      "controller_kwargs": spec.make_kwargs},
-            extra=extra)
+        run = _base_run if spec.controller == BASE else _controller_run
+        return run(spec, rec_env, {"env_id": spec.env_id, "env_kwargs": env_kwargs}, started)
     finally:
         env.close()
+
+
+def _base_run(spec: RunSpec, rec_env: StageRecorder, settings: dict[str, Any],
+              started: float) -> RunRecord:
+    """The untrained model: its dev score is the env's root, its test score the baseline."""
+    rec_env.reset(seed=spec.seed)
+    base_dev = float(rec_env.unwrapped.base_dev_score)
+    test = _test_score(rec_env)
+    return RunRecord(task=spec.task, controller=BASE, seed=spec.seed, test_score=test,
+                     test_correct=_test_correct(rec_env),
+                     dev_score=base_dev, base_dev_score=base_dev, budget=0,
+                     stages_spent=0, wall_s=time.time() - started, started_at=started,
+                     finished_at=time.time(), anytime=[(0, base_dev)], settings=settings)
+
+
+def _controller_run(spec: RunSpec, rec_env: StageRecorder, settings: dict[str, Any],
+                    started: float) -> RunRecord:
+    """The controller decides on dev; the harness scores its choice once on test."""
+    import controllers
+
+    ctrl = controllers.make(spec.make_name or spec.controller, **spec.make_kwargs)
+    result = ctrl.run(rec_env, spec.budget, spec.seed)
+    u = rec_env.unwrapped
+    u.load_state(result.final_state)
+    test = _test_score(rec_env)
+    test_correct = _test_correct(rec_env)  # now: a later evaluate_test would overwrite it
+    # The env's own counters are the authority on what was spent (a fresh env per run).
+    spent = int(u.budget.stages)
+    base_dev = float(u.base_dev_score)  # the loaded path's root: the base model
+    return RunRecord(
+        task=spec.task, controller=spec.controller, seed=spec.seed, test_score=test,
+        test_correct=test_correct, dev_score=float(result.dev_score), base_dev_score=base_dev,
+        budget=spec.budget, stages_spent=spent, tokens=float(u.budget.tokens),
+        seconds=float(u.budget.seconds), wall_s=time.time() - started, started_at=started,
+        finished_at=time.time(), schedule=[plain(h) for h in result.schedule],
+        stages=rec_env.stages, anytime=_anytime(result, rec_env, base_dev),
+        settings=settings | {"controller": spec.make_name or spec.controller,
+                             "controller_kwargs": spec.make_kwargs},
+        extra=_run_extra(ctrl, result, rec_env, spent))
+
+
+def _anytime(result: Any, rec_env: StageRecorder, base_dev: float) -> list[tuple[int, float]]:
+    """The run's (stages spent, best dev) curve; rebuilt from the stages for a user's controller
+    that does not report one."""
+    anytime = [(int(s), float(b)) for s, b in (result.anytime or [])]
+    if not anytime:
+        best = base_dev
+        anytime = [(0, best)]
+        for i, s in enumerate(rec_env.stages, 1):
+            best = max(best, s.dev_score)
+            anytime.append((i, best))
+    return anytime
+
+
+def _run_extra(ctrl: Any, result: Any, rec_env: StageRecorder, spent: int) -> dict[str, Any]:
+    """What the record keeps beside the scores: cost, LLM counts, trials, unspent reason, who
+    proposed each stage, and a warning when stages escaped the run log."""
+    from controllers.base import LLM_COST_KEYS
+
+    cost = {k: float(v) for k, v in (result.cost or {}).items()}
+    extra = {"cost": cost, **{k: cost.get(k, 0.0) for k in LLM_COST_KEYS},
+             "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
+    if getattr(ctrl, "unspent_reason", None):  # why an open-loop controller stops early
+        extra["unspent_reason"] = ctrl.unspent_reason
+    # Who proposed each stage, in training order, where the controller says (llmzero does).
+    sources = [t["source"] for t in result.trials or [] if "source" in t]
+    if sources:
+        extra["stage_sources"] = sources
+    if spent != len(rec_env.stages):
+        # Stages trained without going through env.step would escape the run log: say so.
+        extra["warning"] = (f"the env trained {spent} stages, "
+                            f"env.step saw {len(rec_env.stages)}")
+    return extra
 
 
 def worker_env_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +205,7 @@ def execute(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
 
 def episode_stages(spec: RunSpec) -> int:
     """Stages in one episode of the run's env (its explicit setting, else the scale's default)."""
-    from metaenv.env import SCALE_DEFAULTS
+    from metaenv.config import SCALE_DEFAULTS
 
     stages = spec.env_kwargs.get("stages")
     return int(stages if stages is not None
@@ -230,7 +251,7 @@ def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int) -> int:
     try:
         u = env.unwrapped
         env.reset(seed=seed)
-        env.step(u.hparams.default_action())
+        env.step(u.hparams.defaults)
         return int(u.budget.tokens)
     finally:
         env.close()
@@ -261,8 +282,7 @@ def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int) -> d
         env.reset(seed=seed)
         for hp in json.loads(schedule_key):
             # As the Tracker trains a stage: names a stage leaves out keep the last stage's value.
-            _, _, terminated, truncated, _ = env.step(u.hparams.encode(hp,
-                                                                       base=u.current_hparams))
+            _, _, terminated, truncated, _ = env.step(hp)
             if terminated or truncated:
                 break
         out: dict[str, Any] = {"seed": seed, "test_score": _test_score(env),

@@ -52,7 +52,7 @@ from benchmarks.leaderboard import report, runlog
 from benchmarks.leaderboard.executors import BUDGET_UNITS, RunSpec, make_executor
 from benchmarks.leaderboard.runlog import BASE
 from inner.tasks import task_names
-from metaenv.env import SCALE_DEFAULTS
+from metaenv.config import SCALE_DEFAULTS
 
 TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.

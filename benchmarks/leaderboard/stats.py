@@ -6,9 +6,12 @@ and evaluation items), so a controller is compared with its reference (grid sear
 default schedule) seed by seed and item by item, never as two independent samples. A run's test
 score is the mean of its item vector.
 
-- ``bootstrap_ci``: the mean of one sample (a controller's test scores over seeds) and its CI.
+- ``bootstrap_ci``: the mean of one sample (a controller's test scores over seeds) and its CI
+  (``scipy.stats.bootstrap``).
 - ``paired_difference`` / ``compare_tasks``: the mean paired difference on a task, a bootstrap CI
-  over seeds and items, a verdict, and a sign-flip p-value over seeds, Holm-adjusted across tasks.
+  over seeds and items (our own: scipy has no hierarchical bootstrap), a verdict, and a sign-flip
+  p-value over seeds (``scipy.stats.permutation_test``), Holm-adjusted across tasks
+  (``statsmodels``' ``multipletests``).
 - ``probability_of_improvement``: P(X > Y) over paired seeds, averaged over tasks.
 - ``iqm`` / ``iqm_ci``: the interquartile mean across tasks x seeds, with a stratified bootstrap.
 - ``performance_profile``: the share of runs scoring at least tau, with a stratified bootstrap band.
@@ -30,7 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import trim_mean
+from scipy.stats import bootstrap, permutation_test, trim_mean
+from statsmodels.stats.multitest import multipletests
 
 ItemScores = Mapping[int, Sequence[float]]  # seed -> that run's per-item test correctness (0/1)
 EXACT_MAX_SEEDS = 12  # up to 2**12 = 4096 sign patterns are enumerated; beyond, they are sampled
@@ -189,18 +193,22 @@ def _stratified_resamples(scores: np.ndarray, n_boot: int, rng: np.random.Genera
 
 def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 10_000,
                  seed: int = 0) -> Estimate:
-    """(mean, low, high): percentile bootstrap CI of the mean of one sample (e.g. over seeds).
+    """(mean, low, high): percentile bootstrap CI of the mean of one sample (e.g. over seeds),
+    ``scipy.stats.bootstrap``.
 
-    Empty input gives NaNs, one value a zero-width CI: the tables show what there is.
+    Empty input gives NaNs, one value (or all equal) a zero-width CI: the tables show what there
+    is (scipy refuses a sample without spread).
     """
     _check_bootstrap(level, n_boot)
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return Estimate(math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    return Estimate(float(x.mean()),
-                    *_percentiles(x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1),
-                                  level))
+    mean = float(x.mean())
+    if np.all(x == x[0]):
+        return Estimate(mean, mean, mean)
+    ci = bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=level,
+                   method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return Estimate(mean, float(ci.low), float(ci.high))
 
 
 # ---- paired differences -------------------------------------------------------------------------
@@ -219,22 +227,20 @@ def sign_flip_p_value(diffs: Sequence[float], n_perm: int = 10_000, seed: int = 
     """Two-sided paired sign-flip (permutation) test of mean(diffs) == 0; diffs one per seed.
 
     With no difference the two controllers are exchangeable within a seed, so each per-seed
-    difference is as likely to have either sign. Exact (all 2**n sign patterns, the observed one
-    included) for n <= EXACT_MAX_SEEDS; beyond, n_perm random patterns with p = (1 + hits) /
-    (1 + n_perm), so a sampled p is never 0. The smallest exact p is 2 / 2**n: 0.0625 at 5 seeds.
+    difference is as likely to have either sign: ``scipy.stats.permutation_test`` of one sample
+    flips signs. Exact (all 2**n sign patterns, the observed one included) for n <=
+    EXACT_MAX_SEEDS, or wherever n_perm >= 2**n; beyond, n_perm random patterns, with scipy's
+    (1 + hits) / (1 + n_perm) so a sampled p is never 0. The smallest exact p is 2 / 2**n: 0.0625
+    at 5 seeds.
     """
     d = np.asarray(diffs, dtype=np.float64)
     if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
         raise ValueError(f"diffs must be a non-empty 1-D finite vector, got {d!r}")
-    n = d.size
-    # Flipped sums that equal the observed one can differ from it in the last bits: count them.
-    threshold = abs(d.mean()) - 1e-12 * max(1.0, float(np.abs(d).max()))
-    if n <= EXACT_MAX_SEEDS:
-        signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(np.abs(signs @ d) / n >= threshold))
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, n))
-    hits = int(np.sum(np.abs(signs @ d) / n >= threshold))
-    return (1 + hits) / (1 + n_perm)
+    n_resamples = math.inf if d.size <= EXACT_MAX_SEEDS else n_perm
+    result = permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                              n_resamples=n_resamples, alternative="two-sided",
+                              rng=np.random.default_rng(seed))
+    return float(result.pvalue)
 
 
 def bootstrap_p_value(boot: ArrayLike) -> float:
@@ -251,7 +257,8 @@ def bootstrap_p_value(boot: ArrayLike) -> float:
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order (family-wise error control).
+    """Holm-Bonferroni adjusted p-values, in the input order (family-wise error control):
+    ``statsmodels``' ``multipletests(method="holm")``.
 
     The k-th smallest of m p-values is scaled by (m - k + 1), capped at 1, then made
     non-decreasing in that order so a smaller raw p never gets a larger adjusted one.
@@ -259,11 +266,9 @@ def holm(p_values: Sequence[float]) -> list[float]:
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
         raise ValueError(f"p-values must be a 1-D vector of numbers in [0, 1], got {p!r}")
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adjusted = np.empty(m)
-    adjusted[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
-    return adjusted.tolist()
+    if p.size == 0:
+        return []
+    return multipletests(p, method="holm")[1].tolist()
 
 
 def paired_difference(x: ItemScores, ref: ItemScores, level: float = 0.95, n_boot: int = 10_000,

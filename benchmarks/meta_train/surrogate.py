@@ -97,8 +97,7 @@ def _truncated(pathologies: Sequence[str]) -> bool:
 
 def root_observation(space: HParamSpace, base_dev: float) -> np.ndarray:
     """The real env's observation after reset: no diagnostics, default hyperparameters."""
-    return obs_layout.build_observation(None, base_dev, space.normalized(space.default_action()),
-                                        0.0)
+    return obs_layout.build_observation(None, base_dev, space.positions(space.defaults), 0.0)
 
 
 def transitions_from_record(rec: RunRecord, space: HParamSpace, stages: int) -> list[Transition]:
@@ -133,7 +132,7 @@ def transitions_from_record(rec: RunRecord, space: HParamSpace, stages: int) -> 
                                             s.dev_score, dev_before)
         if truncated:
             diag = obs_layout.failed(diag)
-        nxt = obs_layout.build_observation(diag, s.dev_score, space.normalized(action),
+        nxt = obs_layout.build_observation(diag, s.dev_score, space.positions(s.hparams),
                                            (s.stage + 1) / stages)
         after[i] = nxt
         out.append(Transition(obs, action, nxt, float(s.reward), truncated))

@@ -1,5 +1,8 @@
 """On-disk cache of generated embedded examples (reasoning-gym's countdown costs ~6 ms an item).
 
+It keeps plain JSON rows (the task turns them back into `Example`s), so it needs nothing of the
+tasks package.
+
 The key hashes everything the examples depend on: the caller's parameters, the reasoning-gym
 version, the source of the built-in task modules and that of the task's own module (a user's task
 lives elsewhere), so an edited generator never reads stale data.
@@ -12,12 +15,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import reasoning_gym
-
-from inner.tasks import Example
 
 _SOURCES = Path(__file__).parent
 
@@ -35,33 +37,32 @@ def _code_hash(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(
-    name: str, params: dict, build: Callable[[], Iterable[Example]], source: Path
-) -> list[Example]:
-    """`list(build())`, read from / written to the cache under a key of `name`, `params` and the
-    code (`source`: the file of the task's module)."""
+Row = dict[str, Any]
+
+
+def cached(name: str, params: dict, build: Callable[[], list[Row]], source: Path) -> list[Row]:
+    """`build()`'s JSON rows, read from / written to the cache under a key of `name`, `params`
+    and the code (`source`: the file of the task's module)."""
     folder = cache_dir()
     if folder is None:
-        return list(build())
+        return build()
     code = _code_hash(source)
     key = hashlib.sha1(json.dumps([params, code], sort_keys=True).encode()).hexdigest()
     path = folder / f"{name}-{key[:20]}.json"
     if path.exists():
         try:
-            return [Example(**row) for row in json.loads(path.read_text())]
-        except (OSError, ValueError, TypeError):
+            rows = json.loads(path.read_text())
+            if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
+                return rows
+        except (OSError, ValueError):
             pass  # a damaged file: rebuild and overwrite it
-    examples = list(build())
+    rows = build()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        rows = [
-            dict(prompt=e.prompt, answer=e.answer, solution=e.solution, meta=e.meta)
-            for e in examples
-        ]
         # Write then rename, so that concurrent processes never read a half-written file.
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
             json.dump(rows, f)
         os.replace(f.name, path)
     except OSError:
         pass  # a read-only home: run without the cache
-    return examples
+    return rows

@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from fractions import Fraction
 
-from inner.tasks import Example, Task, arith, register, sources
+from inner.tasks import arith, sources
 from inner.tasks.answers import tagged_answer
+from inner.tasks.base import Example, Task, register
 
 _NO_DIVISION = ("+", "-", "*")
 COUNTDOWN = {

@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from inner.tasks import Example, Task, arith, register, sources
+from inner.tasks import arith, sources
 from inner.tasks.answers import hash_answer, math_equal
+from inner.tasks.base import Example, Task, register
 
 CHAIN_SUM = {
     1: dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),

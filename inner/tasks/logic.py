@@ -19,8 +19,9 @@ from collections.abc import Iterable
 
 import pydantic
 
-from inner.tasks import Example, Task, register, sources
+from inner.tasks import sources
 from inner.tasks.answers import tagged_answer
+from inner.tasks.base import Example, Task, register
 
 PEOPLE = {1: 2, 2: 3, 3: 4}
 NAMES = "ABCDEFGH"

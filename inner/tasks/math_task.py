@@ -20,9 +20,11 @@ from collections.abc import Iterable
 from fractions import Fraction
 
 import sympy
+from sympy.parsing.sympy_parser import TokenError, parse_expr
 
-from inner.tasks import Example, Task, arith, register, sources
+from inner.tasks import arith, sources
 from inner.tasks.answers import boxed_answer, math_equal, math_parse
+from inner.tasks.base import Example, Task, register
 
 EQUATIONS = {
     1: dict(min_terms=2, max_terms=2, min_value=1, max_value=9),
@@ -58,59 +60,24 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 
 
 def linear_form(side: str, var: str) -> tuple[Fraction, Fraction] | None:
-    """(a, b) with side == a*var + b, for a linear +-* expression in `var`; None otherwise."""
-    tokens = re.findall(r"[0-9]+|[a-z]|[-+*()]", side.replace(" ", ""))
-    pos = 0
-
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take() -> str:
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def expr() -> tuple[Fraction, Fraction]:
-        sign = 1
-        if peek() == "-":  # sympy writes "-4*t + 6" with a leading minus
-            take()
-            sign = -1
-        a, b = term()
-        a, b = sign * a, sign * b
-        while peek() in ("+", "-"):
-            s = 1 if take() == "+" else -1
-            c, d = term()
-            a, b = a + s * c, b + s * d
-        return a, b
-
-    def term() -> tuple[Fraction, Fraction]:
-        a, b = factor()
-        while peek() == "*":
-            take()
-            c, d = factor()
-            if a and c:
-                raise ValueError("not linear")
-            a, b = a * d + c * b, b * d
-        return a, b
-
-    def factor() -> tuple[Fraction, Fraction]:
-        tok = take() if peek() is not None else None
-        if tok == "(":
-            value = expr()
-            if take() != ")":
-                raise ValueError("unbalanced")
-            return value
-        if tok == var:
-            return Fraction(1), Fraction(0)
-        if tok is not None and tok.isdigit():
-            return Fraction(0), Fraction(int(tok))
-        raise ValueError(f"unexpected {tok!r}")
-
-    try:
-        result = expr()
-    except (ValueError, IndexError):
+    """(a, b) with side == a*var + b, for a linear expression in `var` written with digits, `var`,
+    + - * and brackets (as reasoning-gym writes its equations); None otherwise. sympy parses it:
+    only the generator's own text reaches it, and the characters are checked first."""
+    side = side.replace(" ", "")
+    if not (len(var) == 1 and var.isalpha() and re.fullmatch(rf"[0-9+\-*(){var}]+", side)):
         return None
-    return result if pos == len(tokens) else None
+    x = sympy.Symbol(var)
+    try:
+        expr = parse_expr(side, local_dict={var: x})
+        if not isinstance(expr, sympy.Expr):  # "()" is a tuple
+            return None
+        poly = sympy.Poly(expr, x)
+    except (SyntaxError, TypeError, TokenError, sympy.SympifyError, sympy.PolynomialError):
+        return None
+    if poly.degree() > 1:
+        return None
+    a, b = poly.coeff_monomial(x), poly.coeff_monomial(1)
+    return Fraction(int(a.p), int(a.q)), Fraction(int(b.p), int(b.q))
 
 
 def _linear_text(a: Fraction, b: Fraction, var: str) -> str:
