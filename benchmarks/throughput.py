@@ -1,23 +1,33 @@
 """GRPO step throughput: our Trainer vs TRL's GRPOTrainer doing the same work, in one run.
 
-Same 0.5M-parameter GPT-2 (char tokenizer) and initial weights, same prompts (8 per step, 32
-tokens each), num_generations=8 (64 sequences), exactly max_completion_length=48 new tokens for
-every sequence (EOS disabled for both: its id is set to one the model can never sample), same beta,
-num_iterations=1, temperature 1, top_p 1, top_k off, fp32, AdamW, grad clipping 1.0. Warm-up steps
-are excluded; the per-step wall time (sampling + reward + reference + loss + backward + update) is
-the median over the timed steps. tokens/s counts generated completion tokens.
+Same GPT-2 (char tokenizer) and initial weights, by default the shipped model's shape (4 layers x
+128, 0.84M parameters), same prompts (8 per step, 32 tokens each), num_generations=8 (64
+sequences), exactly max_completion_length=48 new tokens for every sequence (EOS disabled for both:
+its id is set to one the model can never sample), same beta, num_iterations=1, temperature 1,
+top_p 1, top_k off, AdamW, grad clipping 1.0. Warm-up steps are excluded; the per-step wall time
+(sampling + reward + reference + loss + backward + update) is the median over the timed steps.
+tokens/s counts generated completion tokens.
 
-    python -m benchmarks.throughput   # last line: speedup_vs_trl=<x> ours_tok_s=<y> trl_tok_s=<z>
+Precision: fp32, or bf16 as TRL's `bf16=True` does it (forward passes under bf16 autocast, fp32
+weights and AdamW moments), for both.
+
+    python -m benchmarks.throughput          # fp32 and bf16 at the default size
+    python -m benchmarks.throughput --sizes  # 0.84M, 3M, 10M: results/precision_speed.json
+
+The last line: speedup_vs_trl=<ours fp32 / TRL fp32> ... bf16_vs_fp32=<ours bf16 / ours fp32 in
+tokens/s, at the default size>.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -31,6 +41,15 @@ PROMPT_CHARS = 32
 # wall: elapsed time. cpu: this process's CPU time, the fair measure on a machine shared with
 # other jobs (use it with --threads 1, where it equals the work done, without waiting).
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# name -> (layers, width); 4 heads each. "0.84M" is the shipped base model's shape.
+SIZES = {"0.84M": (4, 128), "3M": (4, 256), "10M": (6, 384)}
+DEFAULT_SIZE = "0.84M"
+DTYPES = ("fp32", "bf16")
+
+
+def bench_model(tokenizer, size: str):
+    layers, width = SIZES[size]
+    return tiny_gpt2(tokenizer, n_layer=layers, n_embd=width, n_head=4, seed=0)
 
 
 def make_prompts(n: int) -> list[str]:
@@ -65,11 +84,12 @@ class BenchTask:
         return parity_reward(completion) == 1.0
 
 
-def time_ours(args, prompts: list[str], beta: float) -> list[float]:
+def time_ours(args, prompts: list[str], beta: float, size: str = DEFAULT_SIZE,
+              dtype: str = "fp32") -> list[float]:
     clock = CLOCKS[args.clock]
     tokenizer = build_char_tokenizer()
-    model = tiny_gpt2(tokenizer, seed=0)
-    trainer = Trainer(model, tokenizer, BenchTask(prompts), seed=0)
+    model = bench_model(tokenizer, size)
+    trainer = Trainer(model, tokenizer, BenchTask(prompts), seed=0, bf16=dtype == "bf16")
     trainer.eos_token_id = None  # EOS disabled: every completion is exactly 48 tokens, as for TRL
     config = GRPOConfig(
         learning_rate=1e-4,
@@ -91,7 +111,8 @@ def time_ours(args, prompts: list[str], beta: float) -> list[float]:
     return times
 
 
-def time_trl(args, prompts: list[str], beta: float) -> list[float]:
+def time_trl(args, prompts: list[str], beta: float, size: str = DEFAULT_SIZE,
+             dtype: str = "fp32") -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -113,12 +134,12 @@ def time_trl(args, prompts: list[str], beta: float) -> list[float]:
     never = len(tokenizer)  # an id outside the vocabulary: sampling can never produce it
     with tempfile.TemporaryDirectory() as tmp:
         # TRL rebuilds its reference model from the model's path, so save the same init there.
-        tiny_gpt2(tokenizer, seed=0).save_pretrained(f"{tmp}/model")
+        bench_model(tokenizer, size).save_pretrained(f"{tmp}/model")
         model = AutoModelForCausalLM.from_pretrained(f"{tmp}/model")
         config = TRLConfig(
             output_dir=f"{tmp}/out",
             use_cpu=True,
-            bf16=False,
+            bf16=dtype == "bf16",
             report_to=[],
             activation_checkpointing=False,
             per_device_train_batch_size=64,
@@ -158,6 +179,15 @@ def time_trl(args, prompts: list[str], beta: float) -> list[float]:
     return timer.times[args.warmup :]
 
 
+def timed(args, prompts: list[str], beta: float, size: str, dtype: str) -> tuple[float, float]:
+    """Median seconds per step of ours and of TRL, alternated over rounds to share the noise."""
+    ours, trl = [], []
+    for _ in range(args.rounds):
+        ours += time_ours(args, prompts, beta, size, dtype)
+        trl += time_trl(args, prompts, beta, size, dtype)
+    return statistics.median(ours), statistics.median(trl)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -167,34 +197,47 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternate ours/TRL to share noise")
     parser.add_argument("--max-completion-length", type=int, default=48)
     parser.add_argument("--betas", default="0.04,0.0", help="first one is the headline")
+    parser.add_argument("--sizes", action="store_true",
+                        help=f"time fp32 and bf16 at every size of {list(SIZES)} (beta: the first)")
+    parser.add_argument("--out", type=Path, default=Path("results/precision_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     prompts = make_prompts(8 * (args.warmup + args.steps) * 2)
     tokens_per_step = 64 * args.max_completion_length
+    betas = [float(b) for b in args.betas.split(",")]
 
-    summary = {}
-    for beta in [float(b) for b in args.betas.split(",")]:
-        ours, trl = [], []
-        for _ in range(args.rounds):
-            ours += time_ours(args, prompts, beta)
-            trl += time_trl(args, prompts, beta)
-        ours_s, trl_s = statistics.median(ours), statistics.median(trl)
-        summary[beta] = (tokens_per_step / ours_s, tokens_per_step / trl_s)
+    seconds: dict[tuple[str, str, float], tuple[float, float]] = {}
+    runs = ([(size, dtype, betas[0]) for size in SIZES for dtype in DTYPES] if args.sizes else
+            [(DEFAULT_SIZE, "fp32", b) for b in betas] + [(DEFAULT_SIZE, "bf16", betas[0])])
+    for size, dtype, beta in runs:
+        ours_s, trl_s = seconds[size, dtype, beta] = timed(args, prompts, beta, size, dtype)
         print(
-            f"beta={beta}: ours {ours_s:.3f} s/step ({summary[beta][0]:.0f} tok/s), "
-            f"TRL {trl_s:.3f} s/step ({summary[beta][1]:.0f} tok/s), speedup {trl_s / ours_s:.2f}x"
-            f"  [{len(ours)} + {len(trl)} steps, threads={args.threads}, clock={args.clock}]",
+            f"size={size} dtype={dtype} beta={beta}: ours {ours_s:.3f} s/step "
+            f"({tokens_per_step / ours_s:.0f} tok/s), TRL {trl_s:.3f} s/step "
+            f"({tokens_per_step / trl_s:.0f} tok/s), speedup {trl_s / ours_s:.2f}x"
+            f"  [{args.rounds * args.steps} + {args.rounds * args.steps} steps, "
+            f"threads={args.threads}, clock={args.clock}]",
             flush=True,
         )
-    extra = " ".join(
-        f"speedup_beta{beta:g}={ours / trl:.2f}" for beta, (ours, trl) in list(summary.items())[1:]
-    )
-    ours, trl = next(iter(summary.values()))
+    if args.sizes:
+        rows = [{"size": size, "dtype": dtype, "beta": beta, "ours_s_per_step": o,
+                 "trl_s_per_step": t} for (size, dtype, beta), (o, t) in seconds.items()]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": "python -m benchmarks.throughput --sizes", "threads": args.threads,
+            "clock": args.clock, "tokens_per_step": tokens_per_step, "sizes": SIZES,
+            "rows": rows}, indent=1) + "\n")
+    ours, trl = seconds[DEFAULT_SIZE, "fp32", betas[0]]
+    extra = " ".join(f"speedup_beta{b:g}={t / o:.2f}" for (size, dtype, b), (o, t)
+                     in seconds.items() if size == DEFAULT_SIZE and dtype == "fp32"
+                     and b != betas[0])
+    bf16 = seconds[DEFAULT_SIZE, "bf16", betas[0]][0]
     print(
-        f"speedup_vs_trl={ours / trl:.2f} ours_tok_s={ours:.0f} trl_tok_s={trl:.0f} {extra} "
-        f"threads={args.threads} clock={args.clock}"
+        f"speedup_vs_trl={trl / ours:.2f} ours_tok_s={tokens_per_step / ours:.0f} "
+        f"trl_tok_s={tokens_per_step / trl:.0f} {extra} bf16_vs_fp32={ours / bf16:.2f} "
+        f"size={DEFAULT_SIZE} threads={args.threads} clock={args.clock}".replace("  ", " ")
     )
 
 

@@ -43,8 +43,9 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     """The fast step for a plain GPT2LMHeadModel in SDPA mode, or None when it does not apply."""
     if type(model) is not GPT2LMHeadModel:
         return None
-    if "forward" in vars(model):  # a wrapped forward (bf16 autocast) that this step would skip
-        return None
+    autocast_dtype = getattr(model, "autocast_dtype", None)  # set by inner.models.autocast_forward
+    if "forward" in vars(model) and autocast_dtype is None:
+        return None  # a wrapped forward that this step would skip
     config = model.config
     plain_gpt2 = (
         config._attn_implementation == "sdpa"
@@ -74,4 +75,15 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
             x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
         return model.lm_head(body.ln_f(x))
 
-    return step
+    if autocast_dtype is None:
+        return step
+    device_type = next(model.parameters()).device.type
+
+    def autocast_step(tokens: Tensor, positions: Tensor, attention_mask: Tensor,
+                      cache: Cache) -> Tensor:
+        # The same autocast region as the wrapped model(...) forward, so bf16 sampling keeps the
+        # fast path (its logits are compared with model(...)'s in tests/test_training.py).
+        with torch.autocast(device_type, dtype=autocast_dtype):
+            return step(tokens, positions, attention_mask, cache)
+
+    return autocast_step

@@ -49,10 +49,18 @@ class PreallocatedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Expand each row `repeats` times (a prompt prefilled once, then sampled G times)."""
         if self.is_initialized:
-            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
-            self.keys = self.key_buffer[:, :, : self.length]
-            self.values = self.value_buffer[:, :, : self.length]
+            self._set_buffers(self.key_buffer.repeat_interleave(repeats, dim=0),
+                              self.value_buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the rows `indices` (the sampler drops rows that have finished)."""
+        if self.is_initialized:
+            self._set_buffers(self.key_buffer[indices], self.value_buffer[indices])
+
+    def _set_buffers(self, keys: Tensor, values: Tensor) -> None:
+        self.key_buffer, self.value_buffer = keys, values
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
 
     def reset(self) -> None:
         self.length = 0
@@ -130,13 +138,17 @@ def generate(
     attn = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
     next_pos = attn[:, :prompt_len].sum(-1)  # position id of each row's first new token
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = make_cache(model, prompt_len + max_new_tokens)
     decode = decode_step(model)
+    # Rows that have produced EOS leave the batch (on CPU, where work scales with the rows):
+    # `rows` maps the rows still decoding to their place in `out`.
+    compact = device.type == "cpu" and eos_token_id is not None and _compactable(cache)
+    rows = torch.arange(batch, device=device)
     was_training = model.training
     model.eval()
     logits = _prefill(model, prompt_ids, prompt_mask, cache, num_return_sequences)
     check_every = 1 if device.type == "cpu" else 8
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
         if greedy:
@@ -144,7 +156,7 @@ def generate(
         else:
             token = sample_next(logits, temperature, top_p, generator)
         token = token.masked_fill(done, pad_token_id)  # finished rows only carry padding
-        out[:, t] = token
+        out[rows, t] = token
         steps = t + 1
         if eos_token_id is not None:
             done |= token == eos_token_id
@@ -153,9 +165,20 @@ def generate(
                 break
         if t + 1 == max_new_tokens:
             break  # the last token needs no forward pass
+        if compact and 4 * int(done.sum()) >= len(rows):  # a quarter done: the copy pays off
+            keep = (~done).nonzero().squeeze(-1)
+            rows, token, next_pos, attn = rows[keep], token[keep], next_pos[keep], attn[keep]
+            cache.batch_select_indices(keep)
+            done = done[keep]
         logits = decode(token, next_pos + t, attn[:, : prompt_len + t + 1], cache)
     model.train(was_training)
     return _cut_at_eos(out[:, :steps], eos_token_id)
+
+
+def _compactable(cache: DynamicCache) -> bool:
+    # Only our preallocated layers are known to drop rows exactly; other layer types (sliding
+    # windows, quantized caches) keep every row.
+    return all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
 
 
 def _prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache: DynamicCache,

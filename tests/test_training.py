@@ -9,7 +9,7 @@ from inner.base_model import load_base_model
 from inner.config import GRPOConfig
 from inner.decode import gpt2_decode_step
 from inner.grpo import completion_logps
-from inner.models import tiny_gpt2
+from inner.models import autocast_forward, tiny_gpt2
 from inner.rollout import generate, make_cache, positions_from_mask, sample_next
 from inner.sft import sft
 from inner.trainer import Trainer
@@ -74,8 +74,11 @@ def test_sampling_is_seeded_and_groups_share_a_prefill(causal_lm):
     assert torch.equal(grouped, greedy.repeat_interleave(3, dim=0))
 
 
-def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer, autocast):
     model = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=1).eval()
+    if autocast:  # bf16 sampling keeps the fast step, inside the same autocast region
+        autocast_forward(model, torch.bfloat16)
     ids, mask = left_padded(tokenizer, PROMPTS)
     fast_step = gpt2_decode_step(model)
     assert fast_step is not None
@@ -103,7 +106,10 @@ def test_fast_gpt2_decode_step_gives_the_models_own_logits(tokenizer):
             ).logits[:, -1]
             # Bit-identical on this machine; other CPUs' kernels may round differently.
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=f"token {t}")
+            assert ours.dtype == (torch.bfloat16 if autocast else torch.float32)
             tokens = theirs.argmax(-1)
+    if autocast:
+        return
     # Variants it does not cover decode through model(...).
     model.set_attn_implementation("eager")
     assert gpt2_decode_step(model) is None
