@@ -90,3 +90,17 @@ def autocast_forward(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16
     """
     model.autocast_dtype = dtype
     model.forward = types.MethodType(_autocast_forward, model)
+
+
+# bf16 autocast pays on an accelerator. On a CPU it pays only from this many parameters: the
+# sizes benchmarks.throughput --sizes timed (results/precision.md); None: at none of them.
+BF16_CPU_MIN_PARAMETERS: int | None = None
+
+
+def bf16_pays(device: torch.device, num_parameters: int) -> bool:
+    """Whether `dtype="auto"` trains a model of `num_parameters` on `device` under bf16 autocast."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return BF16_CPU_MIN_PARAMETERS is not None and num_parameters >= BF16_CPU_MIN_PARAMETERS
+    return False

@@ -93,11 +93,23 @@ class Rollout:
 
 @dataclass
 class EvalResult:
-    """Greedy evaluation: accuracy (is_correct), mean reward (score) and every sample."""
+    """Greedy evaluation: accuracy (is_correct), mean reward (score), every sample, and the
+    accuracy at each difficulty level of the examples (their `meta["difficulty"]`)."""
 
     accuracy: float
     mean_score: float
     samples: list[dict[str, Any]] = field(default_factory=list)
+    by_level: dict[int, float] = field(default_factory=dict)
+
+
+def accuracy_by_level(samples: list[dict[str, Any]]) -> dict[int, float]:
+    """Accuracy over the samples of each difficulty level, in level order (samples without a
+    level are left out)."""
+    correct: dict[int, list[bool]] = {}
+    for s in samples:
+        if s.get("difficulty") is not None:
+            correct.setdefault(int(s["difficulty"]), []).append(bool(s["correct"]))
+    return {lv: sum(c) / len(c) for lv, c in sorted(correct.items())}
 
 
 @dataclass
@@ -462,12 +474,13 @@ class Trainer:
                         "answer": ex.answer,
                         "correct": bool(self.task.is_correct(answer, ex)),
                         "score": float(self.task.score(answer, ex)),
+                        "difficulty": ex.meta.get("difficulty"),
                     }
                 )
         count = max(len(samples), 1)
         accuracy = sum(s["correct"] for s in samples) / count
         mean_score = sum(s["score"] for s in samples) / count
-        return EvalResult(accuracy, mean_score, samples)
+        return EvalResult(accuracy, mean_score, samples, accuracy_by_level(samples))
 
     # ------------------------------------------------------------------ state
     def save_state(self) -> TrainState:

@@ -34,6 +34,10 @@ SCALE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 DEV_METRICS = ("accuracy", "mean_score")
 RENDER_MODES = ("rgb_array",)
+DTYPES = ("auto", "fp32", "bf16")
+# The episode token cap's default: the default schedule's expected episode tokens, plus a margin
+# (LLMZeroEnv.default_episode_tokens), so the default schedule runs its `stages` stages.
+DEFAULT_CAP = "default"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,17 @@ class EnvConfig:
         can be learned).
     data_path (paper scale): local files in the hub dataset's columns instead of the hub.
     enable_thinking: Qwen3's switch in the chat template (chat models only; default off).
+    episode_token_cap: prompt + completion tokens one episode may sample; the episode ends at the
+        stage that reaches it, or at `stages`, whichever comes first. "default": the default
+        schedule's expected episode tokens plus 10% (`LLMZeroEnv.default_episode_tokens`), so a
+        schedule that raises the group size or the completion length buys fewer stages. None: no
+        cap.
+    dtype: "fp32", "bf16" (forward passes under bf16 autocast, fp32 weights and AdamW moments,
+        as TRL's bf16=True) or "auto" (bf16 where results/precision.md measured it faster and
+        faithful: `inner.models.bf16_pays`).
+    stage_cache: a folder of trained stages shared by envs and processes (`metaenv.stage_cache`):
+        a stage whose path from the base model was trained before is loaded, not trained again,
+        and charged to the budget as trained. None: no cache.
     """
 
     task: str = "gsm8k"
@@ -86,6 +101,9 @@ class EnvConfig:
     shuffle_rewards: bool = False
     data_path: str | None = None
     enable_thinking: bool = False
+    episode_token_cap: int | str | None = DEFAULT_CAP
+    dtype: str = "auto"
+    stage_cache: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("scale", self.scale, tuple(SCALE_DEFAULTS))
@@ -105,8 +123,16 @@ class EnvConfig:
             if value is not None and not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be a dict of hyperparameter names, got {value!r}")
         check_device(self.device)
-        if self.state_dir is not None:
-            check_writable_dir("state_dir", self.state_dir)
+        _check_choice("dtype", self.dtype, DTYPES)
+        cap = self.episode_token_cap
+        if cap != DEFAULT_CAP and cap is not None and (
+                isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1):
+            raise ValueError(f"episode_token_cap must be {DEFAULT_CAP!r}, None (no cap) or an int "
+                             f">= 1, got {cap!r}")
+        for name in ("state_dir", "stage_cache"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+                check_writable_dir(name, getattr(self, name))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -24,18 +24,24 @@ import numpy as np
 import torch
 
 from inner.config import GRPOConfig
+from inner.models import bf16_pays
 from inner.prompts import PromptFormat
 from inner.state import TrainState
 from inner.tasks import SplitSizeError, get_task, task_class
 from inner.trainer import EvalResult, Failure, StageResult, Trainer
 from metaenv import observation as obs_layout
-from metaenv.config import RENDER_MODES, EnvConfig
+from metaenv.config import DEFAULT_CAP, RENDER_MODES, EnvConfig
 from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
 from metaenv.render import training_curves_png, training_curves_rgb
+from metaenv.stage_cache import StageCache, code_fingerprint, model_fingerprint, stage_key
 from metaenv.store import StateStore
 
 NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
+# The default episode token cap over the default schedule's expected tokens (see
+# LLMZeroEnv.default_episode_tokens): its episodes run their `stages` unless their completions
+# average ~25% above the worked solutions' length.
+CAP_MARGIN = 1.1
 # Seeds whose trainer and initial state are kept, so that resets alternating between seeds (as
 # gymnasium's checker and multi-seed controllers do) restore instead of rebuilding. Paper scale
 # keeps one: a second trainer would hold a second copy of a large model on the accelerator.
@@ -62,6 +68,11 @@ class Budget:
     seconds: float = 0.0  # training + dev evaluation wall time
     test_evals: int = 0  # evaluate_test() calls, counted apart from the search's cost
     test_seconds: float = 0.0
+    # Stages loaded from the stage cache (counted in `stages`, `tokens` and `seconds` as trained),
+    # those trained because the cache did not hold them, and the wall seconds the loads saved.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    seconds_saved: float = 0.0
     max_stages: int | None = None
     max_tokens: int | None = None  # prompt + completion tokens sampled, as counted in `tokens`
 
@@ -100,6 +111,8 @@ class EnvState:
     dev_scores: tuple[float, ...]  # base, then one per stage of this path
     stage_ends: tuple[int, ...]  # trainer step count at the end of each stage
     path_cost: dict[str, int]  # stages and tokens trained on this path since the base model
+    path: tuple[dict[str, Any], ...]  # every hyperparameter of each stage since the base model
+    episode_end: str | None  # why the episode ended: "stages", "token_cap", "failure", or None
     observation: np.ndarray
     last: dict[str, Any]  # metrics, samples, pathologies, hparams, failure of the last stage
     store: StateStore = field(repr=False)
@@ -167,10 +180,14 @@ class LLMZeroEnv(gym.Env):
 
     ## Episode End
 
-    Terminated after `stages` stages. Truncated when a stage fails: divergence (a non-finite loss,
-    gradient or weight) or running out of memory, named in `info["failure"]` and
-    `info["pathologies"]`. Past the env's budget (`max_stages`, `max_tokens`, counted over every
-    stage it trains) `step` raises `BudgetExhausted`.
+    Terminated after `stages` stages, or earlier at the stage whose tokens reach the episode token
+    cap (`episode_token_cap`, by default the default schedule's expected episode tokens + 10%:
+    compute has a price, so a larger group or a longer completion buys fewer stages);
+    `info["episode_end"]` says which ("stages" or "token_cap"). Truncated when a stage fails:
+    divergence (a non-finite loss, gradient or weight) or running out of memory, named in
+    `info["failure"]` and `info["pathologies"]` (`episode_end` "failure"). Past the env's budget
+    (`max_stages`, `max_tokens`, counted over every stage it trains) `step` raises
+    `BudgetExhausted`.
 
     ## Arguments
 
@@ -179,7 +196,8 @@ class LLMZeroEnv(gym.Env):
     loads: task, scale, model, device, stages, steps_per_stage, hparam_grid, fixed_hparams,
     difficulty, dev_size, test_size, dev_metric, eval_max_new_tokens, seed, max_stages,
     max_tokens, max_states_in_memory, state_dir, render_mode, shuffle_rewards, data_path,
-    enable_thinking. `LLMZeroEnv(config=EnvConfig(...))` takes a built one.
+    enable_thinking, episode_token_cap, dtype, stage_cache. `LLMZeroEnv(config=EnvConfig(...))`
+    takes a built one.
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 1}
@@ -206,7 +224,11 @@ class LLMZeroEnv(gym.Env):
             load=lambda path: TrainState.load(path, device=cfg.device),
             directory=cfg.state_dir,
         )
+        self._stage_cache = None if cfg.stage_cache is None else StageCache(cfg.stage_cache)
+        self._cache_fingerprint: dict[str, Any] | None = None
+        self._episode_token_cap: int | None = None  # resolved at the first reset
         self._base_model: torch.nn.Module | None = None  # pristine base weights (never trained)
+        self._num_parameters = 0
         self._tokenizer: Any = None
         self._base_eval: EvalResult | None = None  # greedy dev eval: the same for every seed
         # seed -> [trainer, initial state or None if it was built by load_state]; LRU order
@@ -214,6 +236,7 @@ class LLMZeroEnv(gym.Env):
         self.trainer: Trainer | None = None
         self._trainer_seed: int | None = None
         self.last_test_correct: tuple[bool, ...] = ()  # per test item, set by evaluate_test()
+        self.last_test_by_level: dict[int, float] = {}  # its accuracy per level, likewise
         self._reset_episode_fields()
 
     # ------------------------------------------------------------------ construction helpers
@@ -274,6 +297,8 @@ class LLMZeroEnv(gym.Env):
         self.dev_scores: list[float] = []
         self.stage_ends: list[int] = []
         self.path_cost = {"stages": 0, "tokens": 0}
+        self.path: list[dict[str, Any]] = []  # every hyperparameter of each stage of the path
+        self.episode_end: str | None = None
         self.current_hparams = dict(self.hparams.defaults)  # controlled values of the last stage
         self.last_stage_seconds = 0.0
         self._obs = np.zeros(self.observation_space.shape, np.float32)
@@ -290,6 +315,7 @@ class LLMZeroEnv(gym.Env):
 
             model, tokenizer = load_model(self.model_name, device=self.device)
         self._base_model, self._tokenizer = model, tokenizer
+        self._num_parameters = sum(p.numel() for p in model.parameters())
 
     def _make_trainer(self, seed: int) -> Trainer:
         if self._base_model is None:
@@ -305,8 +331,47 @@ class LLMZeroEnv(gym.Env):
             kwargs["eval_max_new_tokens"] = cfg.eval_max_new_tokens
         return Trainer(model, self._tokenizer, self.task, seed=seed, device=self.device,
                        difficulty=self.difficulty, dev_size=self.dev_size,
-                       shuffle_rewards=cfg.shuffle_rewards,
+                       shuffle_rewards=cfg.shuffle_rewards, bf16=self.bf16,
                        prompt_format=PromptFormat(self._tokenizer, cfg.enable_thinking), **kwargs)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether forward passes run under bf16 autocast (`dtype`; "auto": `BF16_AUTO`)."""
+        if self.config.dtype != "auto":
+            return self.config.dtype == "bf16"
+        if self._base_model is None and self._tokenizer is None:
+            self._load_base()
+        return bf16_pays(torch.device(self.device), self._num_parameters)
+
+    @property
+    def episode_token_cap(self) -> int | None:
+        """Tokens one episode may sample (None: no cap); known once the tokenizer is loaded."""
+        cap = self.config.episode_token_cap
+        if cap != DEFAULT_CAP:
+            return cap
+        if self._episode_token_cap is None:
+            if self._tokenizer is None:
+                self._load_base()
+            self._episode_token_cap = self.default_episode_tokens()
+        return self._episode_token_cap
+
+    def default_episode_tokens(self) -> int:
+        """The default schedule's episode tokens, expected from the data, plus a margin:
+        stages x steps x prompts x generations x (mean prompt + mean completion tokens) x
+        `CAP_MARGIN`, a completion taken as long as the task's worked solution (+ EOS, at most
+        `max_completion_length`), over the first 512 train examples at the default level. The
+        margin lets the default schedule finish its `stages` when its completions run a little
+        longer than the solutions."""
+        config, difficulty = self._config(self.hparams.defaults)
+        examples = self.task.examples("train", difficulty)[:512]
+        fmt = PromptFormat(self._tokenizer, self.config.enable_thinking)
+        _, prompt_mask = fmt.encode([e.prompt for e in examples], "cpu")
+        solutions = self._tokenizer([e.solution for e in examples], add_special_tokens=False)
+        completion = [min(len(ids) + 1, config.max_completion_length)
+                      for ids in solutions["input_ids"]]
+        per_sequence = (float(prompt_mask.sum()) + sum(completion)) / max(len(examples), 1)
+        sequences = self.stages * self.steps_per_stage * config.prompts_per_step
+        return math.ceil(CAP_MARGIN * sequences * config.num_generations * per_sequence)
 
     def _use_trainer(self, seed: int, need_base: bool = False) -> EnvState | None:
         """Make the trainer of `seed` current (building it if needed); return its initial state.
@@ -342,6 +407,7 @@ class LLMZeroEnv(gym.Env):
         inner_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
         t0 = time.perf_counter()
         base = self._use_trainer(inner_seed, need_base=True)
+        self.episode_token_cap  # noqa: B018  (resolve the default cap once the tokenizer is here)
         self._reset_episode_fields()
         if base is not None:
             self._restore(base)
@@ -354,6 +420,7 @@ class LLMZeroEnv(gym.Env):
             self._last = {
                 "metrics": [], "pathologies": [], "failure": None,
                 "samples": copy.deepcopy(self._base_eval.samples[:NUM_SAMPLES]),
+                "dev_by_level": dict(self._base_eval.by_level),
                 "hparams": _full_hparams(*self._config(self.hparams.defaults)),
             }
             self._obs = obs_layout.build_observation(
@@ -381,25 +448,29 @@ class LLMZeroEnv(gym.Env):
         if refusal is not None:
             raise BudgetExhausted(f"{refusal}; evaluate_test() and load_state() still work")
         config, difficulty = self._config(values)
+        full = _full_hparams(config, difficulty)
         dev_before = self.dev_score
-        result = self._train_stage(config, difficulty)
+        result = self._train_stage(config, difficulty, full)
         self._pay(result)
         self.stage += 1
         self.current_hparams = dict(values)
+        self.path.append(full)
         # A failed stage loses the model: it scores 0, so the episode's return is -base score.
         evaluation = result.evaluation
         self.dev_score = self._score(evaluation) if evaluation is not None else 0.0
         self.dev_scores.append(self.dev_score)
         self.stage_ends.append(self.trainer.step)
-        truncated = result.failure is not None
-        terminated = not truncated and self.stage >= self.stages
+        self.episode_end = self._episode_end(result)
+        truncated = self.episode_end == "failure"
+        terminated = self.episode_end in ("stages", "token_cap")
         self.done = terminated or truncated
         self._last = {
             "metrics": [_deterministic(m) for m in result.metrics],
             "pathologies": self._pathologies(result),
             "failure": None if result.failure is None else str(result.failure),
             "samples": copy.deepcopy(evaluation.samples[:NUM_SAMPLES]) if evaluation else [],
-            "hparams": _full_hparams(config, difficulty),
+            "dev_by_level": dict(evaluation.by_level) if evaluation else {},
+            "hparams": full,
         }
         self._obs = self._stage_observation(result, config, values, dev_before)
         reward = float(self.dev_score - dev_before)
@@ -414,11 +485,51 @@ class LLMZeroEnv(gym.Env):
             values = self.hparams.decode(action)
         return values
 
-    def _train_stage(self, config: GRPOConfig, difficulty: int) -> StageResult:
-        """Train the current state by one stage of `config` and evaluate it on dev."""
-        return self.trainer.train_stage(
+    def _episode_end(self, result: StageResult) -> str | None:
+        """Why the episode is over after this stage, or None while it goes on."""
+        if result.failure is not None:
+            return "failure"
+        cap = self.episode_token_cap
+        if cap is not None and self.path_cost["tokens"] >= cap:
+            return "token_cap"
+        return "stages" if self.stage >= self.stages else None
+
+    def _train_stage(self, config: GRPOConfig, difficulty: int,
+                     full: dict[str, Any]) -> StageResult:
+        """Train the current state by one stage of `config` and evaluate it on dev, or load that
+        stage from the stage cache when its path from the base model was trained before."""
+        cache = self._stage_cache
+        key = None
+        if cache is not None:
+            key = stage_key(self._fingerprint(), self._trainer_seed, [*self.path, full])
+            hit = cache.get(key, device=self.device)
+            self.budget.cache_hits, self.budget.cache_misses = cache.stats.hits, cache.stats.misses
+            self.budget.seconds_saved = cache.stats.seconds_saved
+            if hit is not None:
+                state, result = hit
+                self.trainer.load_state(state)
+                return result
+        result = self.trainer.train_stage(
             config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
         )
+        if key is not None and result.failure is None:  # a failed stage's model is lost anyway
+            cache.put(key, self.trainer.save_state(), result)
+        return result
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What besides the seed and the path decides a stage's outcome: the base model, the
+        training code, the data and the evaluation (the cache key's `env` part)."""
+        if self._cache_fingerprint is None:
+            cfg = self.config
+            self._cache_fingerprint = {
+                "task": cfg.task, "scale": cfg.scale, "data_path": cfg.data_path,
+                "model": model_fingerprint(self.model_name), "code": code_fingerprint(),
+                "steps_per_stage": self.steps_per_stage, "dev_size": self.dev_size,
+                "eval_max_new_tokens": cfg.eval_max_new_tokens, "bf16": self.bf16,
+                "shuffle_rewards": cfg.shuffle_rewards, "enable_thinking": cfg.enable_thinking,
+                "device": str(torch.device(self.device)),
+            }
+        return self._cache_fingerprint
 
     def _pay(self, result: StageResult) -> None:
         """Count the stage's cost, whatever happened in it; costs are never rewound."""
@@ -445,8 +556,14 @@ class LLMZeroEnv(gym.Env):
         if result.failure is not None:  # nothing was measured on the lost model
             diagnostics = obs_layout.failed(diagnostics)
         return obs_layout.build_observation(
-            diagnostics, self.dev_score, self.hparams.positions(values), self.stage / self.stages
+            diagnostics, self.dev_score, self.hparams.positions(values), self._progress()
         )
+
+    def _progress(self) -> float:
+        """How far the episode is, in stages or in capped tokens, whichever is further."""
+        cap = self.episode_token_cap
+        tokens = 0.0 if cap is None else self.path_cost["tokens"] / cap
+        return min(1.0, max(self.stage / self.stages, tokens))
 
     def _info(self) -> dict[str, Any]:
         # Fresh objects on every call: callers keep infos, and gymnasium checks none are shared.
@@ -462,7 +579,11 @@ class LLMZeroEnv(gym.Env):
             "pathologies": list(self._last.get("pathologies", [])),
             "failure": self._last.get("failure"),
             "dev_size": self.dev_size,
+            "dev_by_level": dict(self._last.get("dev_by_level", {})),
             "cost": dict(self.path_cost),
+            "episode_token_cap": self._episode_token_cap if self.config.episode_token_cap
+            == DEFAULT_CAP else self.config.episode_token_cap,
+            "episode_end": self.episode_end,
             "hparams": dict(self._last.get("hparams", {})),
         }
 
@@ -503,6 +624,8 @@ class LLMZeroEnv(gym.Env):
             dev_scores=tuple(self.dev_scores),
             stage_ends=tuple(self.stage_ends),
             path_cost=dict(self.path_cost),
+            path=tuple(dict(p) for p in self.path),
+            episode_end=self.episode_end,
             observation=self._obs.copy(),
             last=copy.deepcopy(self._last),
             store=self._store,
@@ -531,6 +654,8 @@ class LLMZeroEnv(gym.Env):
         self.base_dev_score = state.dev_scores[0]
         self.stage_ends = list(state.stage_ends)
         self.path_cost = dict(state.path_cost)
+        self.path = [dict(p) for p in state.path]
+        self.episode_end = state.episode_end
         self._obs = state.observation.copy()
         self._last = copy.deepcopy(state.last)
 
@@ -539,19 +664,23 @@ class LLMZeroEnv(gym.Env):
         """Score of the current state on the held-out test split (harness only; counted apart).
 
         Also sets `last_test_correct`: each test item's correctness, in test-item order, which
-        the same items under every seed make comparable item by item across runs.
+        the same items under every seed make comparable item by item across runs; and
+        `last_test_by_level`: the accuracy at each difficulty level of the (mixed) test split.
         """
         if self.trainer is None:
             raise RuntimeError("call reset() or load_state() before evaluate_test()")
         t0 = time.perf_counter()
         if self._last.get("failure") is not None:
             score = 0.0  # the model of a failed stage is lost, as on dev
-            n_items = len(self.task.examples("test")[: self.test_size])
-            self.last_test_correct = (False,) * n_items
+            items = self.task.examples("test")[: self.test_size]
+            self.last_test_correct = (False,) * len(items)
+            self.last_test_by_level = dict.fromkeys(
+                sorted({e.meta["difficulty"] for e in items if "difficulty" in e.meta}), 0.0)
         else:
             result = self.trainer.evaluate("test", n=self.test_size)
             score = self._score(result)
             self.last_test_correct = tuple(bool(s["correct"]) for s in result.samples)
+            self.last_test_by_level = dict(result.by_level)
         self.budget.test_evals += 1
         self.budget.test_seconds += time.perf_counter() - t0
         return score
