@@ -90,7 +90,7 @@ def test_early_answers_are_wrong_and_as_frequent_as_configured(name, early_pairs
         solution = task.answer_early(example)
         if solution is not None:
             cut[example.prompt] = solution
-            assert solution.count("\n") < example.solution.count("\n")  # a step fewer
+            assert len(solution) < len(example.solution)
             # Right only by coincidence: a first step whose result is already the answer (9+3-0).
             first_result = example.solution.split("\n")[0].rsplit("=", 1)[-1]
             if task.score(solution, example) >= 1:

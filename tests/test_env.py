@@ -238,7 +238,7 @@ def _no_model_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"dev_size": 20000}, ["dev_size=20000", "'gsm8k'", "distinct dev problems", "level 1"]),
+    ({"dev_size": 5000}, ["dev_size=5000", "'gsm8k'", "distinct problems", "or less"]),
     ({"hparam_grid": {"learning_rate": [1e-4, math.inf]}},
      ["hparam_grid['learning_rate']", "inf", "finite"]),
     ({"hparam_grid": {"beta": []}}, ["hparam_grid['beta']=[]", "non-empty list"]),
@@ -251,7 +251,7 @@ def _no_model_loads(monkeypatch):
     ({"device": "tpu"}, ["device='tpu'", "not a torch device", "allowed: 'cpu'"]),
     ({"device": "cuda:99" if torch.cuda.is_available() else "cuda"},
      ["device='cuda", "not available", "allowed: 'cpu'"]),
-    ({"difficulty": 9}, ["difficulty=9", "'gsm8k'", "allowed: [0, 1, 2, 3, 4]"]),
+    ({"difficulty": 9}, ["difficulty=9", "'gsm8k'", "allowed: [1, 2, 3, 4]"]),
     ({"dev_metric": "f1"}, ["dev_metric", "'f1'", "'accuracy'"]),
     ({"seed": -1}, ["seed", ">= 0", "got -1"]),
 ])

@@ -35,24 +35,15 @@ def test_api_and_disjoint_splits(name):
     assert task.default_difficulty in task.difficulty_levels
     splits = {s: task.examples(s) for s in ("train", "dev", "test")}
     assert len(splits["dev"]) == 40 and len(splits["test"]) == 60
-    # The default train split is the mixture: every level's train split (each drops the
-    # problems of dev and test), in equal shares.
-    levels = task.single_levels
-    per_level = {lv: task.examples("train", lv) for lv in levels}
-    assert all(150 <= len(rows) <= 200 for rows in per_level.values()) or name in ("countdown",
-                                                                                  "logic")
-    assert len(splits["train"]) == len(levels) * max(map(len, per_level.values()))
+    assert 150 <= len(splits["train"]) <= 200  # train drops the prompts of dev and test
     for key in (lambda e: e.prompt, task.problem_key):  # Countdown: numbers in any order
         keys = {s: {key(e) for e in ex} for s, ex in splits.items()}
         assert not keys["train"] & keys["dev"]
         assert not keys["train"] & keys["test"]
         assert not keys["dev"] & keys["test"]
         assert len(keys["dev"]) == 40 and len(keys["test"]) == 60  # no duplicates
-    for split, ex in splits.items():  # equal shares of every level, interleaved
-        assert all(isinstance(e, Example) for e in ex)
-        counts = [sum(e.meta["difficulty"] == lv for e in ex) for lv in levels]
-        assert max(counts) - min(counts) <= 1, (split, counts)
-        assert [e.meta["difficulty"] for e in ex[: len(levels)]] == list(levels)
+    for ex in splits["dev"] + splits["test"]:
+        assert isinstance(ex, Example) and ex.meta["difficulty"] == task.default_difficulty
     assert task.examples("dev") is splits["dev"]  # cached
 
 
@@ -61,32 +52,29 @@ def test_solutions_earn_full_reward_and_wrong_answers_do_not(name):
     task = get_task(name, **SMALL)
     for ex in task.examples("dev") + task.examples("train")[:50]:
         assert task.score(ex.solution, ex) == 1.0 and task.is_correct(ex.solution, ex)
-    # Another example's solution is well formatted but (almost always) wrong: 0.1. (The format
-    # reward of Countdown also asks for this example's numbers, which another example rarely
-    # has, and Logic's for its people, whose number the next dev example, a level up, differs
-    # in: 0.)
+    # Another example's solution is well formatted but (almost always) wrong: 0.1. (Countdown's
+    # format reward also asks for this example's numbers, which another example rarely has: 0.)
     dev = task.examples("dev")
     wrong = [task.score(dev[i + 1].solution, dev[i]) for i in range(len(dev) - 1)]
     assert statistics.mean(wrong) < 0.5
-    partial = (0.0, 0.1, 1.0) if name in ("countdown", "logic") else (0.1, 1.0)
-    assert all(w in partial for w in wrong)
+    assert all(w in ((0.0, 0.1, 1.0) if name == "countdown" else (0.1, 1.0)) for w in wrong)
     assert task.score("I do not know", dev[0]) == 0.0
 
 
 @pytest.mark.parametrize("name", task_names())
 def test_difficulty_controls_train_only(name):
     task = get_task(name, **{**SMALL, "train_size": 60})
-    levels = task.single_levels
-    assert len(levels) >= 3 and task.difficulty_levels == (tasks.MIXTURE, *levels)
+    levels = task.difficulty_levels
+    assert len(levels) >= 3
     lengths = []
     for level in levels:
         train = task.examples("train", level)
         assert {e.meta["difficulty"] for e in train} == {level}
         assert not {e.prompt for e in train} & {e.prompt for e in task.examples("test")}
         lengths.append(statistics.mean(len(e.solution) for e in train))
-    # Harder levels need longer worked solutions than the first, so completion length matters.
-    assert max(lengths[1:]) > lengths[0]
-    with pytest.raises(ValueError, match="mixes every level"):
+    # Harder levels need longer (or equal) worked solutions, so completion length matters.
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
+    with pytest.raises(ValueError, match="fixed"):
         task.examples("dev", levels[-1])
     with pytest.raises(ValueError):
         task.examples("train", 99)
@@ -95,13 +83,15 @@ def test_difficulty_controls_train_only(name):
 @pytest.mark.parametrize("name", ["math", "countdown"])
 def test_held_out_problems_at_every_level_never_meet_a_train_or_dev_problem(name):
     task = get_task(name, **{**SMALL, "train_size": 60})
+    assert task.held_out_at(task.default_difficulty, 5) == task.examples("test")[:5]
     trained = {task.problem_key(e) for lv in task.difficulty_levels
                for e in task.examples("train", lv)}
     dev = {task.problem_key(e) for e in task.examples("dev")}
-    for level in task.single_levels:  # the (mixed) test split's share of each level
+    for level in task.difficulty_levels:
+        if level == task.default_difficulty:
+            continue
         held = task.held_out_at(level, 20)
-        assert held == [e for e in task.examples("test") if e.meta["difficulty"] == level]
-        assert len(held) == 15 and {e.meta["difficulty"] for e in held} == {level}
+        assert len(held) == 20 and {e.meta["difficulty"] for e in held} == {level}
         assert not {task.problem_key(e) for e in held} & (trained | dev)
     with pytest.raises(ValueError, match="difficulty 99"):
         task.held_out_at(99, 5)
@@ -109,15 +99,10 @@ def test_held_out_problems_at_every_level_never_meet_a_train_or_dev_problem(name
 
 @pytest.mark.parametrize("name", task_names())
 def test_embedded_prompts_and_solutions_are_compact(name):
-    task = get_task(name, **SMALL)
-    dev = task.examples("dev")
-    assert max(len(e.prompt) for e in dev) <= 140
+    dev = get_task(name, **SMALL).examples("dev")
+    assert max(len(e.prompt) for e in dev) <= 100
+    assert max(len(e.solution) for e in dev) <= 48  # fits the default max_completion_length
     assert all(e.prompt.isascii() and e.solution.isascii() for e in dev)
-    # Every level's solutions fit the longest completion the grid allows, the easiest level's
-    # the default one: a harder level may need a longer completion than the default.
-    grid, default = task.completion_lengths["embedded"]
-    assert max(len(e.solution) for e in dev) < max(grid)
-    assert max(len(e.solution) for e in dev if e.meta["difficulty"] == 1) < default
 
 
 def test_seeded_and_cached_on_disk(tmp_path, monkeypatch):
@@ -245,37 +230,31 @@ def test_register_names_what_a_task_class_gets_wrong(registry, change, message):
 # ----- split sizes: never smaller than asked -----
 
 
-class TwoDigits(Reverse):
-    """Reverse at one level: two-digit strings, 100 distinct problems in all."""
-
-    levels = {"embedded": ((2,), 2)}
-
-
 def test_a_split_that_cannot_hold_the_asked_size_is_an_error_naming_both_sizes():
     # Two-digit strings: 100 distinct problems in all, 8 of them in dev.
     with pytest.raises(tasks.SplitSizeError) as e:
-        TwoDigits(dev_size=8, test_size=95).examples("test")
+        Reverse(dev_size=8, test_size=95).examples("test")
     msg = str(e.value)
     assert "task 'reverse-test' (embedded scale, seed 0)" in msg
     held = int(re.search(r"the test split holds (\d+) distinct problems, 95 asked", msg)[1])
     assert 80 <= held <= 92 and f"pass test_size={held} or less" in msg
     with pytest.raises(tasks.SplitSizeError, match=r"the dev split holds \d+ distinct problems, "
                                                    "101 asked"):
-        TwoDigits(dev_size=101).examples("dev")
+        Reverse(dev_size=101).examples("dev")
 
 
 def test_a_short_draw_is_drawn_again_longer_and_keeps_its_first_problems(monkeypatch):
     # 80 of the 92 problems outside dev need more than the first draw's 136 rows; the longer
     # draw starts with the shorter one, so a split's first problems never change with its size.
-    draws, build = [], TwoDigits._build
+    draws, build = [], Reverse._build
 
     def counted(self, split, difficulty, n=None):
         draws.append((split, n))
         return build(self, split, difficulty, n)
 
-    small = TwoDigits(test_size=20).examples("test")
-    monkeypatch.setattr(TwoDigits, "_build", counted)
-    large = TwoDigits(test_size=80).examples("test")
+    small = Reverse(test_size=20).examples("test")
+    monkeypatch.setattr(Reverse, "_build", counted)
+    large = Reverse(test_size=80).examples("test")
     assert len(large) == 80 and len({e.prompt for e in large}) == 80
     assert large[:20] == small
     assert draws == [("dev", 28), ("test", 136), ("test", 272)]  # the spare, then twice that

@@ -8,7 +8,6 @@ and the benchmarks' task lists. The built-in tasks below register themselves the
 
 from inner.tasks.base import (
     FORMAT_WEIGHT,
-    MIXTURE,
     SCALES,
     SPLITS,
     Example,
@@ -22,7 +21,7 @@ from inner.tasks.base import (
     task_names,
 )
 
-__all__ = ["FORMAT_WEIGHT", "MIXTURE", "SCALES", "SPLITS", "Example", "SplitSizeError", "Task", "get_task",
+__all__ = ["FORMAT_WEIGHT", "SCALES", "SPLITS", "Example", "SplitSizeError", "Task", "get_task",
            "on_register", "register", "registered", "task_class", "task_names"]
 
 # The built-in tasks register themselves on import, in this order (task_names() keeps it).

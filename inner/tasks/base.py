@@ -9,15 +9,9 @@ Each task builds its data at two scales: "embedded" (procedural, from reasoning-
 prompts for a tiny char-level model) and "paper" (the real dataset through `datasets`, from the
 hub or a local path). The reward code is the same at both scales.
 
-Difficulty: every task has levels, and the level `MIXTURE` (0): at the embedded scale the equal
-mixture of every level, at the paper scale the dataset's natural mix.
-
-Splits: dev and test are built first, with their own seeds; test drops any problem that is in dev
-and train drops any problem that is in dev or test. So the evaluation splits never depend on which
-training difficulty was asked for, and no split overlaps another. At the embedded scale dev and
-test mix every level in equal shares, interleaved level by level so that their first n problems
-are mixed too (as real models face test sets that mix levels); at the paper scale they are the
-real dataset's.
+Splits: dev and test are built first, at the default difficulty, with their own seeds; test drops
+any problem that is in dev and train drops any problem that is in dev or test. So the evaluation
+splits never depend on which training difficulty was asked for, and no split overlaps another.
 A problem is its prompt, or a task's coarser `problem_key` (e.g. Countdown's numbers in any order).
 Dev and test hold exactly the size asked of them (and at the embedded scale, their default size)
 in distinct problems, or building them is a SplitSizeError that names the task, the split and
@@ -36,7 +30,6 @@ from typing import Any
 
 SPLITS = ("train", "dev", "test")
 SCALES = ("embedded", "paper")
-MIXTURE = 0  # the difficulty "every level": equal shares (embedded), the natural mix (paper)
 
 FORMAT_WEIGHT = 0.1  # score = 0.9 * correct + 0.1 * well-formatted final answer
 
@@ -77,8 +70,7 @@ class Task:
 
     name: str = ""
     env_id: str = ""  # the Gymnasium id metaenv registers for it, e.g. "LLMZero-GSM8K-v0"
-    # Per scale: (levels, default training level), MIXTURE (0) among the levels: the equal
-    # mixture of the others (embedded), the dataset's natural mix (paper).
+    # Per scale: (levels, default). Paper scale level 0 means "the dataset's natural mix".
     levels: dict[str, tuple[tuple[int, ...], int]] = {}
     # Per scale: (max_completion_length grid, default), in tokens (characters at the embedded
     # scale). The grid brackets the task's worked solutions, with one value that truncates them.
@@ -122,8 +114,6 @@ class Task:
         given = {"dev": dev_size, "test": test_size}
         self.required = {s: self.size[s] if scale == "embedded" else given[s] for s in given}
         self.difficulty_levels, self.default_difficulty = self.levels[scale]
-        # The levels proper (what the mixture mixes, and what results report one by one).
-        self.single_levels = tuple(lv for lv in self.difficulty_levels if lv != MIXTURE)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale!r}, seed={self.seed})"
@@ -131,86 +121,61 @@ class Task:
     # ----- data -----
 
     def examples(self, split: str, difficulty: int | None = None) -> list[Example]:
-        """The examples of `split`, cached: train at `difficulty` (default: the task's default
-        training level); dev and test, which take no difficulty, mix every level."""
+        """The examples of `split` (train at `difficulty`; dev/test at the default); cached."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if split != "train" and difficulty is not None:
-            raise ValueError(f"{self.name}: {split} mixes every level and takes no difficulty "
-                             f"(got {difficulty}); only the train distribution is controllable")
         level = self.default_difficulty if difficulty is None else difficulty
         if level not in self.difficulty_levels:
             raise ValueError(
                 f"{self.name}: difficulty {level} not in {self.difficulty_levels} ({self.scale})"
             )
-        base = (type(self), self.scale, self.seed, self.data_path,
-                tuple(sorted(self.size.items())))
-        key = (*base, split, level if split == "train" else None)
-        if key not in _CACHE:
+        if split != "train" and level != self.default_difficulty:
+            raise ValueError(
+                f"{self.name}: {split} is fixed at difficulty {self.default_difficulty}; "
+                "only the train distribution is controllable"
+            )
+        base = (
+            type(self),
+            self.scale,
+            self.seed,
+            self.data_path,
+            tuple(sorted(self.size.items())),
+        )
+        if (*base, split, level) not in _CACHE:
             if split == "train":
-                _CACHE[key] = self._train_split(level)
+                held_out = {self.problem_key(e) for s in ("dev", "test") for e in self.examples(s)}
+                rows = (
+                    e for e in self._build("train", level) if self.problem_key(e) not in held_out
+                )
+                _CACHE[(*base, split, level)] = list(islice(rows, self.size["train"]))
+                if not _CACHE[(*base, split, level)]:
+                    raise SplitSizeError(f"{self._where()}: the train split at difficulty "
+                                         f"{level} holds no problem outside dev and test")
             else:
-                dev, test = self._evaluation_splits()
-                _CACHE[(*base, "dev", None)], _CACHE[(*base, "test", None)] = dev, test
-        return _CACHE[key]
+                dev = self._evaluation_split("dev", level, set())
+                dev_keys = {self.problem_key(e) for e in dev}
+                test = self._evaluation_split("test", level, dev_keys)
+                _CACHE[(*base, "dev", level)] = dev
+                _CACHE[(*base, "test", level)] = test
+        return _CACHE[(*base, split, level)]
 
-    def _train_split(self, level: int) -> list[Example]:
-        """Train at `level`, outside dev and test; at the embedded scale the mixture interleaves
-        the levels' train splits (equal shares, one level after another; a level whose split is
-        shorter, its problems being few, repeats)."""
-        if level == MIXTURE and self.scale == "embedded":
-            per_level = [self.examples("train", lv) for lv in self.single_levels]
-            longest = max(map(len, per_level))
-            return [rows[i % len(rows)] for i in range(longest) for rows in per_level]
-        held_out = {self.problem_key(e) for s in ("dev", "test") for e in self.examples(s)}
-        rows = (e for e in self._build("train", level) if self.problem_key(e) not in held_out)
-        train = list(islice(rows, self.size["train"]))
-        if not train:
-            raise SplitSizeError(f"{self._where()}: the train split at difficulty {level} holds "
-                                 "no problem outside dev and test")
-        return train
-
-    def _evaluation_splits(self) -> tuple[list[Example], list[Example]]:
-        """Dev and test: at the embedded scale equal shares of every level, interleaved."""
-        if self.scale != "embedded":
-            dev = self._evaluation_split("dev", MIXTURE, set())
-            return dev, self._evaluation_split("test", MIXTURE, {self.problem_key(e)
-                                                                  for e in dev})
-        out = {}
-        exclude: set[str] = set()
-        for split in ("dev", "test"):
-            shares = _shares(self.size[split], len(self.single_levels))
-            per_level = [self._evaluation_split(split, lv, exclude, n)
-                         for lv, n in zip(self.single_levels, shares, strict=True)]
-            out[split] = _interleave(per_level)
-            exclude = {self.problem_key(e) for e in out[split]}
-        return out["dev"], out["test"]
-
-    def _evaluation_split(self, split: str, level: int, exclude: set[str],
-                          n: int | None = None) -> list[Example]:
-        """The first `n` (default `size[split]`) distinct problems of dev or test at `level`
-        outside `exclude` (all of them for a size of None); SplitSizeError when fewer than
-        required or none.
+    def _evaluation_split(self, split: str, level: int, exclude: set[str]) -> list[Example]:
+        """The first `size[split]` distinct problems of dev or test outside `exclude` (all of
+        them for a size of None); SplitSizeError when fewer than required or none.
 
         At the embedded scale a short draw is drawn again, twice and four times as long (the
         generators are seeded per item, so a longer draw keeps the shorter one as its prefix
         and the first problems of a split never change); the paper scale has what its data has.
         """
-        share = n is not None and n != self.size[split]  # one level's share of a mixed split
-        n = self.size[split] if n is None else n
+        n = self.size[split]
         rows = self._unique(self._build(split, level, _spare(n)), n, exclude)
         for factor in (2, 4) if self.scale == "embedded" and n is not None else ():
             if len(rows) >= n:
                 break
             rows = self._unique(self._build(split, level, factor * _spare(n)), n, exclude)
-        required = n if share else self.required[split]
+        required = self.required[split]
         if (required is not None and len(rows) < required) or not rows:
             asked = f"{required} asked" if required is not None else "at least one asked"
-            if share:
-                raise SplitSizeError(
-                    f"{self._where()}: level {level} holds {len(rows)} distinct {split} "
-                    f"problems, and its equal share of {split}_size={self.size[split]} is "
-                    f"{required}; pass a smaller {split}_size")
             hint = f"; pass {split}_size={len(rows)} or less" if rows else ""
             raise SplitSizeError(f"{self._where()}: the {split} split holds {len(rows)} "
                                  f"distinct problems, {asked}{hint}")
@@ -222,16 +187,20 @@ class Task:
         return f"task {self.name!r} ({self.scale} scale, seed {self.seed}{source})"
 
     def held_out_at(self, level: int, n: int) -> list[Example]:
-        """The first `n` test problems at `level`, for per-level analyses (at most `n`: the test
-        split holds its equal share of each level). At the paper scale, whose test split is the
-        dataset's, problems of other levels are drawn like a test split and kept apart from dev
-        and from the train split of every level."""
-        if level not in self.single_levels:
+        """`n` test-like problems at `level`, for per-level analyses (the env never uses them).
+
+        At the default level they are the test split's first `n`. At any other level they are
+        drawn like a test split and kept apart from the dev split and from the train split of
+        every level, so that no analysis scores a problem some stage may have trained on.
+        Unlike a split, this is at most `n`: a level whose problems run out gives fewer, and
+        the analysis reports how many it scored.
+        """
+        if level == self.default_difficulty:
+            return self.examples("test")[:n]
+        if level not in self.difficulty_levels:
             raise ValueError(
-                f"{self.name}: difficulty {level} not in {self.single_levels} ({self.scale})"
+                f"{self.name}: difficulty {level} not in {self.difficulty_levels} ({self.scale})"
             )
-        if self.scale == "embedded":
-            return [e for e in self.examples("test") if e.meta.get("difficulty") == level][:n]
         seen = {self.problem_key(e) for e in self.examples("dev")}
         seen |= {self.problem_key(e) for d in self.difficulty_levels
                  for e in self.examples("train", d)}
@@ -246,7 +215,7 @@ class Task:
         if self.scale == "embedded":
             # reasoning-gym seeds item i with seed + i, so split seeds lie far apart; dev/test
             # ask for spare rows to survive de-duplication.
-            offset = {"train": 10, "dev": 100, "test": 200}[split] + difficulty
+            offset = {"train": 10 + difficulty, "dev": 1, "test": 2}[split]
             n = self.size["train"] if n is None else n
             seed = 100_000_000 * self.seed + 1_000_000 * offset
             from inner.tasks.cache import cached  # it imports reasoning-gym, slow to import
@@ -324,19 +293,6 @@ class Task:
         except Exception:
             return 0.0
         return (1.0 - FORMAT_WEIGHT) * correct + FORMAT_WEIGHT * formatted
-
-
-def _shares(n: int, parts: int) -> list[int]:
-    """`n` split into `parts` equal shares, the first ones one larger where it does not divide."""
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
-def _interleave(lists: list[list[Example]]) -> list[Example]:
-    """One item of each list in turn (a prefix of the result holds every list's share)."""
-    out: list[Example] = []
-    for i in range(max(map(len, lists), default=0)):
-        out += [rows[i] for rows in lists if i < len(rows)]
-    return out
 
 
 def _rows(generate: Callable[..., Iterable[Example]], *args: Any) -> list[dict[str, Any]]:

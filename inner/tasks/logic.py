@@ -7,8 +7,8 @@ same assignment, which must equal the unique solution exactly.
 Embedded scale: reasoning-gym's `knights_knaves`; the prompt is rebuilt from the item's
 statement trees with letter names and compact statements ("A: B knave; B: if A knight then C
 knave"), a few tens of characters instead of several hundred. The solution is the answer alone:
-the reasoning is the sequential choice of each role. Difficulty levels: 1, 2, 3, 4 =
-2, 3, 4, 5 people; 0 = their equal mixture (the default). Paper scale: K-and-K/knights-and-knaves (train/test jsonl files, 2-8 people);
+the reasoning is the sequential choice of each role. Difficulty levels: 1, 2 (default), 3 =
+2, 3, 4 people. Paper scale: K-and-K/knights-and-knaves (train/test jsonl files, 2-8 people);
 dev is carved from train; levels 0 = all, 2-8 = that many people.
 """
 
@@ -23,7 +23,7 @@ from inner.tasks import sources
 from inner.tasks.answers import tagged_answer
 from inner.tasks.base import Example, Task, register
 
-PEOPLE = {1: 2, 2: 3, 3: 4, 4: 5}
+PEOPLE = {1: 2, 2: 3, 3: 4}
 NAMES = "ABCDEFGH"
 HUB = {
     "train": sources.HubSplit("K-and-K/knights-and-knaves", data_files="train/*.jsonl"),
@@ -104,10 +104,10 @@ def parse_assignment(text: str, terms: tuple[str, str] = ("knight", "knave")) ->
 class LogicTask(Task):
     name = "logic"
     env_id = "LLMZero-Logic-v0"
-    levels = {"embedded": ((0, 1, 2, 3, 4), 0), "paper": ((0, 2, 3, 4, 5, 6, 7, 8), 0)}
-    # Embedded worked solutions (+ EOS), p95 per level: 35, 44, 53, 62 tokens; the default
-    # completion length fits every level.
-    completion_lengths = {"embedded": ((32, 48, 64, 80), 64), "paper": ((256, 512, 1024), 512)}
+    levels = {"embedded": ((1, 2, 3), 2), "paper": ((0, 2, 3, 4, 5, 6, 7, 8), 0)}
+    # Embedded worked solutions: p95 44 tokens at the default level, 53 at the hardest.
+    completion_lengths = {"embedded": ((32, 48, 64), 48), "paper": ((256, 512, 1024), 512)}
+    sft_early_fraction = 0.5
 
     def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
         import reasoning_gym  # embedded scale only, and slow to import

@@ -8,8 +8,7 @@ brackets (prealgebra: evaluated with operator precedence, one operation per line
 own answer folds left to right, so ours is recomputed). Answers in \\boxed{}, as in MATH.
 (`fraction_simplification` was tried: a model this small does not learn gcds in minutes.)
 Difficulty levels (embedded) grow the number of terms and the size of the values:
-1 = one operation, 2 = up to three terms of one digit, 3 and 4 longer and larger; 0 = their
-equal mixture (the default).
+1 = one operation, 2 = up to three terms of one digit (default), 3 and 4 longer and larger.
 Paper scale: train from DigitalLearningGmbH/MATH-lighteval (MATH train, 7500 problems), test
 MATH-500 (HuggingFaceH4/MATH-500); dev is carved from train. Levels 0 = all, 1-5 = MATH level.
 """
@@ -115,10 +114,10 @@ def paper_level(level: object) -> int:
 class MathTask(Task):
     name = "math"
     env_id = "LLMZero-MATH-v0"
-    levels = {"embedded": ((0, 1, 2, 3, 4), 0), "paper": ((0, 1, 2, 3, 4, 5), 0)}
-    # Embedded worked solutions (+ EOS), p95 per level: 23, 28, 38, 56 tokens; the default
-    # completion length cuts some of the hardest level's.
-    completion_lengths = {"embedded": ((16, 32, 48, 64), 48), "paper": ((512, 1024, 2048), 1024)}
+    levels = {"embedded": ((1, 2, 3, 4), 2), "paper": ((0, 1, 2, 3, 4, 5), 0)}
+    # Embedded worked solutions: p95 28 tokens at the default level, 56 at the hardest.
+    completion_lengths = {"embedded": ((16, 24, 32, 48), 32), "paper": ((512, 1024, 2048), 1024)}
+    sft_early_fraction = 0.5
 
     def generate(self, n: int, difficulty: int, seed: int) -> Iterable[Example]:
         import reasoning_gym  # embedded scale only, and slow to import
