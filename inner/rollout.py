@@ -86,9 +86,15 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def sample_next(
-    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+    rows: Tensor | None = None, batch: int | None = None,
 ) -> Tensor:
-    """Sample one token per row from last-position logits with temperature and nucleus (top_p)."""
+    """Sample one token per row from last-position logits with temperature and nucleus (top_p).
+
+    `rows` (of a `batch`): the rows of the full batch that `logits` holds. The noise is drawn for
+    the full batch and these rows take theirs, so a row's sample does not depend on which other
+    rows are still decoding (the sampler drops finished ones).
+    """
     logits = logits.float() / temperature
     if top_p < 1.0:
         # Keep the smallest set of tokens whose mass reaches top_p (always the top token).
@@ -101,7 +107,10 @@ def sample_next(
     # Exponential race: argmax(p / E), E ~ Exp(1), is an exact categorical sample. Unlike
     # torch.multinomial it never raises on NaN probabilities (a diverged model), so the trainer can
     # report the divergence from the loss instead of crashing inside the sampler.
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    if rows is None or len(rows) == batch:
+        race = torch.empty_like(probs).exponential_(generator=generator)
+    else:
+        race = probs.new_empty(batch, probs.size(-1)).exponential_(generator=generator)[rows]
     return (probs / race).argmax(-1)
 
 
@@ -154,7 +163,7 @@ def generate(
         if greedy:
             token = logits.argmax(-1)
         else:
-            token = sample_next(logits, temperature, top_p, generator)
+            token = sample_next(logits, temperature, top_p, generator, rows, batch)
         token = token.masked_fill(done, pad_token_id)  # finished rows only carry padding
         out[rows, t] = token
         steps = t + 1

@@ -69,8 +69,9 @@ class EnvConfig:
     episode_token_cap: prompt + completion tokens one episode may sample; the episode ends at the
         stage that reaches it, or at `stages`, whichever comes first. "default": the default
         schedule's expected episode tokens plus 10% (`LLMZeroEnv.default_episode_tokens`), so a
-        schedule that raises the group size or the completion length buys fewer stages. None: no
-        cap.
+        schedule that raises the group size or the completion length buys fewer stages. None (the
+        default for now): no cap, so the committed results keep their meaning; the leaderboard's
+        presets say where they turn it on.
     dtype: "fp32", "bf16" (forward passes under bf16 autocast, fp32 weights and AdamW moments,
         as TRL's bf16=True) or "auto" (bf16 where results/precision.md measured it faster and
         faithful: `inner.models.bf16_pays`).
@@ -101,7 +102,7 @@ class EnvConfig:
     shuffle_rewards: bool = False
     data_path: str | None = None
     enable_thinking: bool = False
-    episode_token_cap: int | str | None = DEFAULT_CAP
+    episode_token_cap: int | str | None = None
     dtype: str = "auto"
     stage_cache: str | None = None
 
