@@ -585,3 +585,41 @@ def test_render_returns_the_training_curves():
     img = env.render()
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     assert env.unwrapped.render_png().startswith(b"\x89PNG")
+
+
+def test_the_episode_token_cap_ends_an_episode_and_prices_compute():
+    tiny = dict(stages=4, steps_per_stage=1, dev_size=8, test_size=8)
+    env = gym.make("LLMZero-GSM8K-v0", **tiny, episode_token_cap="default")
+    u = env.unwrapped
+    env.reset(seed=0)
+    assert u.episode_token_cap == u.default_episode_tokens() > 0
+    for _ in range(4):  # the default schedule runs its stages under its own cap
+        _, _, terminated, truncated, info = env.step({})
+    assert terminated and not truncated and info["episode_end"] == "stages"
+    assert info["cost"]["tokens"] < u.episode_token_cap == info["episode_token_cap"]
+    # Twice the group: a cap of three default stages' tokens buys two stages or fewer.
+    per_stage = info["cost"]["tokens"] // 4
+    capped = gym.make("LLMZero-GSM8K-v0", **tiny, episode_token_cap=3 * per_stage)
+    capped.reset(seed=0)
+    while not capped.unwrapped.done:
+        end = capped.step({"num_generations": 16})[4]["episode_end"]
+    assert end == "token_cap" and capped.unwrapped.stage <= 2
+    with pytest.raises(RuntimeError, match="episode is over"):
+        capped.step({})
+    # and no cap, the default: the episode runs its stages whatever they cost
+    free = gym.make("LLMZero-GSM8K-v0", **tiny)
+    free.reset(seed=0)
+    assert free.unwrapped.episode_token_cap is None
+    assert [free.step({"num_generations": 16})[4]["episode_end"] for _ in range(4)][-1] == "stages"
+
+
+@pytest.mark.parametrize("cap", ["lots", 0, -5, 2.5, True])
+def test_a_bad_episode_token_cap_is_named(cap):
+    with pytest.raises(ValueError, match="episode_token_cap must be 'default', None"):
+        gym.make("LLMZero-GSM8K-v0", episode_token_cap=cap)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float32", None])
+def test_a_bad_dtype_is_named(dtype):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        gym.make("LLMZero-GSM8K-v0", dtype=dtype)

@@ -216,3 +216,30 @@ def test_evaluating_more_items_than_the_split_holds_is_an_error(tokenizer, task_
     with pytest.raises(ValueError, match="addition: 8 dev examples asked, the dev split holds 5"):
         trainer.evaluate()
     assert len(trainer.evaluate("dev", n=5).samples) == 5
+
+
+def test_dropping_finished_rows_changes_no_sample(monkeypatch):
+    # The sampler drops rows once they have produced EOS; each row's noise is drawn for the
+    # whole batch, so every row samples exactly what it would in the full batch.
+    import inner.rollout as rollout
+
+    model, tokenizer = load_base_model()
+    ids, mask = left_padded(tokenizer, PROMPTS_OF_ALL_TASKS)
+    outputs, dropped = {}, []
+    select = rollout.PreallocatedLayer.batch_select_indices
+    monkeypatch.setattr(rollout.PreallocatedLayer, "batch_select_indices",
+                        lambda layer, keep: dropped.append(len(keep)) or select(layer, keep))
+    for compact in (True, False):
+        if not compact:
+            assert dropped  # the first pass did drop rows
+            monkeypatch.setattr(rollout, "_compactable", lambda cache: False)
+        generator = torch.Generator().manual_seed(0)
+        sampled = generate(model, ids, mask, 48, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                           generator=generator, num_return_sequences=8)
+        greedy = generate(model, ids, mask, 48, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          greedy=True)
+        outputs[compact] = (*sampled, *greedy)
+    lengths = outputs[True][1].sum(-1)
+    assert lengths.min() < lengths.max()  # rows did finish at different times
+    for ours, full in zip(outputs[True], outputs[False], strict=True):
+        assert torch.equal(ours, full)
