@@ -183,10 +183,10 @@ class LLMZeroEnv(gym.Env):
     Terminated after `stages` stages, or, with an episode token cap (`episode_token_cap="default"`:
     the default schedule's expected episode tokens + 10%; off by default), earlier at the stage
     whose tokens reach it: compute has a price, so a larger group or a longer completion buys
-    fewer stages. `info["episode_end"]` says which ("stages" or "token_cap"). Truncated when a stage fails:
-    divergence (a non-finite loss, gradient or weight) or running out of memory, named in
-    `info["failure"]` and `info["pathologies"]` (`episode_end` "failure"). Past the env's budget
-    (`max_stages`, `max_tokens`, counted over every stage it trains) `step` raises
+    fewer stages. `info["episode_end"]` says which ("stages" or "token_cap"). Truncated when a
+    stage fails: divergence (a non-finite loss, gradient or weight) or running out of memory,
+    named in `info["failure"]` and `info["pathologies"]` (`episode_end` "failure"). Past the
+    env's budget (`max_stages`, `max_tokens`, counted over every stage it trains) `step` raises
     `BudgetExhausted`.
 
     ## Arguments
