@@ -11,7 +11,7 @@ tokens/s counts generated completion tokens.
 Precision: fp32, or bf16 as TRL's `bf16=True` does it (forward passes under bf16 autocast, fp32
 weights and AdamW moments), for both.
 
-    python -m benchmarks.throughput          # fp32 and bf16 at the default size
+    python -m benchmarks.throughput          # fp32, bf16 at the default size: results/throughput.*
     python -m benchmarks.throughput --sizes  # 0.84M, 3M, 10M: results/precision_speed.json
 
 The last line: speedup_vs_trl=<ours fp32 / TRL fp32> ... bf16_vs_fp32=<ours bf16 / ours fp32 in
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--betas", default="0.04,0.0", help="first one is the headline")
     parser.add_argument("--sizes", action="store_true",
                         help=f"time fp32 and bf16 at every size of {list(SIZES)} (beta: the first)")
-    parser.add_argument("--out", type=Path, default=Path("results/precision_speed.json"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -221,24 +221,40 @@ def main() -> None:
             f"threads={args.threads}, clock={args.clock}]",
             flush=True,
         )
-    if args.sizes:
-        rows = [{"size": size, "dtype": dtype, "beta": beta, "ours_s_per_step": o,
-                 "trl_s_per_step": t} for (size, dtype, beta), (o, t) in seconds.items()]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "command": "python -m benchmarks.throughput --sizes", "threads": args.threads,
-            "clock": args.clock, "tokens_per_step": tokens_per_step, "sizes": SIZES,
-            "rows": rows}, indent=1) + "\n")
     ours, trl = seconds[DEFAULT_SIZE, "fp32", betas[0]]
     extra = " ".join(f"speedup_beta{b:g}={t / o:.2f}" for (size, dtype, b), (o, t)
                      in seconds.items() if size == DEFAULT_SIZE and dtype == "fp32"
                      and b != betas[0])
     bf16 = seconds[DEFAULT_SIZE, "bf16", betas[0]][0]
-    print(
-        f"speedup_vs_trl={trl / ours:.2f} ours_tok_s={tokens_per_step / ours:.0f} "
-        f"trl_tok_s={tokens_per_step / trl:.0f} {extra} bf16_vs_fp32={ours / bf16:.2f} "
-        f"size={DEFAULT_SIZE} threads={args.threads} clock={args.clock}".replace("  ", " ")
-    )
+    last = (f"speedup_vs_trl={trl / ours:.2f} ours_tok_s={tokens_per_step / ours:.0f} "
+            f"trl_tok_s={tokens_per_step / trl:.0f} {extra} bf16_vs_fp32={ours / bf16:.2f} "
+            f"size={DEFAULT_SIZE} threads={args.threads} clock={args.clock}").replace("  ", " ")
+    write(args, seconds, tokens_per_step, last)
+    print(last)
+
+
+def write(args, seconds: dict, tokens_per_step: int, last: str) -> None:
+    """results/precision_speed.json (--sizes), or results/throughput.{json,md}."""
+    command = "python -m benchmarks.throughput" + (" --sizes" if args.sizes else "") + (
+        f" --threads {args.threads}" if args.threads != 2 else "") + (
+        f" --clock {args.clock}" if args.clock != "wall" else "")
+    rows = [{"size": size, "dtype": dtype, "beta": beta, "ours_s_per_step": o,
+             "trl_s_per_step": t} for (size, dtype, beta), (o, t) in seconds.items()]
+    record = {"command": command, "threads": args.threads, "clock": args.clock,
+              "tokens_per_step": tokens_per_step, "sizes": SIZES if args.sizes else
+              {DEFAULT_SIZE: SIZES[DEFAULT_SIZE]}, "rows": rows, "last_line": last}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "precision_speed" if args.sizes else "throughput"
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    if args.sizes:
+        return
+    lines = [f"    {command}", "", "| size | dtype | beta | ours s/step | TRL s/step | speedup |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['size']} | {r['dtype']} | {r['beta']:g} | {r['ours_s_per_step']:.3f} | "
+              f"{r['trl_s_per_step']:.3f} | {r['trl_s_per_step'] / r['ours_s_per_step']:.2f}x |"
+              for r in rows]
+    lines += ["", f"Last line: `{last}`", ""]
+    (args.out / "throughput.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
