@@ -178,6 +178,7 @@ BLOCKS: dict[str, Block] = {
     "headroom-verdict": Block(("results/headroom.json",), headroom_verdict),
     "headroom-levels": Block(("results/headroom_levels.md",), verbatim),
     "base-model": Block(("inner/assets/base/training.json",), base_model_card),
+    "base-model-levels": Block(("results/base_model.md",), verbatim),
     "sb3-policy": Block(("results/sb3/policy.json",), sb3_policy),
 }
 

@@ -117,3 +117,23 @@ def test_early_answers_reject_unknown_tasks_and_bad_fractions():
     for bad in ("logic", "logic=many", "logic=1.5", "chess=0.5"):
         with pytest.raises(argparse.ArgumentTypeError, match="logic|chess"):
             task_fraction(bad)
+
+
+def test_graded_skill_is_judged_per_level_as_the_design_asks():
+    from inner.base_model import graded, levels_markdown
+
+    levels = {"1": {"greedy": 0.7, "pass1": 0.6, "pass16": 0.9},     # too easy
+              "2": {"greedy": 0.3, "pass1": 0.2, "pass16": 0.6},     # graded
+              "3": {"greedy": 0.1, "pass1": 0.05, "pass16": 0.3},    # graded
+              "4": {"greedy": 0.04, "pass1": 0.03, "pass16": 0.05}}  # pass@16 < 2 x pass@1
+    verdict = graded(levels)
+    assert verdict["graded"] == ["2", "3"] and not verdict["graded_levels"]
+    assert verdict["falls_with_level"]
+    levels["4"]["pass16"] = 0.2
+    assert graded(levels)["graded_levels"]
+    levels["3"]["greedy"] = 0.5
+    assert not graded(levels)["falls_with_level"]
+    text = levels_markdown({"command": "python -m inner.base_model --measure-only",
+                            "tasks": {"toy": {"levels": levels, **graded(levels)}}})
+    assert "| toy | 0.700 / 0.600 / 0.900 | 0.300 / 0.200 / 0.600 |" in text
+    assert text.rstrip().endswith("| 2, 3, 4 | no |")
