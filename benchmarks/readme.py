@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.leaderboard.report import head_tables
 
@@ -158,11 +159,20 @@ def presets_table(*reports: str) -> str:
         left_out = [m["name"] for m in LEFT_OUT.finditer(text)]
         lines.append(
             f"| {s['name']} | `{found['command']}` | {', '.join(map(str, s['seeds']))} "
-            f"| {s['budget']} {s['budget_unit']} | {s['stages']} stages x "
+            f"| {budget_cell(s)} | {s['stages']} stages x "
             f"{s['steps_per_stage']} steps | {s['dev_size']} / {s['test_size']} | "
             f"{', '.join(s['controllers'])}"
             + (f"; left out: {', '.join(left_out)}" if left_out else "") + " |")
     return "\n".join(lines)
+
+
+def budget_cell(settings: dict[str, Any]) -> str:
+    """A preset's budget in its unit: stages, or tokens (given, or episodes' worth of the cap)."""
+    if settings["budget_unit"] != "tokens":
+        return f"{settings['budget']} stages"
+    if settings.get("budget_tokens"):
+        return f"{settings['budget_tokens']} tokens"
+    return f"{settings['budget'] / settings['stages']:g} default episodes' worth of tokens"
 
 
 BLOCKS: dict[str, Block] = {

@@ -1,11 +1,14 @@
 """The controller protocol, its result, and the helpers that several controllers share.
 
 A controller is anything with ``run(env, budget, seed) -> RunResult``; the budget is a number of
-trained stages, counted by the env (and, when the env has ``max_tokens``, ends early once those
-tokens are spent). Two optional class members tell the harness how a controller meets a budget:
-``fits(budget, stages) -> str | None`` says why it cannot do what its name says at that budget
-(None: it can; see ``fits`` below), and ``unspent_reason`` says why it may leave stages unspent.
-A user's controller, in full::
+trained stages, counted by the env, or, when the env has ``max_tokens`` (the standard
+leaderboard's equal-token budget), the plan: those tokens bind, and ``budget`` is the stages they
+buy at the default stage's cost (``Tracker``). Every controller trains through a ``Tracker``,
+which applies the one selection rule (``SELECT_RULE_TEXT``) to what it trained. Two optional
+class members tell the harness how a controller meets a budget: ``fits(budget, stages) -> str |
+None`` says why it cannot do what its name says at that budget (None: it can; see ``fits``
+below), and ``unspent_reason`` says why it may leave stages unspent. A user's controller, in
+full::
 
     import controllers
     from controllers.base import Tracker, default_hparams
@@ -13,7 +16,7 @@ A user's controller, in full::
     class StepDownLR:
         name = "step-down-lr"
         def run(self, env, budget, seed=0):
-            tracker = Tracker(env, budget, seed)   # resets; counts stages; keeps the best dev state
+            tracker = Tracker(env, budget, seed)   # resets; counts the budget; selects
             space, path = tracker.space, []
             hp = default_hparams(space)
             while tracker.remaining > 0:
@@ -30,11 +33,12 @@ A user's controller, in full::
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
@@ -50,10 +54,6 @@ class BudgetExceeded(RuntimeError):
     """Raised when a controller asks for a stage its budget cannot pay for."""
 
 
-# Which states a run may choose: the best on dev at any stage, or at the episode's last stage.
-Selection = Literal["any", "final"]
-
-
 @dataclass
 class RunResult:
     """What a controller hands to the harness: the chosen state, how it got there, what it cost."""
@@ -67,7 +67,9 @@ class RunResult:
     trials: list[dict[str, Any]] = field(default_factory=list)   # what was explored
     tree: Any = None                       # tree-search controllers put their tree here
     cost: dict[str, float] = field(default_factory=dict)  # stages, tokens, seconds, LLM_COST_KEYS
-    anytime: list[tuple[int, float]] = field(default_factory=list)  # (stages spent, best dev)
+    # (stages spent, dev score of the state the selection rule chose then)
+    anytime: list[tuple[int, float]] = field(default_factory=list)
+    select_fallback: bool = False          # no episode ended: the best state at any depth
 
 
 @runtime_checkable
@@ -79,11 +81,18 @@ class Controller(Protocol):
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult: ...
 
 
-def fits(controller: Any, budget: int, stages: int) -> str | None:
+def fits(controller: Any, budget: int, stages: int, space: Any = None) -> str | None:
     """Why ``controller`` cannot do what its name says at ``budget`` stages of ``stages``-stage
-    episodes (one sentence), or None when it can; None for a controller without ``fits``."""
+    episodes (one sentence), or None when it can; None for a controller without ``fits``.
+
+    ``space`` (the env's HParamSpace) goes to a ``fits`` that takes it (the grid's design size
+    depends on it)."""
     check = getattr(controller, "fits", None)
-    return None if check is None else check(budget, stages)
+    if check is None:
+        return None
+    if space is not None and "space" in inspect.signature(check).parameters:
+        return check(budget, stages, space=space)
+    return check(budget, stages)
 
 
 # ---- argument checks: a bad setting is named where it enters, before anything trains ------------
@@ -146,9 +155,27 @@ def plain(hp: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the run tracker ----------------------------------------------------------------------------
 
+# The one selection rule, applied by the Tracker for every controller.
+SELECT_RULE = "final"
+SELECT_RULE_TEXT = (
+    "final: the best dev score among the states whose episode ended (terminated: its `stages` "
+    "reached, or its episode token cap), so a run returns a whole schedule, as the env's return "
+    "counts; where no episode ended within the budget, the best state at any depth, the base "
+    "model included, and the run records that fallback")
+# Why an episode ended that makes its last state a whole schedule (a failure truncates it).
+ENDED = ("stages", "token_cap")
+# Under a token budget (the env's max_tokens) a run trains at most this many times its `budget`
+# stages, however cheap its stages: the tokens bind, this only stops a run that never would.
+STAGE_CAP_FACTOR = 2
+
+
 @dataclass
 class Best:
-    """A candidate result: a state, its dev score and the schedule that made it from the root."""
+    """A candidate result: a state, its dev score and the schedule that made it from the root.
+
+    ``state`` is None for a state trained by an earlier process of a resumed search: only a
+    replay of ``schedule`` from the root rebuilds it (``Tracker.lost``).
+    """
 
     dev: float
     state: Any
@@ -156,59 +183,83 @@ class Best:
 
 
 class Tracker:
-    """One controller run: resets the env, enforces the budget, keeps the best-dev state.
+    """One controller run: resets the env, enforces the budget, applies the selection rule.
 
     Every controller trains only through ``step``, so the budget is checked against the env's own
-    counters before each stage, and the best state seen on dev is what ``result`` returns:
-    controllers select on dev, the harness scores the selection on test. ``select="any"`` chooses
-    among every state, the root included; ``select="final"`` among the states at the episode's
-    last stage (whole schedules), falling back to the best of any stage until one exists.
+    counters before each stage, and ``result`` returns the state the one selection rule chooses
+    (``SELECT_RULE_TEXT``): the best dev state among those whose episode ended, else (recorded as
+    a fallback) the best at any depth. Controllers select on dev, the harness scores the
+    selection on test.
 
-    The budget ends at ``budget`` stages or when the env refuses another stage (its own
-    ``max_stages`` or ``max_tokens`` is spent, e.g. under an equal-token budget): ``remaining`` is
-    then 0, so a controller that checks it before each stage stops there, with the best state so
-    far as its result.
+    The budget is ``budget`` stages. Under a token budget (the env's ``max_tokens``, as the
+    leaderboard's standard preset sets it) the tokens bind instead: ``budget`` is then the plan,
+    the stages those tokens buy at one planned stage's share of them, and ``remaining`` counts the
+    planned stages the tokens left still buy, so a run of cheap stages trains more of them (at
+    most ``STAGE_CAP_FACTOR`` x ``budget``) and one of dear stages fewer. ``remaining`` is 0 once
+    the env refuses another stage, so a controller that checks it before each stage stops there.
     """
 
-    def __init__(self, env: gym.Env, budget: int, seed: int = 0, select: Selection = "any") -> None:
+    def __init__(self, env: gym.Env, budget: int, seed: int = 0) -> None:
         check_budget(budget)
-        if select not in ("any", "final"):
-            raise ValueError(f"select must be 'any' or 'final', got {select!r}")
-        self.env, self.budget, self.seed, self.select = env, int(budget), seed, select
+        self.env, self.budget, self.seed = env, int(budget), seed
         self.space = env.unwrapped.hparams
         self.last_obs, info = env.reset(seed=seed)
         self.start = counters(env)
+        own = env.unwrapped.budget
+        # The tokens this run may sample (None: a budget in stages).
+        self.tokens = None if own.max_tokens is None else max(0, int(own.remaining_tokens))
         self.root = env.unwrapped.save_state()
         self.base_dev = float(info.get("dev_score", env.unwrapped.dev_score))
         self.best_any = Best(self.base_dev, self.root, [])
         self.best_final: Best | None = None
+        # The best states of earlier processes of a resumed search (``resume``), lost with them.
+        self.lost_any: Best | None = None
+        self.lost_final: Best | None = None
         self.anytime: list[tuple[int, float]] = [(0, self.base_dev)]
         self.trials: list[dict[str, Any]] = []
         self.last_info: dict[str, Any] = info
         # Stages and cost paid by earlier processes of a resumed search (``resume``).
         self._prior: dict[str, float] = {"stages": 0.0, "tokens": 0.0, "seconds": 0.0}
 
+    def _choose(self, lost: bool = True) -> Best:
+        """The rule: the best ended state, else the best at any depth (a live state on a tie)."""
+        tiers = ((self.best_final, self.lost_final), (self.best_any, self.lost_any))
+        for tier in tiers:
+            found = [b for b in tier[: 2 if lost else 1] if b is not None]
+            if found:
+                return max(found, key=lambda b: (b.dev, b.state is not None))
+        raise AssertionError("the root is always a candidate")
+
     @property
     def chosen(self) -> Best:
         """The state ``result`` returns as of now."""
-        return self.best_final if self.best_final is not None else self.best_any
+        return self._choose()
+
+    @property
+    def fallback(self) -> bool:
+        """No episode has ended: the rule falls back to the best state at any depth."""
+        return self.best_final is None and self.lost_final is None
+
+    @property
+    def lost(self) -> list[dict[str, Any]] | None:
+        """The schedule of the chosen state where an earlier process trained it (replay it from
+        the root to rebuild it), else None."""
+        chosen = self.chosen
+        return chosen.schedule if chosen.state is None else None
 
     @property
     def best_dev(self) -> float:
         return self.chosen.dev
 
     @property
-    def best_state(self) -> Any:
-        return self.chosen.state
-
-    @property
-    def best_schedule(self) -> list[dict[str, Any]]:
-        return self.chosen.schedule
-
-    @property
     def spent(self) -> int:
         """Stages paid so far, earlier processes of a resumed run included."""
         return int(counters(self.env)["stages"] - self.start["stages"] + self._prior["stages"])
+
+    @property
+    def spent_tokens(self) -> int:
+        """Tokens paid so far, earlier processes of a resumed run included."""
+        return int(counters(self.env)["tokens"] - self.start["tokens"] + self._prior["tokens"])
 
     @property
     def refusal(self) -> str | None:
@@ -217,8 +268,22 @@ class Tracker:
 
     @property
     def remaining(self) -> int:
-        """Stages the run may still train: 0 once the env's own budget is spent."""
-        return 0 if self.refusal is not None else max(0, self.budget - self.spent)
+        """Stages the run may still train (planned stages under a token budget): 0 once the
+        env's own budget is spent."""
+        if self.refusal is not None:
+            return 0
+        if self.tokens is None:
+            return max(0, self.budget - self.spent)
+        left = max(0, self.tokens - self.spent_tokens)
+        by_tokens = left * self.budget // self.tokens if self.tokens else 0
+        return max(0, min(by_tokens, STAGE_CAP_FACTOR * self.budget - self.spent))
+
+    def units(self, tokens: float) -> int:
+        """What a stage of ``tokens`` tokens costs of ``remaining``: 1 under a stage budget, its
+        planned stages (at least 1) under a token budget."""
+        if self.tokens is None or not self.tokens:
+            return 1
+        return max(1, math.ceil(tokens * self.budget / self.tokens))
 
     def load(self, state: Any) -> None:
         self.env.unwrapped.load_state(state)
@@ -226,10 +291,12 @@ class Tracker:
     def step(self, schedule: Sequence[dict[str, Any]]) -> tuple[float, bool]:
         """Train the stage ``schedule[-1]`` from the loaded state; return (dev score, episode over).
 
-        ``schedule`` is the whole path from the root, so a new best state knows its schedule.
+        ``schedule`` is the whole path from the root, so a chosen state knows its schedule.
         """
         if self.remaining < 1:
-            raise BudgetExceeded(self.refusal or f"budget of {self.budget} stages is spent")
+            unit = f"token budget of {self.tokens}" if self.tokens is not None else (
+                f"budget of {self.budget} stages")
+            raise BudgetExceeded(self.refusal or f"{unit} is spent")
         try:
             # Values, not indices: a partial stage keeps the loaded state's values for the names
             # it leaves out (the env's step checks them on the grids).
@@ -238,45 +305,45 @@ class Tracker:
             raise BudgetExceeded(str(e)) from e
         self.last_info = info
         dev = float(info["dev_score"])
-        path = [plain(h) for h in schedule]
-        # strict: the earliest of equal states wins
-        if dev > self.best_any.dev:
-            self.best_any = Best(dev, self.env.unwrapped.save_state(), path)
-        final = terminated and not truncated      # the episode's last stage, trained in full
-        if self.select == "final" and final and (self.best_final is None
-                                                 or dev > self.best_final.dev):
-            state = self.best_any.state if self.best_any.schedule is path else (
-                self.env.unwrapped.save_state())
-            self.best_final = Best(dev, state, path)
-        # "any": the best so far (max: a resumed search's curve holds its earlier processes' best);
-        # "final": the dev score of the state the run would return now.
-        now = self.best_dev if self.select == "final" else max(self.best_dev, self.anytime[-1][1])
-        self.anytime.append((self.spent, now))
+        self._offer(dev, [plain(h) for h in schedule], terminated and not truncated,
+                    self.env.unwrapped.save_state)
+        self.anytime.append((self.spent, self.chosen.dev))
         return dev, bool(terminated or truncated)
 
-    def resume(self, trial: dict[str, Any], cost: Mapping[str, float]
-               ) -> tuple[float, list[dict[str, Any]]] | None:
+    def _offer(self, dev: float, path: list[dict[str, Any]], ended: bool,
+               state: Callable[[], Any] | None) -> None:
+        """Keep a state the rule may choose: ``state()`` saves it (None: lost, from ``resume``)."""
+        if ended:
+            slot = "best_final" if state is not None else "lost_final"
+        elif self.best_final is None:     # past the first ended episode no other state counts
+            slot = "best_any" if state is not None else "lost_any"
+        else:
+            return
+        old = getattr(self, slot)
+        if old is None or dev > old.dev:     # strict: the earliest of equal states wins
+            setattr(self, slot, Best(dev, None if state is None else state(), path))
+
+    def resume(self, trial: dict[str, Any], cost: Mapping[str, float]) -> None:
         """Count a trial that an earlier process of this run trained (a resumed search).
 
-        Its ``cost`` joins the run's, the ``trial`` record (with its ``schedule``, ``dev_scores``
-        and ``stages``) joins ``trials`` marked ``resumed``, and its dev scores extend the anytime
-        curve. Returns (dev, schedule prefix) of its last state that beat the curve so far, or
-        None: that state is lost with the earlier process, and only a replay rebuilds it.
+        Its ``cost`` joins the run's, the ``trial`` record (with its ``schedule``, ``dev_scores``,
+        ``stages`` and ``episode_end``) joins ``trials`` marked ``resumed``, its states are
+        candidates of the rule (lost with that process: ``lost`` says when one is chosen, and
+        only a replay rebuilds it), and its dev scores extend the anytime curve.
         """
         for k, v in cost.items():
-            self._prior[k] += v
+            if k in self._prior:
+                self._prior[k] += v
         self.trials.append({**trial, "resumed": True})
         spent = int(self._prior["stages"])
-        before, curve = spent - trial["stages"], self.anytime[-1][1]
-        best = None
-        for i, dev in enumerate(trial["dev_scores"]):
-            if dev > curve:      # curve starts at the base dev score: strictly better states only
-                best = (dev, trial["schedule"][: i + 1])
-            curve = max(curve, dev)
-            self.anytime.append((before + i + 1, curve))
-        if not trial["dev_scores"] and trial["stages"]:    # a killed trial: paid, nothing kept
-            self.anytime.append((spent, curve))
-        return best
+        devs, schedule = trial["dev_scores"], trial["schedule"]
+        before = spent - trial["stages"]
+        for i, dev in enumerate(devs):
+            ended = i == len(devs) - 1 and trial.get("episode_end") in ENDED
+            self._offer(dev, [plain(h) for h in schedule[: i + 1]], ended, None)
+            self.anytime.append((before + i + 1, self.chosen.dev))
+        if not devs and trial["stages"]:    # a killed trial: paid, nothing kept
+            self.anytime.append((spent, self.chosen.dev))
 
     def cost(self) -> dict[str, float]:
         now = counters(self.env)
@@ -286,13 +353,18 @@ class Tracker:
         return c
 
     def result(self, name: str, **extra: Any) -> RunResult:
-        """The run's RunResult; the env is left loaded with the chosen state."""
-        chosen = self.chosen
+        """The run's RunResult; the env is left loaded with the chosen state.
+
+        A chosen state of an earlier process that was not replayed (the budget could not pay for
+        it) gives way to the rule's choice among this process's states.
+        """
+        chosen = self.chosen if self.lost is None else self._choose(lost=False)
+        fallback = chosen is self.best_any or chosen is self.lost_any
         self.load(chosen.state)
         return RunResult(name=name, seed=self.seed, final_state=chosen.state,
                          dev_score=chosen.dev, schedule=list(chosen.schedule),
                          base_dev_score=self.base_dev, trials=self.trials, cost=self.cost(),
-                         anytime=list(self.anytime), **extra)
+                         anytime=list(self.anytime), select_fallback=fallback, **extra)
 
 
 def run_schedule(tracker: Tracker, schedule: Sequence[dict[str, Any]],

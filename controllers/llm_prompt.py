@@ -51,7 +51,7 @@ You steer the GRPO post-training of a language model, one stage at a time. A sta
 number of steps from a saved checkpoint with the hyperparameters you choose, then scores the model \
 on a dev set (greedy decoding, accuracy in [0, 1]). Every checkpoint is kept, so the search can \
 train any of them further. The result is the checkpoint with the highest dev score among those \
-after an episode's last stage, when the budget of stages is spent.
+that ended an episode (its last stage, or its episode token cap), when the budget is spent.
 
 What each hyperparameter does:
 {effects}

@@ -10,10 +10,10 @@ goes deep where it has few visits and widens where it has many, and K is budget-
 budget // episode stages, at least 2). Early stopping: a node whose dev score falls behind the
 best at its depth by more than `margin` (`margin_se` standard errors of the dev score, from the
 dev set's size) gets no new child. When the budget left is only enough to take the deepest open
-node to the episode's end and no node is there yet, the search finishes that path first. The
-chosen state is the best on dev among the nodes at the episode's end (`select="final"`: the
-result is a whole schedule, as the env's return counts). The budget is in stages, counted by the
-env, like every controller.
+node to the episode's end and no node has ended an episode yet, the search finishes that path
+first. The chosen state follows the one selection rule of every controller (the Tracker's,
+`controllers.base.SELECT_RULE_TEXT`): the best on dev among the nodes whose episode ended. The
+budget is the Tracker's, like every controller's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import gymnasium as gym
 
 from controllers.base import (
     RunResult,
-    Selection,
     Tracker,
     check_budget,
     check_int,
@@ -78,6 +77,7 @@ class Node:
     call: int = -1                           # index in Tree.expansions of its latest call
     source: str = "root"                     # who proposed the stage (controllers.proposers)
     samples: list[dict] = field(default_factory=list, repr=False)  # dev samples of this state
+    tokens: int = 0                          # tokens sampled on the path from the root
 
     @property
     def expanded(self) -> bool:
@@ -127,7 +127,6 @@ class LLMZero:
     # Stop when more than this share of at least 4 LLM expansions fell back to the skills: the
     # run would measure the skills, not the LLM.
     max_fallback_rate: float = 0.25
-    select: Selection = "final"  # "any": the best dev state at any depth (controllers.base)
     run_dir: str | None = None  # tree.json (and the LLM's transcript); LLM default: runs/...
     unspent_reason: ClassVar[str | None] = (
         "the tree closed before the budget ended: every node ended the episode, has its most "
@@ -143,8 +142,6 @@ class LLMZero:
         if self.widen_c <= 0 or not 0.0 <= self.widen_alpha <= 1.0:
             raise ValueError(f"widen_c must be > 0 and widen_alpha in [0, 1], got "
                              f"{self.widen_c} and {self.widen_alpha}")
-        if self.select not in ("any", "final"):
-            raise ValueError(f"select must be 'any' or 'final', got {self.select!r}")
         check_nonnegative("c_uct", self.c_uct)
         check_nonnegative("margin_se", self.margin_se)
         if self.margin is not None:
@@ -182,14 +179,15 @@ class LLMZero:
         run_dir = Path(self.run_dir) if self.run_dir else None
         if hasattr(proposer, "start"):  # before reset: a dead endpoint costs no stage
             run_dir = proposer.start(run_dir, seed)
-        tracker = Tracker(env, budget, seed, select=self.select)
+        tracker = Tracker(env, budget, seed)
         space, k = tracker.space, self.width(budget, episode_stages(env))
         root = Node(id=0, depth=0, hparams=default_hparams(space), state=tracker.root,
                     dev_score=tracker.base_dev, samples=list(tracker.last_info.get("samples", [])))
         dev_size = tracker.last_info.get("dev_size", getattr(env.unwrapped, "dev_size", None))
         calls = self.expansions_per_node()
         tree = Tree(root, episode_stages(env), self.c_uct, self.pruning_margin(dev_size), calls,
-                    max_children=k * calls, widen_c=self.widen_c, widen_alpha=self.widen_alpha)
+                    max_children=k * calls, widen_c=self.widen_c, widen_alpha=self.widen_alpha,
+                    need=functools.partial(budget_to_end, tracker, episode_stages(env)))
         stages_saved = 0
 
         while tracker.remaining > 0:
@@ -208,7 +206,8 @@ class LLMZero:
                              metrics=list(info.get("metrics", [])),
                              pathologies=list(info.get("pathologies", [])),
                              samples=list(info.get("samples", [])), terminal=done,
-                             failed=info.get("failure") is not None, source=p.source)
+                             failed=info.get("failure") is not None, source=p.source,
+                             tokens=int(info.get("cost", {}).get("tokens", 0)))
             tree.expansions[leaf.call]["children"].append(child.id)
             tree.release_states()
 
@@ -284,7 +283,7 @@ class LLMZero:
             "settings": {"k": k, "c_uct": self.c_uct, "margin": tree.margin,
                          "max_children": tree.max_children,
                          "widen_c": self.widen_c, "widen_alpha": self.widen_alpha,
-                         "max_expansions": tree.max_expansions, "select": self.select},
+                         "max_expansions": tree.max_expansions},
         }
         if hasattr(proposer, "usage"):
             record["llm_usage"] = dict(proposer.usage)
@@ -375,6 +374,9 @@ class Tree:
     expansions: list[dict] = field(default_factory=list)  # node, source, children: in order
     finishing: Node | None = None        # the head of the path the budget guard finishes
     finished_at: int | None = None       # nodes in the tree when the guard took over, if it did
+    # The budget a node's path needs to end its episode (the guard's measure); None: one unit a
+    # stage to `max_depth`.
+    need: Callable[[Node], int] | None = None
 
     def __post_init__(self) -> None:
         self.nodes = [self.root]
@@ -421,8 +423,8 @@ class Tree:
                 and not (prune and self.behind(node)))
 
     def reached_end(self) -> bool:
-        """Some node ended the episode at its last stage (a whole schedule)."""
-        return any(n.depth >= self.max_depth and not n.failed for n in self.nodes)
+        """Some node ended its episode (its last stage or its token cap: a whole schedule)."""
+        return any(n.terminal and not n.failed for n in self.nodes[1:])
 
     def deepest_open(self) -> Node | None:
         """The open node (with its state) closest to the episode's end; ties: the best dev."""
@@ -472,12 +474,13 @@ class Tree:
         """The node to grow by one stage, and the stages early stopping saved by this choice: 1
         when the same search without early stopping would have grown a pruned node instead.
 
-        With `remaining` stages left and no whole schedule yet, once the deepest open node needs
-        them all to reach the episode's end, that path is finished first, one stage a call.
+        With `remaining` budget left and no whole schedule yet, once the deepest open node needs
+        it all to reach the episode's end (`need`), that path is finished first, one stage a call.
         """
         if self.finishing is None and not self.reached_end():
             deepest = self.deepest_open()
-            if deepest is not None and remaining <= self.max_depth - deepest.depth:
+            if deepest is not None and remaining <= (self.need(deepest) if self.need else
+                                                     self.max_depth - deepest.depth):
                 self.finishing, self.finished_at = deepest, len(self.nodes)
         if self.finishing is not None:
             if self.open(self.finishing):
@@ -489,6 +492,20 @@ class Tree:
             return naive, 0
         saved = 1 if naive is not None and naive is not leaf and self.behind(naive) else 0
         return leaf, saved
+
+
+def budget_to_end(tracker: Tracker, max_depth: int, node: Node) -> int:
+    """What taking `node`'s path on to its episode's end costs of `tracker.remaining`: its stages
+    left, each at its last stage's tokens (under a token budget; the episode token cap may end it
+    sooner)."""
+    left = max_depth - node.depth
+    stage = node.tokens - node.parent.tokens if node.parent is not None else 0
+    if stage <= 0:
+        return left
+    cap = tracker.env.unwrapped.episode_token_cap
+    if cap is not None:
+        left = min(left, max(1, math.ceil((cap - node.tokens) / stage)))
+    return left * tracker.units(stage)
 
 
 def state_summary(node: Node, base_dev: float, dev_size: int | None = None) -> StateSummary:

@@ -12,7 +12,7 @@ import torch
 
 import controllers
 import metaenv  # noqa: F401  (registers the env ids)
-from controllers.base import LLM_COST_KEYS, RunResult, Tracker
+from controllers.base import ENDED, LLM_COST_KEYS, RunResult, Tracker
 from controllers.llm_prompt import build_prompt, system_prompt
 from controllers.pbt import Member, exploit
 from controllers.proposers import Context
@@ -63,7 +63,20 @@ def stages_of(env: gym.Env) -> int:
     return env.unwrapped.budget.stages
 
 
-def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> None:
+class Recorder(gym.Wrapper):
+    """The env, keeping (dev score, the episode ended there) of every stage a controller trains."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.stages: list[tuple[float, bool]] = []
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.stages.append((out[4]["dev_score"], out[4]["episode_end"] in ENDED))
+        return out
+
+
+def check_result(env: Recorder, result: RunResult, budget: int, spent: int) -> None:
     space = env.unwrapped.hparams
     assert isinstance(result, RunResult)
     assert spent <= budget and result.cost["stages"] == spent
@@ -71,11 +84,20 @@ def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> No
     assert len(result.schedule) <= STAGES
     for hp in result.schedule:
         space.encode(hp)  # every stage of the chosen path is on the grid
-    # The chosen state is the best dev state seen, the root included, and the anytime curve ends
-    # there; the env is left loaded with it and the harness can load it again and test it.
+    # The one selection rule: the best dev score among the states whose episode ended; only
+    # where none ended, the best state at any depth, the root included, and the run says so.
+    ended = [dev for dev, end in env.stages if end]
+    if ended:
+        assert not result.select_fallback and result.dev_score == max(ended)
+        assert len(result.schedule) == STAGES
+    else:
+        assert result.select_fallback
+        assert result.dev_score == max([result.base_dev_score] + [d for d, _ in env.stages])
+    # The anytime curve ends at the chosen state's score; the env is left loaded with it and the
+    # harness can load it again and test it.
     xs, ys = zip(*result.anytime, strict=True)
     assert xs[0] == 0 and list(xs) == sorted(xs) and xs[-1] == spent
-    assert list(ys) == sorted(ys) and ys[-1] == result.dev_score >= result.base_dev_score
+    assert ys[-1] == result.dev_score
     assert env.unwrapped.dev_score == result.dev_score
     env.unwrapped.load_state(result.final_state)
     assert env.unwrapped.dev_score == result.dev_score
@@ -83,9 +105,9 @@ def check_result(env: gym.Env, result: RunResult, budget: int, spent: int) -> No
 
 
 # Exact spends for budget 5 with 2-stage episodes, as each controller documents: the open-loop
-# ones run one episode, grid two whole-episode design points, PBT 2 members x 2 rounds; the
-# others spend it all.
-EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 4, "random": 5, "tpe": 5, "pbt": 4,
+# ones run one episode, PBT 2 members x 2 rounds; the others (grid: one stage for four design
+# points, the best to the episode's end) spend it all.
+EXPECTED_SPEND = {"fixed": 2, "progressive": 2, "grid": 5, "random": 5, "tpe": 5, "pbt": 4,
                   "skills": 5}
 
 
@@ -94,9 +116,10 @@ def test_controller_spends_within_budget_and_is_deterministic(env, name):
     budget, runs = 5, []
     for _ in range(2):
         before = stages_of(env)
-        result = controllers.make(name).run(env, budget, seed=3)
+        recorded = Recorder(env)
+        result = controllers.make(name).run(recorded, budget, seed=3)
         spent = stages_of(env) - before
-        check_result(env, result, budget, spent)
+        check_result(recorded, result, budget, spent)
         assert spent == EXPECTED_SPEND[name] and result.name == name and result.seed == 3
         runs.append(result)
     a, b = runs
@@ -105,9 +128,15 @@ def test_controller_spends_within_budget_and_is_deterministic(env, name):
     ctrl = controllers.make(name)
     # Whoever leaves stages unspent says why (the harness copies it into the run record).
     assert spent == budget or getattr(ctrl, "unspent_reason", None)
-    if name == "grid":   # the design's first budget // STAGES points, the default first
-        design = ctrl.design(env.unwrapped.hparams)[: budget // STAGES]
-        assert [t["schedule"] for t in a.trials] == [[p] * STAGES for p in design]
+    if name == "grid":   # halving: the design's first 4 points one stage, the best to the end
+        design = ctrl.design(env.unwrapped.hparams)
+        assert [t["point"] for t in a.trials] == [0, 1, 2, 3]
+        assert [t["hparams"] for t in a.trials] == design[:4]
+        assert sorted(t["stages"] for t in a.trials) == [1, 1, 1, 2]
+        (best,) = [t for t in a.trials if t["stages"] == 2]
+        assert best["dev_scores"][0] == max(t["dev_scores"][0] for t in a.trials)
+        assert best["state"] == "COMPLETE" and best["episode_end"] == "stages"
+        assert {t["state"] for t in a.trials if t is not best} == {"PRUNED"}
 
 
 def test_harness_scores_the_chosen_state_on_test(env):
@@ -157,6 +186,58 @@ def test_grid_runs_its_declared_design_in_order_from_the_default(env):
     assert result.cost["stages"] == len(design) * STAGES
 
 
+def test_the_grid_design_moves_every_name_both_ways_capacity_included():
+    # The real GSM8K space: every name whose default is inside its grid moves down and up, the
+    # capacity names (group size, completion length) too; a default at a grid's end moves once.
+    space, _ = build_hparam_space("gsm8k", difficulty_levels=(0, 1, 2, 3, 4),
+                                  default_difficulty=0)
+    grid = controllers.make("grid")
+    design = grid.design(space)
+    default = space.defaults
+    assert design[0] == default
+    moves = {(n, space.index(n, p[n]) - space.index(n, default[n]))
+             for p in design[1:] for n in space.names if p[n] != default[n]}
+    for name in space.names:
+        i, last = space.index(name, default[name]), len(space.grids[name]) - 1
+        assert ((name, -1) in moves) == (i > 0) and ((name, 1) in moves) == (i < last), name
+    for capacity in ("num_generations", "max_completion_length"):
+        assert {(capacity, -1), (capacity, 1)} <= moves
+    assert len(design) == 1 + len(moves)
+
+
+@pytest.mark.parametrize("points, stages, budget, plan", [
+    (12, 8, 96, [(8, 12)]),                       # the whole design fits: every point to the end
+    (12, 8, 32, [(1, 12), (3, 4), (8, 2)]),       # halving by 3: 12 + 8 + 10 = 30 stages
+    (12, 8, 35, [(1, 12), (3, 4), (8, 3)]),       # what is left takes one more to the end
+    (12, 8, 19, [(1, 12), (8, 1)]),               # one stage each, the best to the end
+    (12, 8, 18, [(1, 11), (8, 1)]),               # short of that: the design's first points
+    (12, 3, 6, [(1, 4), (3, 1)]),
+    (5, 2, 8, [(1, 5), (2, 3)]),
+    (3, 1, 2, [(1, 2)]),
+])
+def test_halving_plan_fits_the_design_to_the_budget(points, stages, budget, plan):
+    from controllers.search import halving_plan, plan_cost
+
+    got = halving_plan(points, stages, budget, 3)
+    assert got == plan and plan_cost(got) <= budget
+    assert [r for r, _ in got] == sorted({r for r, _ in got}) and got[-1][0] == stages
+    assert [n for _, n in got] == sorted((n for _, n in got), reverse=True)
+
+
+def test_grid_fits_exactly_where_its_plan_covers_the_design():
+    from controllers.search import halving_plan
+
+    space, _ = build_hparam_space("gsm8k", difficulty_levels=(0, 1, 2, 3, 4),
+                                  default_difficulty=0)
+    grid = controllers.make("grid")
+    points = len(grid.design(space))
+    for budget in range(1, 40):
+        plan = halving_plan(points, 8, budget, 3)
+        covers = plan[0][1] == points and plan[-1][0] == 8
+        assert (grid.fits(budget, 8, space=space) is None) == covers == (budget >= points + 7)
+    assert "budget 6" in grid.fits(6, 3, space=space)
+
+
 def test_fits_and_unspent_reasons_say_where_a_controller_falls_short():
     from controllers.base import fits
 
@@ -199,12 +280,44 @@ def test_a_spent_token_budget_ends_every_run_with_the_best_state_so_far(model_di
         result = controllers.make(name).run(env, 5, seed=0)
         assert result.cost["stages"] == 1, name
         trained = result.trials[0]
+        # No episode ended: the rule falls back to the best state at any depth, and says so.
+        assert result.select_fallback, name
         assert result.dev_score == max(result.base_dev_score, result.anytime[-1][1]), name
         assert result.anytime[-1][0] == 1 and trained
     tracker = Tracker(env, 5, seed=0)
     assert tracker.remaining == 0 and "tokens is spent" in tracker.refusal
     with pytest.raises(controllers.BudgetExceeded, match="tokens is spent"):
         tracker.step([u.hparams.decode(u.hparams.default_action())])
+    env.close()
+
+
+def test_under_a_token_budget_the_tokens_bind_not_the_number_of_stages(model_dir):
+    env = gym.make("LLMZero-GSM8K-v0", model=model_dir, stages=STAGES, steps_per_stage=1,
+                   dev_size=8, test_size=4, eval_max_new_tokens=24, dev_metric="mean_score",
+                   fixed_hparams={"prompts_per_step": 2},
+                   hparam_grid={**GRID, "num_generations": [2, 4]})
+    u = env.unwrapped
+    env.reset(seed=0)
+    default = u.hparams.defaults
+    env.step(default)
+    per_stage = u.budget.tokens              # one default stage from the base
+    u.budget.max_tokens = u.budget.tokens + 4 * per_stage
+    tracker = Tracker(env, 4, seed=0)        # the plan: the 4 default stages the tokens buy
+    assert tracker.tokens == 4 * per_stage and tracker.remaining == 4
+    cheap = {**default, "num_generations": 2}   # half the completions: about half the tokens
+    stage = u.budget.stages
+    path: list[dict] = []
+    while tracker.remaining > 0:
+        _, done = tracker.step(path + [cheap])
+        path = [] if done else path + [cheap]
+        if done:
+            tracker.load(tracker.root)
+    trained = u.budget.stages - stage
+    # More stages than the plan's count, never more tokens than the budget (a stage starts only
+    # while a planned stage's tokens are left) nor more than twice the plan's stages.
+    assert 4 < trained <= 2 * 4
+    assert tracker.spent_tokens <= 4 * per_stage
+    assert tracker.units(per_stage) == 1 and tracker.units(2.5 * per_stage) == 3
     env.close()
 
 
@@ -248,48 +361,92 @@ class Interrupt(gym.Wrapper):
         return self.env.step(action)
 
 
-@pytest.mark.parametrize("name", ["tpe", "grid"])
-def test_interrupted_optuna_search_resumes_without_repeating_trials(model_dir, tmp_path, name):
+def _study(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)))
+
+
+def _chosen_by_the_rule(result: RunResult) -> float:
+    """The rule over every trial of a resumed search: the best last dev score of an ended one."""
+    ended = [t["dev_scores"][-1] for t in result.trials
+             if not t.get("replay") and t.get("episode_end") in ENDED]
+    return max(ended)
+
+
+def test_interrupted_tpe_search_resumes_without_repeating_trials(model_dir, tmp_path):
     storage = str(tmp_path / "study.journal")
     # Unpruned, so that trial 0 runs both its stages whatever its dev scores.
-    kwargs = {"storage": storage} | ({"reduction_factor": None} if name == "tpe" else {})
+    kwargs = {"storage": storage, "reduction_factor": None}
     # First process: trial 0 finishes (2 stages), trial 1 is interrupted after its first stage.
     env = Interrupt(make_env(model_dir), at=4)
     with pytest.raises(KeyboardInterrupt):
-        controllers.make(name, **kwargs).run(env, 8, seed=1)
+        controllers.make("tpe", **kwargs).run(env, 8, seed=1)
     assert stages_of(env) == 3
-    study = optuna.load_study(study_name=f"{name}-seed1",
-                              storage=optuna.storages.JournalStorage(
-                                  optuna.storages.journal.JournalFileBackend(storage)))
-    # (The grid's design points still to run wait in the study.)
-    first = [t for t in study.trials if t.state.name != "WAITING"]
+    first = _study(storage, "tpe-seed1").trials
     assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
     env.close()
 
     # Second process, same storage, bigger budget: the budget is the whole study's.
     env2 = make_env(model_dir)
-    result = controllers.make(name, **kwargs).run(env2, 9, seed=1)
+    result = controllers.make("tpe", **kwargs).run(env2, 9, seed=1)
     resumed = [t for t in result.trials if t.get("resumed")]
     new = [t for t in result.trials if not t.get("resumed") and not t.get("replay")]
     replay = [t for t in result.trials if t.get("replay")]
     assert [t["number"] for t in resumed] == [0, 1]
     assert resumed[0]["schedule"] == first[0].user_attrs["schedule"]
+    assert resumed[0]["episode_end"] == "stages"
     assert resumed[1]["state"] == "FAIL" and resumed[1]["stages"] == 1
-    # Trial 0 is never run again; the interrupted trial's parameters run again (TPE: first, as
-    # trial 2; the grid: after the design points the first process had enqueued), once.
+    # Trial 0 is never run again; the interrupted trial's parameters run again first, once.
     assert [t["number"] for t in new] == list(range(2, 2 + len(new))) and new
-    killed = first[1].user_attrs["schedule"]
-    if name == "tpe":
-        assert new[0]["schedule"][: len(killed)] == killed
-    else:                   # every design point that fits runs exactly once
-        assert sum(t["schedule"][: len(killed)] == killed for t in new) == 1
-        points = [t["schedule"][0] for t in result.trials if t["dev_scores"] and t["stages"] == 2]
-        assert len(points) == len({json.dumps(p, sort_keys=True) for p in points}) == 4
+    assert new[0]["schedule"][:1] == first[1].user_attrs["schedule"]
     spent2 = stages_of(env2)
     assert spent2 == sum(t["stages"] for t in new) + sum(t["stages"] for t in replay)
     assert result.cost["stages"] == 3 + spent2 <= 9
-    best_seen = max(d for t in result.trials if not t.get("replay") for d in t["dev_scores"])
-    assert result.dev_score == max(best_seen, result.base_dev_score)
+    # The rule runs over both processes' trials; a chosen state of the first one is rebuilt.
+    assert result.dev_score == _chosen_by_the_rule(result)
+    env2.unwrapped.load_state(result.final_state)
+    assert env2.unwrapped.dev_score == result.dev_score
+    env2.close()
+
+
+def test_interrupted_grid_resumes_the_points_no_process_finished(model_dir, tmp_path):
+    from controllers.search import halving_plan
+
+    storage = str(tmp_path / "study.journal")
+    env = make_env(model_dir)
+    points = len(controllers.make("grid").design(env.unwrapped.hparams))
+    (_, first_rung), (_, finalists) = halving_plan(points, STAGES, 8, 3)
+    assert first_rung == points and finalists >= 2
+    # First process, budget 8: every point one stage, the best `finalists` on to the end; killed
+    # before the second finalist's last stage: one point complete, the others pruned or under way.
+    env = Interrupt(env, at=points + 2)
+    with pytest.raises(KeyboardInterrupt):
+        controllers.make("grid", storage=storage).run(env, 8, seed=1)
+    assert stages_of(env) == points + 1
+    first = _study(storage, "grid-seed1").trials
+    states = [t.state.name for t in first]
+    assert sorted(states) == sorted(["COMPLETE"] + ["PRUNED"] * (points - finalists)
+                                    + ["RUNNING"] * (finalists - 1))
+    killed = [t.params for t in first if t.state.name == "RUNNING"]
+    env.close()
+
+    # Second process: the killed points run again, each once, within what is left of the
+    # budget (the whole study's), with room kept to rebuild a chosen state of the first one.
+    env2 = make_env(model_dir)
+    budget = points + 1 + STAGES * len(killed) + STAGES
+    result = controllers.make("grid", storage=storage).run(env2, budget, seed=1)
+    resumed = [t for t in result.trials if t.get("resumed")]
+    new = [t for t in result.trials if not t.get("resumed") and not t.get("replay")]
+    replay = [t for t in result.trials if t.get("replay")]
+    assert sorted(t["state"] for t in resumed) == sorted(s.replace("RUNNING", "FAIL")
+                                                         for s in states)
+    assert sorted(json.dumps(t["hparams"], sort_keys=True) for t in new) == sorted(
+        json.dumps(p, sort_keys=True) for p in killed)
+    assert all(t["stages"] == STAGES and t["state"] == "COMPLETE" for t in new)
+    spent2 = stages_of(env2)
+    assert spent2 == sum(t["stages"] for t in new) + sum(t["stages"] for t in replay)
+    assert result.cost["stages"] == points + 1 + spent2 <= budget
+    assert result.dev_score == _chosen_by_the_rule(result) and not result.select_fallback
     env2.unwrapped.load_state(result.final_state)
     assert env2.unwrapped.dev_score == result.dev_score
     env2.close()

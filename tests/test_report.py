@@ -24,32 +24,49 @@ def items(p: float, seed: int, task: str) -> list[bool]:
     return (rng.random(N_ITEMS) < p).tolist()
 
 
+STAGE = {"learning_rate": 1e-4, "num_generations": 8}
+
+
 def rec(task: str, ctrl: str, seed: int, correct: list[bool] | None = None, score: float = 0.0,
-        budget: int = 32, **extra) -> RunRecord:
+        budget: int = 32, schedule: list | None = None, **extra) -> RunRecord:
     correct = list(correct or [])
     test = float(np.mean(correct)) if correct else score
+    if schedule is None:
+        schedule = [] if ctrl == "base" else [dict(STAGE)] * 8
     return RunRecord(task=task, controller=ctrl, seed=seed, test_score=test, dev_score=test,
                      base_dev_score=0.1, budget=0 if ctrl == "base" else budget,
                      stages_spent=0 if ctrl == "base" else budget, tokens=1000.0, seconds=5.0,
-                     test_correct=correct, extra=extra,
-                     settings={"env_kwargs": {"stages": 8}})
+                     test_correct=correct, extra=extra, schedule=schedule,
+                     settings={"env_kwargs": {"stages": 8},
+                               **({} if ctrl == "base" else {"budget_unit": "tokens"})})
+
+
+DESIGN = [dict(STAGE), {**STAGE, "num_generations": 4}, {**STAGE, "num_generations": 16}]
+CACHE = {"hits": 3, "misses": 5, "seconds_saved": 2.5}
 
 
 def standard_like() -> list[RunRecord]:
-    """grid and fixed at 0.4; "better" at 0.8, "worse" at 0.1; "same" copies grid item by item."""
+    """grid, fixed and skills at 0.4; "better" at 0.8, "worse" at 0.1; "same" copies grid item
+    by item. Every run used the stage cache; grid's runs carry the design; one "worse" run
+    returned the base model, and says why."""
     out = []
     for task in TASKS:
         out.append(rec(task, "base", 0, items(0.1, 0, task)))
         for s in SEEDS:
             grid = items(0.4, s, task)
-            out += [rec(task, "grid", s, grid), rec(task, "fixed", s, items(0.4, s + 10, task)),
+            out += [rec(task, "grid", s, grid, grid_design=DESIGN, stage_cache=CACHE,
+                         points_tried=[{"point": 0, "stages": 8}, {"point": 2, "stages": 1}]),
+                    rec(task, "fixed", s, items(0.4, s + 10, task), stage_cache=CACHE),
+                    rec(task, "skills", s, items(0.4, s + 30, task)),
                     rec(task, "better", s, items(0.8, s, task)),
-                    rec(task, "worse", s, items(0.1, s + 20, task)),
+                    rec(task, "worse", s, items(0.1, s + 20, task),
+                        **({"schedule": [], "select_fallback": True,
+                            "untrained_reason": "no episode ended"} if s == 0 else {})),
                     rec(task, "same", s, list(grid))]
     return out
 
 
-ORDER = ["fixed", "grid", "better", "worse", "same"]
+ORDER = ["fixed", "grid", "skills", "better", "worse", "same"]
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +90,37 @@ def test_summary_json_layout_and_verdicts(built):
     assert {"seeds", "pairs", "pairs_vs_fixed", "tree_full_depth_share", "iqm",
             "structure"} <= set(s)
     assert s["seeds"] == list(SEEDS) and not s["smoke"]
-    for key, ref in (("pairs", "grid"), ("pairs_vs_fixed", "fixed")):
+    for key, ref in (("pairs", "grid"), ("pairs_vs_fixed", "fixed"), ("pairs_vs_skills", "skills")):
         assert set(s[key]) == set(TASKS)
         for task in TASKS:
             cell = s[key][task]
             assert set(cell) == {"base", *ORDER}
             for ctrl, p in cell.items():
-                assert set(p) >= {"mean_diff", "ci", "verdict", "p_holm", "poi", "ci_method"}
+                assert set(p) >= {"mean_diff", "ci", "t_ci", "verdict", "p_holm", "p_t_holm",
+                                  "poi", "ci_method"}
                 assert p["mean_diff"] == pytest.approx(_mean_diff(records, task, ctrl, ref))
                 assert p["ci_method"] == "seeds x items" and p["n_items"] == N_ITEMS
-            assert cell["better"]["ci"][0] > 0 and "better" in cell["better"]["verdict"]
-            assert cell["worse"]["ci"][1] < 0 and "worse" in cell["worse"]["verdict"]
+            assert cell["better"]["ci"][0] > 0 and cell["better"]["t_ci"][0] > 0
+            assert "better" in cell["better"]["verdict"]
+            assert cell["worse"]["ci"][1] < 0 and cell["worse"]["t_ci"][1] < 0
+            assert "worse" in cell["worse"]["verdict"]
             assert cell[ref]["verdict"] == "reference"
     same = s["pairs"]["a"]["same"]
     assert (same["mean_diff"], same["ci"], same["verdict"]) == (0.0, [0.0, 0.0], "no difference")
     # The base model (one run per task) pairs with every seed.
     assert s["pairs"]["a"]["base"]["n_seeds"] == len(SEEDS)
     assert s["pairs"]["a"]["base"]["verdict"] == "worse"
+    # What a reader must know first: the budget's unit, the one selection rule, the grid's design,
+    # the stage cache's totals over every run, and the runs that returned the base model.
+    assert s["budget_unit"] == "tokens" and s["select_rule"] == "final"
+    assert s["grid_design"] == {t: DESIGN for t in TASKS}
+    n_cached = 2 * len(TASKS) * len(SEEDS)   # the grid and fixed runs
+    assert s["stage_cache"] == {"hits": 3 * n_cached, "misses": 5 * n_cached,
+                                "seconds_saved": pytest.approx(2.5 * n_cached)}
+    assert s["untrained"] == {t: [{"controller": "worse", "seed": 0,
+                                   "reason": "no episode ended"}] for t in TASKS}
     iqm = s["iqm"]
+    assert iqm["better"]["diff_vs_skills"]["ci"][0] > 0
     assert iqm["better"]["diff_vs_grid"]["ci"][0] > 0 and iqm["worse"]["diff_vs_grid"]["ci"][1] < 0
     assert iqm["better"]["poi_vs_grid"]["point"] == 1.0
     assert iqm["better"]["n_seeds"] == len(SEEDS) and iqm["better"]["tasks"] == list(TASKS)
@@ -103,8 +133,24 @@ def test_runs_csv_and_markdown(built):
     assert list(rows[0])[:8] == ["task", "controller", "seed", "test_score", "dev_score",
                                  "stages", "tokens", "seconds"]
     assert len(rows) == len(records)
+    by = {(r["task"], r["controller"], r["seed"]): r for r in rows}
+    grid, worse = by["a", "grid", "0"], by["a", "worse", "0"]
+    assert grid["schedule_stages"] == "8" and grid["points_tried"] == "0:8 2:1"
+    assert grid["cache_hits"] == "3"
+    assert (worse["schedule_stages"], worse["select_fallback"]) == ("0", "True")
+    assert worse["untrained_reason"] == "no episode ended" and by["a", "worse", "1"][
+        "untrained_reason"] == ""
     md = (out / "leaderboard.md").read_text()
     assert "Made by `python -m benchmarks.leaderboard`" in md
+    assert "budget unit: tokens" in md and "Selection rule, one for every controller" in md
+    assert "Stage cache: 60 stages loaded (hits) and 100 trained (misses)" in md
+    assert "- worse, seed 0: no episode ended." in md.split("## a\n")[1].split("## b\n")[0]
+    # The ablation's table: every row against skills, llmzero's question in its caption.
+    caption, skills_head = md.split("Paired test-score difference from skills")[1].split(
+        "\n\n")[:2]
+    assert "llmzero − skills" in caption
+    row = next(x for x in skills_head.splitlines() if x.startswith("| better |"))
+    assert all(c.strip().endswith("better") for c in row.split("|")[2:2 + len(TASKS)])
     assert "Smoke run" not in md
     for section in ("## a", "## Across tasks", "## Schedule structure against its null",
                     "## Cost"):
@@ -127,9 +173,10 @@ def test_holm_adjusts_each_controller_across_tasks():
     for ctrl in ("better", "worse"):
         family = [out[t][ctrl] for t in sorted(out) if ctrl in out[t]]
         assert [p["p_holm"] for p in family] == stats.holm([p["p_value"] for p in family])
+        assert [p["p_t_holm"] for p in family] == stats.holm([p["p_t"] for p in family])
         for p in family:
-            assert p["p_holm"] >= p["p_value"]
-            significant = p["p_holm"] < 0.05
+            assert p["p_holm"] >= p["p_value"] and p["p_t_holm"] >= p["p_t"]
+            significant = max(p["p_holm"], p["p_t_holm"]) < 0.05
             expected = ("better" if p["mean_diff"] > 0 else "worse") if significant else \
                 "no difference"
             assert p["verdict_holm"] == expected

@@ -4,6 +4,7 @@ controllers left out where they cannot do what their name says, and sb3's disjoi
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import gymnasium as gym
 import h5py
 import pytest
 
 import controllers
-from benchmarks.leaderboard import executors, runlog
+from benchmarks.leaderboard import executors, report, runlog
 from benchmarks.leaderboard.executors import RunSpec, make_executor
 from benchmarks.leaderboard.harness import (
     PRESETS,
@@ -114,22 +116,36 @@ def test_standard_preset_is_the_envs_embedded_episode_with_paired_seeds_and_repl
     emb = SCALE_DEFAULTS["embedded"]
     assert set(std.tasks) == {"gsm8k", "math", "countdown", "logic"}
     assert std.controllers is None  # every registered controller
-    assert std.scale == "embedded" and len(std.seeds) >= 5 and std.seeds == (0, 1, 2, 3, 4)
+    assert std.scale == "embedded" and std.seeds == tuple(range(10))  # 10 paired seeds
     assert (std.stages, std.steps_per_stage) == (emb["stages"], emb["steps_per_stage"])
-    assert std.budget == 4 * std.stages  # four episodes
+    # A budget in tokens, by default four default episodes' worth, with the episode cap on.
+    assert std.budget_unit == "tokens" and std.budget_tokens is None
+    assert std.budget == 4 * std.stages and std.env_kwargs["episode_token_cap"] == "default"
+    assert quick.env_kwargs["episode_token_cap"] == "default"
     assert std.dev_size >= 128 and std.test_size == emb["test_size"]
     fresh = {s + std.replay_seed_offset for s in std.seeds}
     assert not fresh & set(std.seeds)
-    assert std.out == "results/standard" and std.conclusions
+    assert std.out == "results/standard" and std.conclusions and std.stage_cache
     assert quick.out == "results" and not quick.conclusions and quick.replay_seed_offset is None
-    tokens = resolve(parse_args(["--preset", "standard", "--budget-unit", "tokens"]))
-    assert default_out(tokens) == "results/standard-tokens"
-    assert "not for conclusions" in header(resolve(parse_args(["--preset", "quick"])), "cmd")
+    assert quick.budget_unit == "stages"
+    standard = resolve(parse_args(["--preset", "standard"]))
+    assert default_out(standard) == "results/standard"
+    stages = resolve(parse_args(["--preset", "standard", "--budget-unit", "stages"]))
+    assert default_out(stages) == "results/standard-stages"
+    head = header(standard, "cmd")
+    assert "Budget in tokens, the same for every controller" in head
+    assert "4 x the task's episode token cap (4 default episodes' worth)" in head
+    assert "episode token cap in force" in head
+    quick_head = header(resolve(parse_args(["--preset", "quick"])), "cmd")
+    assert "not for conclusions" in quick_head
+    assert "Budget in stages (kept in stages so that the smoke run stays short)" in quick_head
+    assert not resolve(parse_args(["--preset", "quick", "--no-stage-cache"])).stage_cache
 
 
 def test_bad_budget_settings_are_clear_errors():
     with pytest.raises(SystemExit, match="--budget-unit tokens"):
-        resolve(parse_args(["--preset", "standard", "--budget-tokens", "1000"]))
+        resolve(parse_args(["--preset", "standard", "--budget-unit", "stages",
+                            "--budget-tokens", "1000"]))
     with pytest.raises(SystemExit, match="fresh seeds"):
         resolve(parse_args(["--preset", "standard", "--seeds", "0", "5",
                             "--replay-seed-offset", "5"]))
@@ -157,11 +173,13 @@ def test_replay_is_recorded_on_a_fresh_seed_and_reproduces(tmp_path, registered)
         assert rec.stages_spent <= rec.budget  # the replay is not charged to the budget
         spec = specs[rec.key]
         assert spec.replay_seeds == (1000,) and "replay_seeds" in fingerprint(spec)
-        # Deterministic: the replay again gives the same numbers.
+        assert t["episode_end"] == "stages"   # replayed under the same episode cap
+        # Deterministic: the replay again gives the same numbers, now from the stage cache.
         executors._replay.cache_clear()
         (again,) = executors.transfer(spec, rec.schedule)
-        assert {k: v for k, v in again.items() if k != "seconds"} == \
-            {k: v for k, v in t.items() if k != "seconds"}
+        assert {k: v for k, v in again.items() if k not in ("seconds", "stage_cache")} == \
+            {k: v for k, v in t.items() if k not in ("seconds", "stage_cache")}
+        assert again["stage_cache"]["hits"] == again["stages"] == 2
 
     # Replayed on the run's own seed, the schedule rebuilds the chosen state and scores what the
     # run scored; on the fresh seed it is another training run.
@@ -184,24 +202,65 @@ def test_replay_is_recorded_on_a_fresh_seed_and_reproduces(tmp_path, registered)
 
 def test_tokens_mode_gives_every_controller_the_same_token_budget(tmp_path, registered):
     out = tmp_path / "tok"
-    assert main(["--preset", "standard", *TINY, "--budget-unit", "tokens", "--controllers",
-                 "fixed", "until-refused",
+    assert main(["--preset", "standard", *TINY, "--controllers", "fixed", "until-refused",
                  "--out", str(out)]) == 0
     runs = {r.controller: r for r in _records(out).values() if r.controller != "base"}
-    per_stage = {r.extra["tokens_per_default_stage"] for r in runs.values()}
-    (t,) = per_stage  # one default stage on seed 0, measured once
-    budget = 4 * t
+    (t,) = {r.extra["tokens_per_default_stage"] for r in runs.values()}  # measured once
+    (cap,) = {r.extra["episode_token_cap"] for r in runs.values()}
+    # The default: budget / stages = 2 default episodes' worth, each the env's episode cap.
+    env = gym.make("LLMZero-GSM8K-v0", **{**TINY_ENV, "stages": 2, "steps_per_stage": 1,
+                                          "dev_size": 8, "test_size": 8,
+                                          "episode_token_cap": "default"})
+    env.reset(seed=0)
+    assert cap == env.unwrapped.episode_token_cap
+    env.close()
+    budget = math.ceil(4 * cap / 2)
     for r in runs.values():
         assert r.settings["budget_unit"] == "tokens" and r.extra["budget_tokens"] == budget
         assert r.settings["env_kwargs"]["max_tokens"] == budget
-        assert r.budget == r.extra["planned_stages"] == 4
+        # The plan: the stages the tokens buy at one default stage's tokens.
+        assert r.budget == r.extra["planned_stages"] == budget // t
         assert r.settings["env_kwargs"]["max_stages"] == 2 * r.budget
         # No stage starts once the budget is spent (only the last one may end past it).
         assert r.tokens - r.stages[-1].tokens < budget
     # The measure is the run's own first default stage from the base model.
-    assert runs["fixed"].stages[0].tokens == t
+    fixed = runs["fixed"]
+    assert fixed.stages[0].tokens == t
+    # The returned schedule's stages and tokens: fixed's whole episode, which ended it.
+    assert fixed.extra["schedule_stages"] == 2 and fixed.extra["episode_end"] == "stages"
+    assert fixed.extra["schedule_tokens"] == sum(s.tokens for s in fixed.stages)
+    assert not fixed.extra["select_fallback"] and fixed.extra["select_rule"] == "final"
     # A controller that trains until the env refuses spends the whole token budget.
     assert runs["until-refused"].tokens >= budget
+
+
+# ---- the stage cache -----------------------------------------------------------------------------
+
+
+def test_runs_share_the_stage_cache_and_score_what_they_score_without_it(tmp_path, registered):
+    # fixed and open-loop train the same default episode on seed 0: the second loads it.
+    args = ["--preset", "standard", *TINY, "--controllers", "fixed", "open-loop",
+            "--replay-seed-offset", "1000"]
+    cached, plain = tmp_path / "cached", tmp_path / "plain"
+    assert main([*args, "--budget-unit", "stages", "--out", str(cached)]) == 0
+    assert main([*args, "--budget-unit", "stages", "--no-stage-cache", "--out", str(plain)]) == 0
+    assert (cached / "stage_cache").is_dir() and not (plain / "stage_cache").exists()
+    a, b = _records(cached), _records(plain)
+    for key in a:
+        assert a[key].test_score == b[key].test_score and a[key].schedule == b[key].schedule
+        assert a[key].tokens == b[key].tokens   # a loaded stage is charged as trained
+    stats = [a["gsm8k", c, 0].extra["stage_cache"] for c in ("fixed", "open-loop")]
+    assert sorted((s["hits"], s["misses"]) for s in stats) == [(0, 2), (2, 0)]
+    assert all(b["gsm8k", c, 0].extra["stage_cache"] == {"hits": 0, "misses": 0,
+                                                         "seconds_saved": 0.0}
+               for c in ("fixed", "open-loop"))
+    # The report's header gives the totals over every run and replay (the replays of the two
+    # runs' one schedule: one trains it, and in this process the other is memoized).
+    totals = report.stage_cache_totals(list(a.values()))
+    assert (totals["hits"], totals["misses"]) == (2, 4)
+    # The folder is never committed.
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert "stage_cache/" in ignored
 
 
 # ---- controllers that cannot do what their name says ---------------------------------------------

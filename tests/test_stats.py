@@ -63,10 +63,42 @@ def test_item_resampling_widens_the_ci_when_seeds_agree():
     assert 0.1 < d.ci_high - d.ci_low < 0.18
 
 
-def test_verdict_thresholds():
-    assert stats.verdict(0.01, 0.2) == "better"
-    assert stats.verdict(-0.2, -0.01) == "worse"
-    assert stats.verdict(-0.1, 0.1) == stats.verdict(0.0, 0.3) == "no difference"
+def test_verdict_thresholds_need_both_intervals_on_one_side():
+    assert stats.verdict((0.01, 0.2), (0.02, 0.3)) == "better"
+    assert stats.verdict((-0.2, -0.01), (-0.3, -0.001)) == "worse"
+    assert stats.verdict((-0.1, 0.1), (-0.1, 0.1)) == stats.verdict((0.0, 0.3), (0.1, 0.2)) \
+        == "no difference"
+    # One interval alone is not enough, either way round.
+    assert stats.verdict((0.01, 0.2), (-0.01, 0.3)) == "no difference"
+    assert stats.verdict((-0.01, 0.2), (0.01, 0.3)) == "no difference"
+    assert stats.verdict((-0.2, -0.01), (-0.3, 0.01)) == "no difference"
+
+
+def test_a_bootstrap_ci_the_seeds_do_not_back_is_no_difference():
+    # Five seeds of 200 items; per-seed differences +0.06, +0.08, -0.01, +0.07, 0.00. The
+    # seeds x items bootstrap excludes 0 (the items make each seed look certain), but the seeds
+    # disagree: the t-interval over them includes 0, so the verdict is no difference.
+    diffs = [0.06, 0.08, -0.01, 0.07, 0.0]
+    x = {s: [1.0] * round(max(d, 0) * 200) + [0.0] * (200 - round(max(d, 0) * 200))
+         for s, d in enumerate(diffs)}
+    ref = {s: ([1.0] * 2 + [0.0] * 198) if d < 0 else [0.0] * 200 for s, d in enumerate(diffs)}
+    d = stats.paired_difference(x, ref, n_boot=4000)
+    assert d.mean_diff == pytest.approx(0.04)
+    assert d.ci_low > 0 and d.t_low < 0 < d.t_high
+    assert d.p_boot < 0.05 < d.p_t and d.verdict == "no difference"
+
+
+def test_t_interval_is_the_one_sample_t_interval_of_the_seed_differences():
+    d = [0.1, 0.2, 0.3, 0.05]
+    low, high, p = stats.t_interval(d)
+    m, se = np.mean(d), np.std(d, ddof=1) / np.sqrt(len(d))
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * se
+    assert (low, high) == pytest.approx((m - half, m + half))
+    assert p == pytest.approx(2 * scipy.stats.t.sf(m / se, len(d) - 1))
+    assert stats.t_interval([0.5, 0.5]) == (0.5, 0.5, 0.0)    # seeds agree exactly
+    assert stats.t_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2 per-seed differences"):
+        stats.t_interval([0.1])
 
 
 def test_bootstraps_are_deterministic_under_a_seed():

@@ -7,13 +7,16 @@ controller, so the run log does not depend on what each controller chooses to re
 
 ``execute`` adds what a preset may ask for around it: an equal token budget (``token_budget``)
 and the replay of the chosen schedule on fresh seeds (``transfer``), both inside the same worker
-call, so a run's record (and its file) holds them or does not exist.
+call, so a run's record (and its file) holds them or does not exist. Every env a run builds (its
+own, the replays', the one that measures a default stage) shares the preset's stage cache
+(``RunSpec.stage_cache``), whose hits, misses and seconds saved the record keeps.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -34,9 +37,6 @@ RAY_MISSING = (
 
 OnStage = Callable[[tuple[str, str, int], int], None]  # (run key, stages spent so far)
 BUDGET_UNITS = ("stages", "tokens")
-# Tokens mode: the env's stage cap is this many times the stages the controller plans with; the
-# token budget is what binds, the cap only stops a controller that would never stop.
-STAGE_CAP_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,11 @@ class RunSpec:
     # Seeds on which the chosen schedule is retrained from the base model and scored on test.
     replay_seeds: tuple[int, ...] = ()
     budget_unit: str = "stages"  # "tokens": the env's max_tokens binds (see token_budget)
-    budget_tokens: int | None = None  # tokens mode; None -> budget x one default stage's tokens
+    # Tokens mode; None -> budget / episode stages x the env's episode token cap.
+    budget_tokens: int | None = None
     stage_cap: int | None = None  # the env's max_stages; None -> budget
+    # The stage cache folder every env of the run shares (how, not what: not in the fingerprint).
+    stage_cache: str | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -86,7 +89,7 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the bars
     started = time.time()
-    env_kwargs = worker_env_kwargs(spec.env_kwargs)
+    env_kwargs = worker_env_kwargs(spec.env_kwargs, spec.stage_cache)
     if spec.controller != BASE:
         # The env itself refuses a stage over the budget.
         env_kwargs["max_stages"] = spec.stage_cap or spec.budget
@@ -94,9 +97,11 @@ def execute_run(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
     rec_env = StageRecorder(env, None if on_stage is None else lambda n: on_stage(spec.key, n))
     if on_stage is not None:
         on_stage(spec.key, 0)
+    settings = {"env_id": spec.env_id,   # where the cache is, is not what the run was
+                "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "stage_cache"}}
     try:
         run = _base_run if spec.controller == BASE else _controller_run
-        return run(spec, rec_env, {"env_id": spec.env_id, "env_kwargs": env_kwargs}, started)
+        return run(spec, rec_env, settings, started)
     finally:
         env.close()
 
@@ -123,6 +128,8 @@ def _controller_run(spec: RunSpec, rec_env: StageRecorder, settings: dict[str, A
     result = ctrl.run(rec_env, spec.budget, spec.seed)
     u = rec_env.unwrapped
     u.load_state(result.final_state)
+    chosen = {"schedule_stages": int(u.path_cost["stages"]),
+              "schedule_tokens": int(u.path_cost["tokens"]), "episode_end": u.episode_end}
     test = _test_score(rec_env)
     test_correct = _test_correct(rec_env)  # now: a later evaluate_test would overwrite it
     # The env's own counters are the authority on what was spent (a fresh env per run).
@@ -137,7 +144,7 @@ def _controller_run(spec: RunSpec, rec_env: StageRecorder, settings: dict[str, A
         stages=rec_env.stages, anytime=_anytime(result, rec_env, base_dev),
         settings=settings | {"controller": spec.make_name or spec.controller,
                              "controller_kwargs": spec.make_kwargs},
-        extra=_run_extra(ctrl, result, rec_env, spent))
+        extra=_run_extra(ctrl, result, rec_env, spent) | chosen)
 
 
 def _anytime(result: Any, rec_env: StageRecorder, base_dev: float) -> list[tuple[int, float]]:
@@ -154,19 +161,32 @@ def _anytime(result: Any, rec_env: StageRecorder, base_dev: float) -> list[tuple
 
 
 def _run_extra(ctrl: Any, result: Any, rec_env: StageRecorder, spent: int) -> dict[str, Any]:
-    """What the record keeps beside the scores: cost, LLM counts, trials, unspent reason, who
-    proposed each stage, and a warning when stages escaped the run log."""
-    from controllers.base import LLM_COST_KEYS
+    """What the record keeps beside the scores: cost, LLM counts, trials, unspent reason, the
+    selection (its fallback; why no model was trained), who proposed each stage, the grid's
+    design and the points it tried, the stage cache, and a warning when stages escaped the run
+    log."""
+    from controllers.base import LLM_COST_KEYS, SELECT_RULE
 
     cost = {k: float(v) for k, v in (result.cost or {}).items()}
     extra = {"cost": cost, **{k: cost.get(k, 0.0) for k in LLM_COST_KEYS},
-             "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages)}
+             "n_trials": len(result.trials or []), "recorded_stages": len(rec_env.stages),
+             "select_rule": SELECT_RULE,
+             "select_fallback": bool(getattr(result, "select_fallback", False)),
+             "stage_cache": cache_stats(rec_env)}
     if getattr(ctrl, "unspent_reason", None):  # why an open-loop controller stops early
         extra["unspent_reason"] = ctrl.unspent_reason
+    if not result.schedule:
+        extra["untrained_reason"] = untrained_reason(result, rec_env, spent)
     # Who proposed each stage, in training order, where the controller says (llmzero does).
     sources = [t["source"] for t in result.trials or [] if "source" in t]
     if sources:
         extra["stage_sources"] = sources
+    if hasattr(ctrl, "design"):   # the grid: its design, and how far each point it tried went
+        extra["grid_design"] = ctrl.design(rec_env.unwrapped.hparams)
+        extra["points_tried"] = [
+            {"point": t["point"], "stages": t["stages"], "state": t["state"],
+             "episode_end": t.get("episode_end")}
+            for t in result.trials or [] if "point" in t]
     if spent != len(rec_env.stages):
         # Stages trained without going through env.step would escape the run log: say so.
         extra["warning"] = (f"the env trained {spent} stages, "
@@ -174,15 +194,37 @@ def _run_extra(ctrl: Any, result: Any, rec_env: StageRecorder, spent: int) -> di
     return extra
 
 
-def worker_env_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+def untrained_reason(result: Any, rec_env: StageRecorder, spent: int) -> str:
+    """Why a run returned the base model (an empty schedule), in one sentence."""
+    if spent == 0:
+        return "it trained no stage"
+    if getattr(result, "select_fallback", False):
+        best = max((s.dev_score for s in rec_env.stages), default=float("nan"))
+        return (f"no episode ended within the budget (the selection rule's fallback), and none "
+                f"of its {spent} trained states beat the base model on dev (best {best:.3f}, "
+                f"base {result.base_dev_score:.3f})")
+    return "its controller chose the base model"
+
+
+def worker_env_kwargs(env_kwargs: dict[str, Any], stage_cache: str | None = None
+                      ) -> dict[str, Any]:
     """The env arguments as the worker builds the env: device "auto" becomes cuda or cpu here,
-    on the machine that owns the accelerator."""
+    on the machine that owns the accelerator; the stage cache joins them."""
     import torch
 
     out = dict(env_kwargs)
     if out.get("device", "auto") == "auto":
         out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if stage_cache is not None:
+        out["stage_cache"] = stage_cache
     return out
+
+
+def cache_stats(env: gym.Env) -> dict[str, float]:
+    """What the env's stage cache did: stages loaded, stages trained, wall seconds saved."""
+    b = env.unwrapped.budget
+    return {"hits": int(b.cache_hits), "misses": int(b.cache_misses),
+            "seconds_saved": float(b.seconds_saved)}
 
 
 def execute(spec: RunSpec, on_stage: OnStage | None = None) -> RunRecord:
@@ -218,25 +260,37 @@ def episode_stages(spec: RunSpec) -> int:
 def token_budget(spec: RunSpec) -> tuple[RunSpec, dict[str, Any]]:
     """The run as it executes in tokens mode, and what to record about its budget.
 
-    The token budget is ``spec.budget_tokens``, or by default ``spec.budget`` times the tokens of
-    one stage at the default hyperparameters from the base model on the run's seed (measured
-    here, once per process for a task and seed: training is deterministic, so every controller
-    of a seed gets the same number). The env gets it as ``max_tokens``; the controller plans
-    with ``budget_tokens // tokens_per_default_stage`` stages; the env's stage cap is
-    ``STAGE_CAP_FACTOR`` times that.
+    The token budget is ``spec.budget_tokens``, or by default ``spec.budget / episode stages``
+    default episodes' worth: that many times the env's episode token cap (the default schedule's
+    expected episode tokens + 10%, the same for every seed), or, for an env without a cap,
+    ``spec.budget`` times one default stage's tokens. The env gets it as ``max_tokens``; the
+    controller plans with the stages it buys at one default stage's tokens (measured on the run's
+    seed from the base model, once per process for a task and seed: training is deterministic,
+    so every controller of a seed gets the same plan); the Tracker lets the tokens bind, and the
+    env's stage cap (``STAGE_CAP_FACTOR`` times the plan) only stops a run that never would.
     """
-    per_stage = default_stage_tokens(spec.env_id, spec.env_kwargs, spec.seed)
-    total = int(spec.budget_tokens or spec.budget * per_stage)
+    from controllers.base import STAGE_CAP_FACTOR
+
+    per_stage, cap = default_stage_tokens(spec.env_id, spec.env_kwargs, spec.seed,
+                                          spec.stage_cache)
+    if spec.budget_tokens:
+        total = int(spec.budget_tokens)
+    elif cap is not None:
+        total = math.ceil(spec.budget * cap / episode_stages(spec))
+    else:
+        total = spec.budget * per_stage
     stages = max(1, total // per_stage)
     planned = replace(spec, budget=stages, stage_cap=STAGE_CAP_FACTOR * stages,
                       env_kwargs={**spec.env_kwargs, "max_tokens": total})
     return planned, {"budget_tokens": total, "tokens_per_default_stage": per_stage,
-                     "planned_stages": stages}
+                     "episode_token_cap": cap, "planned_stages": stages}
 
 
-def default_stage_tokens(env_id: str, env_kwargs: dict[str, Any], seed: int) -> int:
-    """Prompt + completion tokens of one default stage from the base model on ``seed``."""
-    return _default_stage_tokens(env_id, _key(env_kwargs), seed)
+def default_stage_tokens(env_id: str, env_kwargs: dict[str, Any], seed: int,
+                         stage_cache: str | None = None) -> tuple[int, int | None]:
+    """Prompt + completion tokens of one default stage from the base model on ``seed``, and the
+    env's episode token cap (None: no cap)."""
+    return _default_stage_tokens(env_id, _key(env_kwargs), seed, stage_cache)
 
 
 def _key(env_kwargs: dict[str, Any]) -> str:
@@ -246,13 +300,14 @@ def _key(env_kwargs: dict[str, Any]) -> str:
 
 
 @functools.cache
-def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int) -> int:
-    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key)))
+def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int,
+                          stage_cache: str | None) -> tuple[int, int | None]:
+    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key), stage_cache))
     try:
         u = env.unwrapped
         env.reset(seed=seed)
         env.step(u.hparams.defaults)
-        return int(u.budget.tokens)
+        return int(u.budget.tokens), u.episode_token_cap
     finally:
         env.close()
 
@@ -261,22 +316,32 @@ def _default_stage_tokens(env_id: str, env_kwargs_key: str, seed: int) -> int:
 
 
 def transfer(spec: RunSpec, schedule: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chosen schedule retrained open loop from the base model on each replay seed.
+    """The chosen schedule retrained open loop from the base model on each replay seed, under the
+    run's env settings (its episode token cap included: the replay ends where the cap ends it).
 
     An empty schedule (the controller chose the base model) replays as the base model. The
-    stages are trained on an env of their own: they are not charged to the run's budget.
+    stages are trained on an env of their own: they are not charged to the run's budget. Each
+    replay says why it ended and what the stage cache did (nothing, where this process had
+    replayed the same schedule and seed before: the memoized replay trained nothing).
     """
     key = json.dumps([dict(h) for h in schedule], sort_keys=True, default=str)
-    return [dict(_replay(spec.env_id, _key(spec.env_kwargs), key, seed))
-            for seed in spec.replay_seeds]
+    out = []
+    for seed in spec.replay_seeds:
+        before = _replay.cache_info().hits
+        replay = dict(_replay(spec.env_id, _key(spec.env_kwargs), key, seed, spec.stage_cache))
+        if _replay.cache_info().hits > before:
+            replay["stage_cache"] = {"hits": 0, "misses": 0, "seconds_saved": 0.0}
+        out.append(replay)
+    return out
 
 
 @functools.lru_cache(maxsize=128)
-def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int) -> dict[str, Any]:
+def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int,
+            stage_cache: str | None) -> dict[str, Any]:
     # Memoized: training is deterministic, so two runs that chose the same schedule (e.g. the
     # default one) share one replay per process; its seconds are those it took when trained.
     started = time.time()
-    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key)))
+    env = gym.make(env_id, **worker_env_kwargs(json.loads(env_kwargs_key), stage_cache))
     try:
         u = env.unwrapped
         env.reset(seed=seed)
@@ -286,7 +351,8 @@ def _replay(env_id: str, env_kwargs_key: str, schedule_key: str, seed: int) -> d
             if terminated or truncated:
                 break
         out: dict[str, Any] = {"seed": seed, "test_score": _test_score(env),
-                               "stages": int(u.budget.stages), "tokens": float(u.budget.tokens)}
+                               "stages": int(u.budget.stages), "tokens": float(u.budget.tokens),
+                               "episode_end": u.episode_end, "stage_cache": cache_stats(env)}
         correct = getattr(u, "last_test_correct", None)
         if correct is not None:
             out["test_correct"] = [int(c) for c in correct]

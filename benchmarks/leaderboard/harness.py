@@ -1,23 +1,29 @@
-"""The leaderboard: every controller on every task under one stage budget, scored once on test.
+"""The leaderboard: every controller on every task under one budget, scored once on test.
 
     python -m benchmarks.leaderboard --preset quick            # smoke run, ~8 min on a 2-core CPU
-    python -m benchmarks.leaderboard --preset standard         # the leaderboard, 5 paired seeds
-    python -m benchmarks.leaderboard --preset standard --budget-unit tokens  # equal tokens
+    python -m benchmarks.leaderboard --preset standard         # the leaderboard, 10 paired seeds
+    python -m benchmarks.leaderboard --preset standard --budget-unit stages  # equal stages
     python -m benchmarks.leaderboard --preset full --executor ray   # GPUs, >= 5 seeds
     python -m benchmarks.leaderboard --preset full --model DIR --data-path DATA  # local files
 
-The protocol: each controller spends the same budget of
-stages deciding on dev; the harness loads the state it chose and scores it once on the held-out
-test split; the base model is scored once per task. Seeds are paired: a seed gives every
-controller the same base, data order and evaluation items. Where the preset says so, each run's
-chosen schedule is then retrained open loop from the base model on a fresh seed (``transfer``),
-which scores the strategy rather than the lucky checkpoint. Each finished run is saved to its own
-HDF5 file atomically, so the script can be killed at any moment and rerun with the same arguments:
-it skips finished runs and re-runs only the one(s) in flight. The last line of output is
+The protocol: each controller spends the same budget deciding on dev; the Tracker applies one
+selection rule to what it trained (``controllers.base.SELECT_RULE_TEXT``); the harness loads the
+state it chose and scores it once on the held-out test split; the base model is scored once per
+task. Seeds are paired: a seed gives every controller the same base, data order and evaluation
+items. Where the preset says so, each run's chosen schedule is then retrained open loop from the
+base model on a fresh seed (``transfer``), under the same episode token cap, which scores the
+strategy rather than the lucky checkpoint. Each finished run is saved to its own HDF5 file
+atomically, so the script can be killed at any moment and rerun with the same arguments: it skips
+finished runs and re-runs only the one(s) in flight. The last line of output is
 ``runs=<n> tasks=<n> controllers=<n> wall_s=<x>``.
 
-``--budget-unit tokens`` gives every controller the same budget of sampled tokens instead
-(executors.token_budget); its runs go to their own folder (``results/<preset>-tokens/``).
+The budget's unit is the preset's: the standard preset's is tokens (prompt + completion tokens
+sampled over all of a run's episodes, the same for every controller: by default ``budget /
+stages`` episodes' worth, each the env's episode token cap; executors.token_budget), the quick
+preset's stages. ``--budget-unit`` picks the other one, whose runs go to their own folder
+(``results/<preset>-<unit>/``). Every run's env shares the stage cache ``<out>/stage_cache``
+(``metaenv.stage_cache``; ``--no-stage-cache`` turns it off): a stage whose path from the base
+model any run or replay trained before is loaded, and charged as trained.
 ``--workers N`` runs N runs at a time in spawned processes (the standard preset's default is 2):
 a controller registered by your own script joins them when it is registered at import time and
 the script calls ``main()`` under ``if __name__ == "__main__":``.
@@ -34,7 +40,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +58,11 @@ from benchmarks.leaderboard import report, runlog
 from benchmarks.leaderboard.executors import BUDGET_UNITS, RunSpec, make_executor
 from benchmarks.leaderboard.runlog import BASE
 from inner.tasks import task_names
-from metaenv.config import SCALE_DEFAULTS
+from metaenv.config import DEFAULT_CAP, SCALE_DEFAULTS, EnvConfig
 
+ENV_DEFAULTS = {f.name: f.default for f in fields(EnvConfig)}
 TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
+STAGE_CACHE = "stage_cache"  # the stage cache's folder in the output folder
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
 LLM_ROW = "llmzero-llm"
 
@@ -69,7 +77,9 @@ class Preset:
     # keep), so a controller registered before the harness runs joins every preset.
     controllers: tuple[str, ...] | None
     seeds: tuple[int, ...]
-    budget: int  # stages every controller may train on a task (all trials/branches together)
+    # Stages every controller may train on a task (all trials/branches together); in tokens mode,
+    # the token budget's default is budget / stages episodes' worth (executors.token_budget).
+    budget: int
     stages: int  # stages in one episode, i.e. the length of a schedule
     steps_per_stage: int
     dev_size: int
@@ -87,7 +97,10 @@ class Preset:
     # replay_seed_offset (a seed no run of the preset uses) and scored on test. None: no replay.
     replay_seed_offset: int | None = None
     budget_unit: str = "stages"  # "tokens": every controller gets the same token budget
-    budget_tokens: int | None = None  # tokens mode; None -> budget x one default stage's tokens
+    # Tokens mode; None -> budget / stages x the env's episode token cap (budget x one default
+    # stage's tokens where the env has no cap).
+    budget_tokens: int | None = None
+    stage_cache: bool = True  # every run's env shares <out>/stage_cache
     conclusions: bool = True  # False: a smoke run, and its report says so
     # How, not what: torch threads per run (one and two gave the same numbers where checked),
     # and runs at a time in worker processes with the local executor.
@@ -99,6 +112,9 @@ class Preset:
 
 
 EMBEDDED = SCALE_DEFAULTS["embedded"]  # the env's own embedded episode
+# The embedded presets turn the env's episode token cap on (off by default in the env): a larger
+# group or a longer completion buys fewer stages, within a run's budget and within an episode.
+CAPPED = {"episode_token_cap": DEFAULT_CAP}
 
 
 PRESETS = {
@@ -106,29 +122,28 @@ PRESETS = {
     # on the 2-core CPU: a stage (five GRPO steps of 8 prompts x 8 completions, then 32 greedy
     # dev answers) takes 2-5 s; 4 tasks x 9 controllers (220 stages) plus the test evaluations
     # took 488 s. Three-stage schedules are the shortest in which a regularization parameter can
-    # change direction.
+    # change direction. Its budget stays in stages, which keeps it short and its header says so.
     "quick": Preset(name="quick", tasks=TASKS, controllers=None,
                     seeds=(0,), budget=6, stages=3, steps_per_stage=5, dev_size=32,
-                    test_size=128, conclusions=False),
-    # The leaderboard: 5 paired seeds, the env's embedded episode (8 stages x 5 GRPO steps), a
-    # budget of 4 episodes, dev 128 (one item weighs 0.008), the env's test split (256), and the
-    # transfer replay on seed + 1000 (never an evaluation seed).
-    # Wall time, estimated from measured one-thread CPU seconds of a default stage at dev 128
-    # (gsm8k 2.3, math 2.6, countdown 4.0, logic 5.7; mean 3.6) and search stages at 1.08x that
-    # (the quick leaderboard's ratio): per task and seed, 3 one-episode rows (24 stages), 6
-    # searches of 32 stages, replays of ~6 stages per run, 2 test evaluations per run; 20 task x
-    # seed pairs -> ~21,600 CPU s (tpe included: successive halving fits >= 10 trials in 32
-    # stages). Two one-thread workers on the two cores: ~3.0 h; one process would take twice
-    # that. Measured on 2026-12-06: 184 runs in 3.1 h of wall time (5.6 h of
-    # run time; logic's searches took 2-3x gsm8k's). Two torch threads per run are no
-    # substitute: on this shared
-    # machine a two-thread stage ran 10-15x slower than a one-thread one whenever another process
-    # was busy (3 stages: 130-200 s against 10-14 s).
-    "standard": Preset(name="standard", tasks=TASKS, controllers=None, seeds=(0, 1, 2, 3, 4),
+                    test_size=128, env_kwargs=CAPPED, conclusions=False),
+    # The leaderboard: 10 paired seeds (an exact sign-flip p over seeds can then reach 0.002), the
+    # env's embedded episode (8 stages x 5 GRPO steps) with its episode token cap, a budget of 4
+    # default episodes' worth of tokens (4 x the cap) for every controller, dev 128 (one item
+    # weighs 0.008), the env's test split (256), and the transfer replay on seed + 1000 (never an
+    # evaluation seed).
+    # Wall time: on 2026-12-06, 5 seeds in stages took 184 runs in 3.1 h of wall time (5.6 h of
+    # run time; logic's searches took 2-3x gsm8k's); twice the seeds cost twice that, less what
+    # the stage cache loads instead of training (every search's default first stage, fixed's
+    # episode, the replays' shared prefixes). Two one-thread workers on the two cores: two torch
+    # threads per run are no substitute: on this shared machine a two-thread stage ran 10-15x
+    # slower than a one-thread one whenever another process was busy (3 stages: 130-200 s
+    # against 10-14 s).
+    "standard": Preset(name="standard", tasks=TASKS, controllers=None, seeds=tuple(range(10)),
                        budget=4 * EMBEDDED["stages"], stages=EMBEDDED["stages"],
                        steps_per_stage=EMBEDDED["steps_per_stage"], dev_size=128,
-                       test_size=EMBEDDED["test_size"], out="results/standard",
-                       replay_seed_offset=1000, threads=1, workers=2),
+                       test_size=EMBEDDED["test_size"], env_kwargs=CAPPED,
+                       out="results/standard", replay_seed_offset=1000, budget_unit="tokens",
+                       threads=1, workers=2),
     # Paper-like: Qwen3-0.6B on GPUs, the env's paper-scale episode (8 stages of 25 steps), a
     # budget of 3 episodes' worth of stages, 5 seeds.
     "full": Preset(name="full", tasks=TASKS, controllers=None,
@@ -174,7 +189,7 @@ def _names(values: list[str] | None) -> list[str] | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.leaderboard",
-        description="Run controllers x tasks x seeds under one stage budget; score on test once.")
+        description="Run controllers x tasks x seeds under one budget; score on test once.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help=f"subset of {', '.join(TASKS)}")
     p.add_argument("--controllers", nargs="+", metavar="NAME",
@@ -182,13 +197,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=at_least(0), metavar="SEED",
                    help="e.g. --seeds 0 1 2")
     p.add_argument("--budget", type=at_least(1), metavar="N",
-                   help="stages per run, the same for every controller")
+                   help="stages per run, the same for every controller (tokens mode: the "
+                        "token budget's default is N / --stages episodes' worth)")
     p.add_argument("--budget-unit", choices=BUDGET_UNITS,
-                   help="stages (default), or tokens: every controller gets the same token "
-                        "budget (--budget-tokens, by default --budget x the tokens of one default "
-                        "stage on the run's seed) and plans with that many stages")
+                   help="tokens (the standard preset's): every controller gets the same token "
+                        "budget (--budget-tokens, by default --budget / --stages episodes' worth, "
+                        "each the env's episode token cap) and plans with the stages it buys at "
+                        "one default stage's tokens; or stages (the quick preset's)")
     p.add_argument("--budget-tokens", type=at_least(1), metavar="N",
                    help="tokens mode: prompt + completion tokens sampled per run")
+    p.add_argument("--no-stage-cache", action="store_true",
+                   help="train every stage (default: runs share OUT/stage_cache, where a stage "
+                        "whose path from the base model was trained before is loaded)")
     p.add_argument("--replay-seed-offset", type=at_least(1), metavar="K",
                    help="retrain each run's chosen schedule on seed + K and score it on test "
                         "(default: the preset's; standard: 1000)")
@@ -214,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         '{"extra_body": {"chat_template_kwargs": {"enable_thinking": false}}}}\'')
     p.add_argument("--out", default=None,
                    help="output folder (default: the preset's, e.g. results/ for quick, "
-                        "results/standard/; tokens mode: results/<preset>-tokens/)")
+                        "results/standard/; the other budget unit: results/<preset>-<unit>/)")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
     p.add_argument("--threads", type=at_least(1), default=None,
@@ -230,7 +250,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model name at that endpoint (env LLMZERO_MODEL; optional when the "
                         "endpoint serves one model)")
     p.add_argument("--no-report", action="store_true", help="skip tables and plots")
-    a = p.parse_args(argv)
+    return check_args(p, p.parse_args(argv))
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """The parsed arguments, with what argparse cannot check itself refused by ``p.error``."""
     a.tasks, a.controllers = _names(a.tasks), _names(a.controllers)
     if a.out is not None and (blocked := file_in_the_way(Path(a.out))) is not None:
         p.error(f"argument --out: {blocked} is a file; --out names a folder (made if missing)")
@@ -323,12 +347,19 @@ def sb3_in_sample(kwargs: dict[str, Any], seeds: set[int]) -> str | None:
     return None
 
 
-def fit_reason(name: str, kwargs: dict[str, Any], budget: int, stages: int) -> str | None:
-    """Why a controller cannot do what its name says at this budget (its ``fits``), or None."""
+def fit_reason(name: str, kwargs: dict[str, Any], budget: int, stages: int,
+               spaces: dict[str, Any] | None = None) -> str | None:
+    """Why a controller cannot do what its name says at this budget (its ``fits``) on some
+    task (``spaces``: each task's action space), or None."""
     import controllers
+    from controllers.base import fits
 
-    fits = getattr(controllers.make(name, **kwargs), "fits", None)
-    return None if fits is None else fits(budget, stages)
+    ctrl = controllers.make(name, **kwargs)
+    for task, space in (spaces or {"": None}).items():
+        why = fits(ctrl, budget, stages, space)
+        if why:
+            return f"{why} ({task})" if task and len(spaces or {}) > 1 else why
+    return None
 
 
 def transfer_seeds(preset: Preset, seed: int) -> tuple[int, ...]:
@@ -354,8 +385,12 @@ def resolve(a: argparse.Namespace) -> Preset:
         raise SystemExit(f"unknown task(s) {', '.join(bad)}; valid tasks: "
                          f"{', '.join(task_names())}")
     seeds = tuple(a.seeds if a.seeds is not None else preset.seeds)
+    if a.no_stage_cache:
+        over["stage_cache"] = False
     preset = replace(preset, tasks=tasks, seeds=seeds, **over)
     check_budget(preset)
+    check_data_path(preset)
+    spaces = check_envs(preset)
     known = valid_controllers()
     ctrls = list(a.controllers or preset.controllers or registered_controllers())
     if not a.controllers:
@@ -371,19 +406,16 @@ def resolve(a: argparse.Namespace) -> Preset:
     if bad:
         raise SystemExit(f"--controller-kwargs names unknown controller(s) {', '.join(bad)}; "
                          f"valid controllers: {', '.join(known)}")
-    ctrls, notes = choose_controllers(preset, ctrls, named=bool(a.controllers))
+    ctrls, notes = choose_controllers(preset, ctrls, named=bool(a.controllers), spaces=spaces)
     if not a.controllers and a.llm_base_url and "llmzero" in ctrls:
         ctrls.append(LLM_ROW)  # the same search as llmzero: it fits where llmzero does
     if LLM_ROW in ctrls and not a.llm_base_url:
         raise SystemExit(f"{LLM_ROW} needs an endpoint: --llm-base-url (or LLMZERO_BASE_URL)")
-    preset = replace(preset, controllers=tuple(ctrls), notes=tuple(notes))
-    check_data_path(preset)
-    check_envs(preset)
-    return preset
+    return replace(preset, controllers=tuple(ctrls), notes=tuple(notes))
 
 
-def choose_controllers(preset: Preset, ctrls: list[str], named: bool
-                       ) -> tuple[list[str], list[str]]:
+def choose_controllers(preset: Preset, ctrls: list[str], named: bool,
+                       spaces: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """The controllers that run, and the notes for the report's header.
 
     A preset's own list leaves out a controller this checkout cannot run, one that cannot do
@@ -407,7 +439,7 @@ def choose_controllers(preset: Preset, ctrls: list[str], named: bool
                                      f"{reason}")
             if reason is None:
                 # Budget and episode length in stages; tokens mode plans with as many stages.
-                why = fit_reason(c, kwargs, preset.budget, preset.stages)
+                why = fit_reason(c, kwargs, preset.budget, preset.stages, spaces)
                 if why and named:
                     notes.append(f"{c} runs as named, but it does not fit the budget: {why}")
                     print(f"note: {notes[-1]}")
@@ -442,25 +474,32 @@ def check_budget(preset: Preset) -> None:
 
 
 def default_out(preset: Preset) -> str:
-    """Where a preset writes: its folder, or results/<name>-tokens for an equal-token budget,
-    so that runs of the two units never meet on resume."""
-    return preset.out if preset.budget_unit == "stages" else f"results/{preset.name}-tokens"
+    """Where a preset writes: its folder, or results/<name>-<unit> in the budget unit that is not
+    its own, so that runs of the two units never meet on resume."""
+    own = PRESETS[preset.name].budget_unit if preset.name in PRESETS else "stages"
+    unit = preset.budget_unit
+    return preset.out if unit == own else f"results/{preset.name}-{unit}"
 
 
-def check_envs(preset: Preset) -> None:
+def check_envs(preset: Preset) -> dict[str, Any]:
     """Build each task's env once with the run's settings (no model loads), so that a bad env
-    setting is a clear SystemExit before any run starts, the base runs included."""
+    setting is a clear SystemExit before any run starts, the base runs included; returns each
+    task's action space (``HParamSpace``)."""
     import gymnasium as gym
 
     from benchmarks.leaderboard.executors import worker_env_kwargs
     from metaenv import env_ids
 
+    spaces = {}
     for task in preset.tasks:
         try:
-            gym.make(env_ids()[task], **worker_env_kwargs(env_kwargs(preset, task))).close()
+            env = gym.make(env_ids()[task], **worker_env_kwargs(env_kwargs(preset, task)))
         except (TypeError, ValueError) as err:
             raise SystemExit(f"the env of {task} cannot be built with these settings: "
                              f"{err}") from None
+        spaces[task] = env.unwrapped.hparams
+        env.close()
+    return spaces
 
 
 def env_kwargs(preset: Preset, task: str) -> dict[str, Any]:
@@ -501,11 +540,15 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
     """
     from metaenv import env_ids
 
+    out = Path(a.out or default_out(preset))
+    # Absolute: a Ray worker's working folder is its own.
+    cache = str((out / STAGE_CACHE).resolve()) if preset.stage_cache else None
     specs = []
     for task in preset.tasks:
         env_id, task_kwargs = env_ids()[task], env_kwargs(preset, task)
         specs.append(RunSpec(task, BASE, 0, 0, env_id, task_kwargs, threads=preset.threads))
-        budget = {"budget_unit": preset.budget_unit, "budget_tokens": preset.budget_tokens}
+        budget = {"budget_unit": preset.budget_unit, "budget_tokens": preset.budget_tokens,
+                  "stage_cache": cache}
         for seed in preset.seeds:
             for c in preset.controllers:
                 name, kwargs = c, dict(preset.controller_kwargs.get(c, {}))
@@ -513,8 +556,7 @@ def build_specs(preset: Preset, a: argparse.Namespace) -> list[RunSpec]:
                     # Only the endpoint and model: the API key stays in the environment. The
                     # prompts and replies are kept with the results.
                     name = "llmzero"
-                    run_dir = (Path(a.out or default_out(preset)) / "llm"
-                               / runlog.run_filename(task, c, seed)[:-3])
+                    run_dir = out / "llm" / runlog.run_filename(task, c, seed)[:-3]
                     kwargs |= {"proposer": "llm", "base_url": a.llm_base_url,
                                "model": a.llm_model, "run_dir": str(run_dir)}
                 specs.append(RunSpec(task, c, seed, preset.budget, env_id, task_kwargs, name,
@@ -627,18 +669,33 @@ def header(preset: Preset, cmd: str) -> str:
     lines = [f"Made by `{cmd}`; settings: `{json.dumps(_settings(preset))}`."]
     if not preset.conclusions:
         lines.append(f"**{SMOKE}**")
-    if preset.budget_unit == "tokens":
-        lines.append("Budget in tokens: every run may sample "
-                     + (f"{preset.budget_tokens}" if preset.budget_tokens else
-                        f"{preset.budget} x the tokens of one default stage on its seed")
-                     + " prompt + completion tokens; controllers plan with that many default "
-                       "stages.")
+    lines.append(budget_sentence(preset))  # the report adds the selection rule and the cache
     if preset.replay_seed_offset is not None:
         lines.append(f"Transfer: each run's chosen schedule is retrained from the base model on "
-                     f"seed + {preset.replay_seed_offset} and scored on test; those stages are "
-                     "not charged to the budget.")
+                     f"seed + {preset.replay_seed_offset}, under the same episode token cap, and "
+                     "scored on test; those stages are not charged to the budget.")
     lines += list(preset.notes)
     return "\n\n".join(lines)
+
+
+def budget_sentence(preset: Preset) -> str:
+    """The header's sentence on the budget: its unit, its size, the episode token cap."""
+    cap = preset.env_kwargs.get("episode_token_cap", ENV_DEFAULTS["episode_token_cap"])
+    capped = ("the env's episode token cap in force (by default the default schedule's expected "
+              "episode tokens + 10%)" if cap == DEFAULT_CAP else
+              "no episode token cap" if cap is None else f"an episode token cap of {cap}")
+    if preset.budget_unit == "tokens":
+        size = (f"{preset.budget_tokens}" if preset.budget_tokens else
+                f"{preset.budget / preset.stages:g} x the task's episode token cap ("
+                f"{preset.budget / preset.stages:g} default episodes' worth) of")
+        return (f"Budget in tokens, the same for every controller: a run may sample {size} prompt "
+                f"+ completion tokens over all its episodes, with {capped}; a controller plans "
+                "with the stages those tokens buy at one default stage's tokens (runs.csv: "
+                "budget_tokens; budget, the planned stages). Stages and seconds are reported "
+                "beside it.")
+    smoke = "" if preset.conclusions else " (kept in stages so that the smoke run stays short)"
+    return (f"Budget in stages{smoke}: a run may train {preset.budget} stages, with {capped}; "
+            "tokens and seconds are reported beside it, so equal stages are not equal compute.")
 
 
 def _report_options(preset: Preset) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Paired comparisons of controllers, built from RunRecords: per task and across tasks.
 
-A run is compared with its reference (grid search, or the fixed default schedule) on the same
-seed, so the same base, data order and test items. Per task: the mean over seeds of the paired
-test-score difference, its 95% bootstrap CI over seeds and test items (``stats.paired_difference``
-on the stored per-item correctness), a verdict, the bootstrap p-value Holm-adjusted across tasks
-(and the exact sign-flip p over seeds beside it), and the probability of improvement. Where a
+A run is compared with its reference (grid search, the fixed default schedule, or the skills
+agent: the tree search's ablation) on the same seed, so the same base, data order and test items.
+Per task: the mean over seeds of the paired test-score difference, its 95% bootstrap CI over seeds
+and test items (``stats.paired_difference`` on the stored per-item correctness), the t-interval
+over seeds, a verdict that needs both to agree, both p-values Holm-adjusted across tasks (and the
+exact sign-flip p over seeds beside them), and the probability of improvement. Where a
 run lacks per-item correctness (logs from before it was stored) the pair falls back to a
 bootstrap over seeds alone, and says so in ``ci_method``. Across tasks: the IQM over tasks x
 seeds with a stratified bootstrap CI, of the test score and of the paired differences, and the
@@ -29,7 +30,8 @@ import numpy as np
 from benchmarks.leaderboard import stats
 from benchmarks.leaderboard.runlog import BASE, RunRecord
 
-REFERENCES = {"pairs": "grid", "pairs_vs_fixed": "fixed"}  # summary.json key -> reference
+# summary.json key -> reference
+REFERENCES = {"pairs": "grid", "pairs_vs_fixed": "fixed", "pairs_vs_skills": "skills"}
 LEVEL = 0.95
 N_BOOT = 10_000
 ITEMS, SEEDS = "seeds x items", "seeds"  # ci_method: what the bootstrap resampled
@@ -115,12 +117,13 @@ def pair(x: dict[int, Sample], ref: dict[int, Sample], n_boot: int = N_BOOT, see
     """x minus ref on one task, paired by seed: summary.json's entry for one controller.
 
     mean_diff is the mean over the shared seeds of (x - ref); ci the 95% bootstrap CI over seeds
-    and items (over seeds alone where items are missing: ci_method says which); verdict "better"
-    when the CI is above 0, "worse" below, else "no difference"; poi the share of seeds on which x
-    scores above ref (ties count 1/2); p_value the two-sided bootstrap p that the CI inverts
-    (Holm-adjusted across tasks by compare: p_holm, verdict_holm); p_sign_flip the exact
+    and items (over seeds alone where items are missing: ci_method says which); t_ci the 95%
+    t-interval over seeds; verdict "better" when both lie above 0, "worse" when both lie below,
+    else "no difference"; poi the share of seeds on which x scores above ref (ties count 1/2);
+    p_value the two-sided bootstrap p that the CI inverts and p_t the t-test's (both
+    Holm-adjusted across tasks by compare: p_holm, p_t_holm, verdict_holm); p_sign_flip the exact
     sign-flip p over seeds, which needs no resampling assumption but cannot go below 2 / 2**n
-    (0.0625 at 5 seeds).
+    (0.0625 at 5 seeds, 0.002 at 10).
     """
     seeds = sorted(set(x) & set(ref))
     diffs = np.asarray([x[s][0] - ref[s][0] for s in seeds])
@@ -130,7 +133,8 @@ def pair(x: dict[int, Sample], ref: dict[int, Sample], n_boot: int = N_BOOT, see
         "n_seeds": len(seeds), "n_items": 0, "ci_method": "none",
         "poi": float(np.mean((diffs > 0) + 0.5 * (diffs == 0))) if seeds else math.nan,
         "p_value": math.nan, "p_holm": math.nan, "verdict_holm": "n/a",
-        "p_sign_flip": math.nan}
+        "p_sign_flip": math.nan, "t_ci": [math.nan, math.nan], "p_t": math.nan,
+        "p_t_holm": math.nan}
     if len(seeds) < 2:
         return out  # one seed resamples to itself: no CI, no verdict
     items = _item_pairs(x, ref, seeds)
@@ -140,14 +144,15 @@ def pair(x: dict[int, Sample], ref: dict[int, Sample], n_boot: int = N_BOOT, see
     d = stats.paired_difference(*items, level=LEVEL, n_boot=n_boot, seed=seed)
     out.update(mean_diff=d.mean_diff, ci=[d.ci_low, d.ci_high], verdict=d.verdict,
                n_items=d.n_items if method == ITEMS else 0, ci_method=method,
-               p_value=d.p_boot, p_sign_flip=d.p_value)
+               p_value=d.p_boot, p_sign_flip=d.p_value, t_ci=[d.t_low, d.t_high], p_t=d.p_t)
     return out
 
 
 def _holm_verdict(p: dict[str, Any]) -> str:
-    if not math.isfinite(p["p_holm"]):
+    """The verdict at 95% family-wise: both Holm-adjusted p-values (bootstrap, t) below 0.05."""
+    if not (math.isfinite(p["p_holm"]) and math.isfinite(p["p_t_holm"])):
         return "n/a"
-    if p["p_holm"] >= 1 - LEVEL:
+    if max(p["p_holm"], p["p_t_holm"]) >= 1 - LEVEL:
         return "no difference"
     return "better" if p["mean_diff"] > 0 else "worse"
 
@@ -156,9 +161,10 @@ def compare(records: Sequence[RunRecord], reference: str, order: Sequence[str],
             get: Getter = on_test, n_boot: int = N_BOOT) -> dict[str, dict[str, Any]]:
     """{task: {controller: pair}} against `reference`, p-values Holm-adjusted across tasks.
 
-    The family of one controller is its tasks (``stats.holm`` of the bootstrap p-values):
-    verdict_holm is the verdict at 95% family-wise. Tasks without the reference give no entry;
-    the reference's own entry has verdict "reference".
+    The family of one controller is its tasks (``stats.holm`` of the bootstrap p-values, and of
+    the t-test's): verdict_holm is the verdict at 95% family-wise, both adjusted p-values below
+    0.05. Tasks without the reference give no entry; the reference's own entry has verdict
+    "reference".
     """
     out: dict[str, dict[str, Any]] = {}
     for task in sorted({r.task for r in records}):
@@ -173,9 +179,13 @@ def compare(records: Sequence[RunRecord], reference: str, order: Sequence[str],
                 if c == reference:
                     out[task][c].update(verdict="reference", verdict_holm="reference")
     for c in [BASE, *order]:
-        family = [out[t][c] for t in out if c in out[t] and math.isfinite(out[t][c]["p_value"])]
-        for p, adjusted in zip(family, stats.holm([p["p_value"] for p in family]), strict=True):
-            p["p_holm"] = adjusted
+        family = [out[t][c] for t in out if c in out[t] and math.isfinite(out[t][c]["p_value"])
+                  and math.isfinite(out[t][c]["p_t"])]
+        for key in ("p_value", "p_t"):
+            adjusted = stats.holm([p[key] for p in family])
+            for p, q in zip(family, adjusted, strict=True):
+                p["p_holm" if key == "p_value" else "p_t_holm"] = q
+        for p in family:
             if p["verdict_holm"] != "reference":
                 p["verdict_holm"] = _holm_verdict(p)
     return out

@@ -1,9 +1,10 @@
 """The leaderboard's figures; every estimate is drawn with its 95% CI over seeds.
 
-- ``anytime_<task>.png``: best dev score vs stages spent (mean over seeds, bootstrap band).
+- ``anytime_<task>.png``: the dev score of the state the selection rule chose vs stages spent
+  (mean over seeds, bootstrap band).
 - ``schedule_<task>.png``: the chosen schedules' values per stage (mean over the seeds whose
   schedule reaches the stage, bootstrap error bars; geometric for the learning rate).
-- ``differences.png``: paired test-score differences against grid and against fixed, per task.
+- ``differences.png``: paired test-score differences against grid, fixed and skills, per task.
 - ``iqm.png``: across tasks x seeds, the IQM of the test score and of the difference against grid,
   and the probability of improving on grid (stratified bootstrap CIs).
 - ``profile.png``: performance profile, the share of (task, seed) runs whose normalized score is
@@ -67,21 +68,23 @@ def _bands(m: np.ndarray, n_boot: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _anytime_matrix(runs: Sequence[RunRecord], horizon: int) -> np.ndarray:
-    """Best dev after k = 0..horizon stages for each run, carried forward past its last stage."""
+    """The chosen state's dev score after k = 0..horizon stages for each run (its last point at
+    or before k), carried forward past its last stage."""
     out = np.full((len(runs), horizon + 1), np.nan)
     for i, r in enumerate(runs):
         curve = sorted(r.anytime) or [(0, r.base_dev_score)]
         for k in range(horizon + 1):
             seen = [b for s, b in curve if s <= k]
-            out[i, k] = max(seen) if seen else r.base_dev_score
+            out[i, k] = seen[-1] if seen else r.base_dev_score
     return out
 
 
 def plot_anytime(path: Path, task: str, records: Sequence[RunRecord],
                  order: Sequence[str] | None = None, n_boot: int = pairs.N_BOOT) -> None:
-    """Best dev score vs stages spent, one line per controller (mean, 95% CI band over seeds)."""
+    """The chosen state's dev score vs stages spent, one line per controller (mean, 95% CI band
+    over seeds)."""
     runs = [r for r in records if r.task == task and r.controller != BASE]
-    horizon = max([r.budget for r in runs] + [1])
+    horizon = max([max(r.budget, r.stages_spent) for r in runs] + [1])
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = np.arange(horizon + 1)
     for c in _order(runs, order):
@@ -92,7 +95,7 @@ def plot_anytime(path: Path, task: str, records: Sequence[RunRecord],
     base = [r.base_dev_score for r in records if r.task == task and math.isfinite(r.base_dev_score)]
     if base:
         ax.axhline(float(np.mean(base)), color="gray", ls="--", lw=1, label="base")
-    ax.set(xlabel="stages spent", ylabel="best dev score",
+    ax.set(xlabel="stages spent", ylabel="dev score of the chosen state",
            title=f"{task}: anytime performance (mean, 95% CI over seeds)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2)
@@ -148,8 +151,11 @@ def plot_schedules(path: Path, task: str, records: Sequence[RunRecord],
 
 
 def plot_differences(path: Path, summary: dict[str, Any], order: Sequence[str]) -> None:
-    """Paired test-score difference against grid and against fixed per task, 95% CI bars."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    """Paired test-score difference against each reference (grid, fixed, skills) per task, 95%
+    CI bars."""
+    fig, axes = plt.subplots(1, len(pairs.REFERENCES), figsize=(5.5 * len(pairs.REFERENCES), 3.8))
+    # One colour per controller in every panel (a panel leaves its reference out).
+    color = {c: f"C{i % 10}" for i, c in enumerate([BASE, *order])}
     for ax, (key, ref) in zip(axes, pairs.REFERENCES.items(), strict=True):
         by_task = summary.get(key, {})
         tasks = sorted(by_task)
@@ -162,12 +168,14 @@ def plot_differences(path: Path, summary: dict[str, Any], order: Sequence[str]) 
                     continue
                 ax.errorbar(i + (j - (len(ctrls) - 1) / 2) * width, p["mean_diff"],
                             yerr=_yerr(p["mean_diff"], p["ci"]), fmt="o", ms=3, capsize=2,
-                            color=f"C{j % 10}", label=c if i == 0 else None)
+                            color=color[c], label=c if i == 0 else None)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(tasks)), tasks)
         ax.set(ylabel=f"test score - {ref} (paired)", title=f"Against {ref} (mean, 95% CI)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(10, max(len(labels), 1)), fontsize=7)
+    legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels(),
+                                                          strict=True)}
+    fig.legend(legend.values(), legend.keys(), loc="lower center",
+               ncol=min(10, max(len(legend), 1)), fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save(fig, path)
 

@@ -32,6 +32,7 @@ from benchmarks.leaderboard.runlog import (
     UnreadableRunLog,
     read_combined,
 )
+from controllers.base import SELECT_RULE, SELECT_RULE_TEXT
 
 REFERENCE = REFERENCES["pairs"]  # grid search: the paper's second figure is relative to it
 SMOKE_BUDGET = 6  # the quick preset's budget: a run this small answers nothing
@@ -65,7 +66,7 @@ def _cost(record: RunRecord, key: str) -> float:
 
 NO_PAIR: dict[str, Any] = {"mean_diff": math.nan, "ci": [math.nan, math.nan], "verdict": "",
                            "p_holm": math.nan, "verdict_holm": "", "ci_method": "none",
-                           "poi": math.nan}
+                           "poi": math.nan, "t_ci": [math.nan, math.nan], "p_t_holm": math.nan}
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,10 @@ def _pair_columns(key: str, get: Callable[[Runs], dict[str, Any]], header: str |
         Column(f"{key}_ci_low", None, lambda g: get(g)["ci"][0]),
         Column(f"{key}_ci_high", None, lambda g: get(g)["ci"][1]),
         Column(f"{key}_verdict", None, lambda g: get(g)["verdict"]),
+        Column(f"{key}_t_low", None, lambda g: get(g)["t_ci"][0]),
+        Column(f"{key}_t_high", None, lambda g: get(g)["t_ci"][1]),
         Column(f"{key}_p_holm", None, lambda g: get(g)["p_holm"]),
+        Column(f"{key}_p_t_holm", None, lambda g: get(g)["p_t_holm"]),
         Column(f"{key}_verdict_holm", None, lambda g: get(g)["verdict_holm"]),
         Column(f"{key}_poi", None, lambda g: get(g)["poi"]),
         Column(f"{key}_ci_method", None, lambda g: get(g)["ci_method"]),
@@ -158,6 +162,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("test_ci_high", None, lambda g: g.test_ci[2] if len(g.runs) > 1 else math.nan),
     *_pair_columns("vs_grid", lambda g: g.pair(REFERENCES["pairs"]), "vs grid"),
     *_pair_columns("vs_fixed", lambda g: g.pair(REFERENCES["pairs_vs_fixed"]), "vs fixed"),
+    *_pair_columns("vs_skills", lambda g: g.pair(REFERENCES["pairs_vs_skills"]), "vs skills",
+                   optional=True),
     Column("transfer_mean", "transfer", lambda g: _transfer(g)["mean"],
            lambda r: _fmt(r["transfer_mean"]), optional=True, has_value=lambda x: _finite(x)),
     Column("transfer_ci_low", None, lambda g: _transfer(g)["ci"][0]),
@@ -172,8 +178,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("budget", None, lambda g: max(r.budget for r in g.runs), base=lambda g: 0),
     Column("stages_mean", "stages / budget", lambda g: g.mean(lambda r: r.stages_spent),
            lambda r: f"{_fmt(r['stages_mean'], '.1f')} / {r['budget']}", base=lambda g: 0.0),
-    Column("unspent_runs", None, lambda g: sum(r.stages_spent < r.budget for r in g.runs),
-           base=lambda g: 0),
+    Column("unspent_runs", None, lambda g: sum(unspent(r) for r in g.runs), base=lambda g: 0),
+    Column("fallback_runs", None, lambda g: sum(bool(r.extra.get("select_fallback"))
+                                                for r in g.runs), base=lambda g: 0),
+    Column("schedule_stages_mean", None,
+           lambda g: g.mean(lambda r: r.extra.get("schedule_stages", len(r.schedule))),
+           base=lambda g: 0.0),
+    Column("schedule_tokens_mean", None,
+           lambda g: g.mean(lambda r: r.extra.get("schedule_tokens", math.nan)),
+           base=lambda g: 0.0),
     Column("tokens_mean", "tokens", lambda g: g.mean(lambda r: r.tokens),
            lambda r: _count(r["tokens_mean"]), base=lambda g: 0.0),
     Column("seconds_mean", "seconds", lambda g: g.mean(lambda r: r.seconds),
@@ -197,7 +210,8 @@ COLUMNS: tuple[Column, ...] = (
            base=lambda g: math.nan),
 )
 # The per-task Markdown table's column order (the CSV keeps COLUMNS' order).
-MARKDOWN_ORDER = ("test_mean", "n_seeds", "vs_grid_diff", "vs_fixed_diff", "transfer_mean",
+MARKDOWN_ORDER = ("test_mean", "n_seeds", "vs_grid_diff", "vs_fixed_diff", "vs_skills_diff",
+                  "transfer_mean",
                   "transfer_vs_grid_diff", "rel_vs_base", "dev_mean", "stages_mean",
                   "tokens_mean", "seconds_mean", "llm_tokens_mean", "llm_fallback_share",
                   "meta_train_seconds")
@@ -258,19 +272,42 @@ def runs_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     rows = []
     for r in sorted(records, key=lambda r: r.key):
         reps = pairs.replays(r)
+        cache = r.extra.get("stage_cache") or {}
         rows.append({
             "task": r.task, "controller": r.controller, "seed": r.seed,
             "test_score": r.test_score, "dev_score": r.dev_score, "stages": r.stages_spent,
-            "tokens": r.tokens, "seconds": r.seconds, "budget": r.budget, "wall_s": r.wall_s,
+            "tokens": r.tokens, "seconds": r.seconds, "budget": r.budget,
+            "budget_unit": r.settings.get("budget_unit", "stages" if r.controller != BASE else ""),
+            "budget_tokens": r.extra.get("budget_tokens", math.nan), "wall_s": r.wall_s,
             "base_dev_score": r.base_dev_score, "test_items": len(r.test_correct),
             "transfer_test": pairs.on_transfer(r)[0],
             "transfer_seeds": " ".join(str(t.get("seed", "")) for t in reps),
             "schedule_len": len(r.schedule), "episode_stages": _episode_stages(r),
+            # The returned schedule: its stages and tokens, and why its episode ended.
+            "schedule_stages": r.extra.get("schedule_stages", len(r.schedule)),
+            "schedule_tokens": r.extra.get("schedule_tokens", math.nan),
+            "episode_end": r.extra.get("episode_end") or "",
+            "select_fallback": r.extra.get("select_fallback", ""),
+            "untrained_reason": r.extra.get("untrained_reason", ""),
             "unspent_reason": r.extra.get("unspent_reason", ""),
+            "points_tried": " ".join(f"{p['point']}:{p['stages']}"
+                                     for p in r.extra.get("points_tried", [])),
+            "cache_hits": cache.get("hits", 0), "cache_misses": cache.get("misses", 0),
+            "cache_seconds_saved": cache.get("seconds_saved", 0.0),
             "llm_tokens": r.extra.get("llm_tokens", 0.0),
             "stage_sources": " ".join(sorted(set(r.extra.get("stage_sources", [])))),
         })
     return rows
+
+
+def unspent(rec: RunRecord) -> bool:
+    """Whether a run left budget it could have spent: a stage (stages mode), or one default
+    stage's tokens (tokens mode)."""
+    total = rec.extra.get("budget_tokens")
+    if rec.settings.get("budget_unit") == "tokens" and _finite(total):
+        per = rec.extra.get("tokens_per_default_stage")
+        return rec.tokens + (per if _finite(per) else 0.0) <= total
+    return rec.stages_spent < rec.budget
 
 
 def cost_rows(records: Sequence[RunRecord], order: Sequence[str] | None = None
@@ -280,22 +317,66 @@ def cost_rows(records: Sequence[RunRecord], order: Sequence[str] | None = None
     for c in _order(records, order):
         runs = [r for r in records if r.controller == c]
         why = Counter(str(r.extra.get("unspent_reason") or "not given") for r in runs
-                      if r.stages_spent < r.budget)
+                      if unspent(r))
         rows.append({
             "controller": c, "runs": len(runs),
             "stages_mean": _nanmean([r.stages_spent for r in runs]),
             "budget": max(r.budget for r in runs),
+            "budget_tokens": _nanmean([r.extra.get("budget_tokens", math.nan) for r in runs]),
             "unspent_runs": sum(why.values()),
             "unspent_reasons": "; ".join(f"{k}: {n}" for k, n in why.most_common()),
+            "fallback_runs": sum(bool(r.extra.get("select_fallback")) for r in runs),
             "tokens_mean": _nanmean([r.tokens for r in runs]),
             "tokens_per_stage": _nanmean([r.tokens / r.stages_spent for r in runs
                                           if r.stages_spent]),
+            "schedule_stages_mean": _nanmean([r.extra.get("schedule_stages", len(r.schedule))
+                                              for r in runs]),
+            "schedule_tokens_mean": _nanmean([r.extra.get("schedule_tokens", math.nan)
+                                              for r in runs]),
             "seconds_mean": _nanmean([r.seconds for r in runs]),
             "wall_s_mean": _nanmean([r.wall_s for r in runs]),
             "llm_tokens_mean": _nanmean([r.extra.get("llm_tokens", 0.0) for r in runs]),
             "meta_train_seconds": _nanmean([_cost(r, "meta_train_seconds") for r in runs]),
         })
     return rows
+
+
+def stage_cache_totals(records: Sequence[RunRecord]) -> dict[str, float]:
+    """The stage cache over every run and replay: stages loaded, stages trained, wall seconds
+    saved (a memoized replay, which trained nothing, counts nothing)."""
+    stats = [r.extra.get("stage_cache") or {} for r in records]
+    stats += [t.get("stage_cache") or {} for r in records for t in pairs.replays(r)]
+    return {"hits": int(sum(x.get("hits", 0) for x in stats)),
+            "misses": int(sum(x.get("misses", 0) for x in stats)),
+            "seconds_saved": float(sum(x.get("seconds_saved", 0.0) for x in stats))}
+
+
+def grid_design(records: Sequence[RunRecord]) -> dict[str, list[dict[str, Any]]]:
+    """summary.json's "grid_design": per task, the grid's design points, in the order they run."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r.key):
+        if r.controller == REFERENCE and "grid_design" in r.extra:
+            out.setdefault(r.task, r.extra["grid_design"])
+    return out
+
+
+def untrained(records: Sequence[RunRecord]) -> dict[str, list[dict[str, Any]]]:
+    """summary.json's "untrained": per task, each run that returned the base model (an empty
+    schedule) and why (executors.untrained_reason)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r.key):
+        if r.controller != BASE and not r.schedule:
+            out.setdefault(r.task, []).append({
+                "controller": r.controller, "seed": r.seed,
+                "reason": r.extra.get("untrained_reason") or "no reason recorded"})
+    return out
+
+
+def budget_unit(records: Sequence[RunRecord]) -> str:
+    """The runs' budget unit ("stages" or "tokens"; both, comma-separated, if they differ)."""
+    units = sorted({str(r.settings.get("budget_unit", "stages")) for r in records
+                    if r.controller != BASE})
+    return ", ".join(units)
 
 
 def _episode_stages(rec: RunRecord) -> float:
@@ -337,6 +418,12 @@ def analyze(records: Sequence[RunRecord], order: Sequence[str] | None = None,
         "tasks": sorted({r.task for r in records}),
         "controllers": [BASE, *ctrls],
         "smoke": smoke_reason(records, conclusions),
+        "budget_unit": budget_unit(records),
+        "select_rule": SELECT_RULE,
+        "select_rule_text": SELECT_RULE_TEXT,
+        "grid_design": grid_design(records),
+        "stage_cache": stage_cache_totals(records),
+        "untrained": untrained(records),
         "level": pairs.LEVEL, "n_boot": n_boot,
         **paired_analysis(records, order, n_boot),
         "tree_full_depth_share": depth["share"],
@@ -469,12 +556,15 @@ def pairs_overview(rows: Sequence[dict[str, Any]], key: str,
 
 
 def iqm_table(iqm: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| controller | tasks x seeds | IQM test [95% CI] | IQM test − grid | P(> grid) "
-             "| IQM test − fixed | P(> fixed) |", "|---" * 7 + "|"]
+    refs = list(REFERENCES.values())
+    lines = ["| controller | tasks x seeds | IQM test [95% CI] | "
+             + " | ".join(f"IQM test − {r} | P(> {r})" for r in refs) + " |",
+             "|---" * (3 + 2 * len(refs)) + "|"]
     for c, e in iqm.items():
-        lines.append(f"| {c} | {len(e['tasks'])} x {e['n_seeds']} | {_est(e['test'])} "
-                     f"| {_est(e['diff_vs_grid'], '+.3f')} | {_est(e['poi_vs_grid'], '.2f')} "
-                     f"| {_est(e['diff_vs_fixed'], '+.3f')} | {_est(e['poi_vs_fixed'], '.2f')} |")
+        cells = [f"{_est(e[f'diff_vs_{r}'], '+.3f')} | {_est(e[f'poi_vs_{r}'], '.2f')}"
+                 for r in refs]
+        lines.append(f"| {c} | {len(e['tasks'])} x {e['n_seeds']} | {_est(e['test'])} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -504,44 +594,76 @@ def structure_table(struct: dict[str, Any]) -> list[str]:
 
 
 def cost_table(cost: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| controller | stages / budget | runs under budget (why) | tokens | tokens / stage "
-             "| env seconds | wall seconds | LLM tokens | meta-train s |", "|---" * 9 + "|"]
+    """Per controller: the budget in its unit, what was spent, the returned schedule's size."""
+    lines = ["| controller | tokens / budget | stages / planned | runs under budget (why) "
+             "| tokens / stage | returned schedule: stages, tokens | selection fallbacks "
+             "| env seconds | wall seconds | LLM tokens | meta-train s |", "|---" * 11 + "|"]
     for c, r in cost.items():
         why = f" ({r['unspent_reasons']})" if r["unspent_runs"] else ""
-        lines.append(f"| {c} | {_fmt(r['stages_mean'], '.1f')} / {r['budget']} "
-                     f"| {r['unspent_runs']} of {r['runs']}{why} | {_count(r['tokens_mean'])} "
-                     f"| {_count(r['tokens_per_stage'])} | {_fmt(r['seconds_mean'], '.0f')} "
+        lines.append(f"| {c} | {_count(r['tokens_mean'])} / {_count(r['budget_tokens'])} "
+                     f"| {_fmt(r['stages_mean'], '.1f')} / {r['budget']} "
+                     f"| {r['unspent_runs']} of {r['runs']}{why} "
+                     f"| {_count(r['tokens_per_stage'])} "
+                     f"| {_fmt(r['schedule_stages_mean'], '.1f')}, "
+                     f"{_count(r['schedule_tokens_mean'])} "
+                     f"| {r['fallback_runs']} of {r['runs']} | {_fmt(r['seconds_mean'], '.0f')} "
                      f"| {_fmt(r['wall_s_mean'], '.0f')} | {_fmt(r['llm_tokens_mean'], '.0f')} "
                      f"| {_fmt(r['meta_train_seconds'], '.0f')} |")
     return lines
 
 
 METHODS = (
-    "*vs grid* / *vs fixed*: mean over seeds of the paired test-score difference (controller − "
-    "reference, same seed), its 95% bootstrap CI over seeds and test items, and the verdict "
-    "(*better* when the CI is above 0, *worse* below, else *no difference*). summary.json adds "
-    "the bootstrap p-value Holm-adjusted across tasks (p_holm, verdict_holm: the verdict at 95% "
-    "family-wise, shown beside the verdict where they differ), the exact sign-flip p over seeds "
-    "(p_sign_flip; at 5 seeds it cannot go below 0.0625) and the probability of improvement "
-    "(poi). The base model is "
-    "scored once (its greedy test score does not depend on the seed) and pairs with every seed. "
-    "*transfer*: the chosen schedule retrained from the base on fresh seeds, mean test score. "
-    "*tokens*: prompt + completion tokens sampled per run (each trained once at "
-    "num_iterations = 1); *seconds*: the env's training and evaluation seconds per run.")
+    "*vs grid* / *vs fixed* / *vs skills*: mean over seeds of the paired test-score difference "
+    "(controller − reference, same seed), its 95% bootstrap CI over seeds and test items, and the "
+    "verdict, which needs two tests to agree: *better* when both the bootstrap CI and the 95% "
+    "t-interval over seeds lie above 0, *worse* when both lie below, else *no difference*. "
+    "summary.json adds the t-interval (t_ci), both p-values Holm-adjusted across tasks (p_holm, "
+    "p_t_holm; verdict_holm: the verdict at 95% family-wise, shown beside the verdict where they "
+    "differ), the exact sign-flip p over seeds (p_sign_flip; at 10 seeds it cannot go below "
+    "0.002) and the probability of improvement (poi). llmzero − skills is the ablation: the tree "
+    "search proposes the skills' moves, so it asks whether the search pays beyond them. The base "
+    "model is scored once (its greedy test score does not depend on the seed) and pairs with "
+    "every seed. *transfer*: the chosen schedule retrained from the base on fresh seeds, under "
+    "the same episode token cap, mean test score. *tokens*: prompt + completion tokens sampled "
+    "per run (each trained once at num_iterations = 1); *seconds*: the env's training and "
+    "evaluation seconds per run.")
 
 
-# The head tables (overview and paired differences) open with this caption and end before METHODS.
+# Each paired table's key in the rows and its reference.
+PAIR_KEYS = (("vs_grid", REFERENCES["pairs"]), ("vs_fixed", REFERENCES["pairs_vs_fixed"]),
+             ("vs_skills", REFERENCES["pairs_vs_skills"]))
+ABLATION = (" The llmzero row is the ablation: the tree search proposes the skills' moves, so "
+            "llmzero − skills is what the search pays beyond them.")
+# The head tables (overview and paired differences) open with this caption and end before METHODS,
+# found by its opening words (the same in reports written before the skills table joined).
 HEAD_CAPTION = "Test score per task"
+METHODS_START = "*vs grid* / *vs fixed*"
 
 
 def head_tables(report: str) -> str:
     """The head tables of a written leaderboard.md, their captions included: what the README
     shows of a run (benchmarks/readme.py copies them, so they are never retyped)."""
-    start, end = report.find(f"\n{HEAD_CAPTION}"), report.find(f"\n{METHODS}")
+    start, end = report.find(f"\n{HEAD_CAPTION}"), report.find(f"\n{METHODS_START}")
     if start < 0 or end < start:
         raise ValueError(f"no head tables (from {HEAD_CAPTION!r} to the methods note): not a "
                          "leaderboard.md written by benchmarks.leaderboard.report")
     return report[start + 1 : end].strip()
+
+
+def _cache_line(cache: dict[str, float]) -> str:
+    if not cache["hits"] and not cache["misses"]:
+        return "Stage cache: not used."
+    return (f"Stage cache: {cache['hits']} stages loaded (hits) and {cache['misses']} trained "
+            f"(misses) over every run and replay; {cache['seconds_saved']:.0f} s of wall time "
+            "saved. A loaded stage is charged to the budget as trained.")
+
+
+def _untrained_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per run that returned the base model, with its reason."""
+    if not runs:
+        return []
+    return ["Runs that returned the base model (kept nothing they trained), and why:", "",
+            *[f"- {r['controller']}, seed {r['seed']}: {r['reason']}." for r in runs], ""]
 
 
 def _smoke_lines(reason: str) -> list[str]:
@@ -561,7 +683,11 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
     if header:
         lines += [header, ""]
     if analysis is not None:
-        lines += [f"Seeds: {analysis['seeds']}; tasks: {', '.join(analysis['tasks'])}.", ""]
+        lines += [f"Seeds: {analysis['seeds']}; tasks: {', '.join(analysis['tasks'])}; budget "
+                  f"unit: {analysis['budget_unit'] or 'n/a'}.", "",
+                  f"Selection rule, one for every controller (applied by the Tracker; "
+                  f"select_rule in summary.json): {analysis['select_rule_text']}.", "",
+                  _cache_line(analysis["stage_cache"]), ""]
     iqm = analysis["iqm"] if analysis is not None else None
     many_seeds = any(_finite(r["test_ci_low"]) for r in rows)
     lines += [f"{HEAD_CAPTION}: mean over seeds "
@@ -569,11 +695,11 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
               + (", and the IQM over tasks x seeds" if iqm else "")
               + "; stages and seconds per run, mean over tasks and seeds.", "",
               *overview(rows, iqm), ""]
-    for key, ref in (("vs_grid", REFERENCES["pairs"]), ("vs_fixed", REFERENCES["pairs_vs_fixed"])):
+    for key, ref in PAIR_KEYS:
         if many_seeds and any(r["controller"] == ref for r in rows):
             lines += [f"Paired test-score difference from {ref} (same seed): mean [95% CI], "
                       "verdict; a verdict that Holm's correction across tasks changes is "
-                      "shown beside it.", "",
+                      f"shown beside it.{ABLATION if ref == 'skills' else ''}", "",
                       *pairs_overview(rows, key, iqm), ""]
     lines += [METHODS, ""]
     cols = shown_columns(rows)
@@ -584,6 +710,8 @@ def markdown(rows: Sequence[dict[str, Any]], analysis: dict[str, Any] | None = N
         for r in (r for r in rows if r["task"] == task):
             lines.append(f"| {r['controller']} | " + " | ".join(c.cell(r) for c in cols) + " |")
         lines.append("")
+        if analysis is not None:
+            lines += _untrained_lines(analysis["untrained"].get(task, []))
         for p in shown.get(task, []):
             lines += [f"![{Path(p).stem}]({p})", ""]
     if analysis is not None:
@@ -614,7 +742,14 @@ def _analysis_sections(a: dict[str, Any]) -> list[str]:
               "*stages shuffled*, each chosen schedule with its stages in a random order (its "
               f"values kept, their order tested). {struct['n_null']} draws each; p: two-sided "
               "empirical.", "", *structure_table(struct), "",
-              "## Cost", "", *cost_table(a["cost"]), ""]
+              "## Cost", "",
+              "Means per run. *tokens / budget*: tokens sampled over the token budget (n/a under "
+              "a budget in stages); *stages / planned*: stages trained over the budget in stages "
+              "(under a token budget, the stages it buys at one default stage's tokens); *runs "
+              "under budget*: runs that left a stage's worth of it; *returned schedule*: the "
+              "chosen state's stages and tokens from the base; *selection fallbacks*: runs in "
+              "which no episode ended, so the rule took the best state at any depth.", "",
+              *cost_table(a["cost"]), ""]
     return lines
 
 

@@ -9,9 +9,10 @@ score is the mean of its item vector.
 - ``bootstrap_ci``: the mean of one sample (a controller's test scores over seeds) and its CI
   (``scipy.stats.bootstrap``).
 - ``paired_difference`` / ``compare_tasks``: the mean paired difference on a task, a bootstrap CI
-  over seeds and items (our own: scipy has no hierarchical bootstrap), a verdict, and a sign-flip
-  p-value over seeds (``scipy.stats.permutation_test``), Holm-adjusted across tasks
-  (``statsmodels``' ``multipletests``).
+  over seeds and items (our own: scipy has no hierarchical bootstrap), a t-interval over seeds
+  (``scipy.stats.ttest_1samp``), a verdict that needs both to agree, and a sign-flip p-value over
+  seeds (``scipy.stats.permutation_test``), Holm-adjusted across tasks (``statsmodels``'
+  ``multipletests``).
 - ``probability_of_improvement``: P(X > Y) over paired seeds, averaged over tasks.
 - ``iqm`` / ``iqm_ci``: the interquartile mean across tasks x seeds, with a stratified bootstrap.
 - ``performance_profile``: the share of runs scoring at least tau, with a stratified bootstrap band.
@@ -33,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import bootstrap, permutation_test, trim_mean
+from scipy.stats import bootstrap, permutation_test, trim_mean, ttest_1samp
 from statsmodels.stats.multitest import multipletests
 
 ItemScores = Mapping[int, Sequence[float]]  # seed -> that run's per-item test correctness (0/1)
@@ -63,10 +64,14 @@ class PairedDiff:
     # The two-sided p-value the bootstrap CI inverts: below 1 - level exactly when the CI
     # excludes 0 (up to ties at 0), so its Holm adjustment corrects the CI's verdict.
     p_boot: float = math.nan
+    # The test over seeds: the t-interval of the per-seed differences and its two-sided p.
+    t_low: float = math.nan
+    t_high: float = math.nan
+    p_t: float = math.nan
 
     @property
     def verdict(self) -> str:
-        return verdict(self.ci_low, self.ci_high)
+        return verdict((self.ci_low, self.ci_high), (self.t_low, self.t_high))
 
 
 # ---- input checks -------------------------------------------------------------------------------
@@ -214,13 +219,34 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 10_
 # ---- paired differences -------------------------------------------------------------------------
 
 
-def verdict(ci_low: float, ci_high: float) -> str:
-    """A CI's verdict on a difference: "better" above 0, "worse" below, else "no difference"."""
-    if ci_low > 0:
+def verdict(ci: tuple[float, float], t_ci: tuple[float, float]) -> str:
+    """The verdict on a difference from two intervals that must agree: the seeds x items
+    bootstrap CI and the t-interval over seeds. "better" when both lie above 0, "worse" when both
+    lie below, else "no difference"."""
+    if ci[0] > 0 and t_ci[0] > 0:
         return "better"
-    if ci_high < 0:
+    if ci[1] < 0 and t_ci[1] < 0:
         return "worse"
     return "no difference"
+
+
+def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, p): the t-interval of the mean of per-seed differences at ``level`` and the
+    two-sided one-sample t-test's p of "the mean is 0" (``scipy.stats.ttest_1samp``).
+
+    Differences without spread (every seed the same, up to rounding) give the point itself as the
+    interval, and p 0 unless that point is 0 (scipy gives NaN or noise there).
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or d.size < 2 or not np.all(np.isfinite(d)):
+        raise ValueError(f"a t-interval needs a finite 1-D vector of at least 2 per-seed "
+                         f"differences, got {d!r}")
+    if np.allclose(d, d[0], rtol=0.0, atol=1e-12):   # scipy loses all precision here
+        point = float(d.mean())
+        return point, point, 1.0 if abs(point) <= 1e-12 else 0.0
+    result = ttest_1samp(d, 0.0)
+    ci = result.confidence_interval(level)
+    return float(ci.low), float(ci.high), float(result.pvalue)
 
 
 def sign_flip_p_value(diffs: Sequence[float], n_perm: int = 10_000, seed: int = 0) -> float:
@@ -273,11 +299,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def paired_difference(x: ItemScores, ref: ItemScores, level: float = 0.95, n_boot: int = 10_000,
                       seed: int = 0) -> PairedDiff:
-    """Controller x minus reference ref on one task, paired by seed, with a bootstrap CI.
+    """Controller x minus reference ref on one task, paired by seed, with a bootstrap CI and a
+    t-interval over seeds, whose verdict needs both to agree.
 
     The CI resamples seeds with replacement and, within each drawn seed, test items with
     replacement; the same items are drawn for both controllers (the per-item difference is what is
-    resampled), so the pairing holds at both levels. The p-value is sign_flip_p_value over seeds.
+    resampled), so the pairing holds at both levels. The t-interval (``t_interval``) is over the
+    per-seed differences alone: it asks whether the seeds agree, where the bootstrap's items can
+    make a few seeds look certain. The p-value is sign_flip_p_value over seeds.
     """
     _check_bootstrap(level, n_boot)
     seeds, xs, rs = paired_items(x, ref)
@@ -286,9 +315,11 @@ def paired_difference(x: ItemScores, ref: ItemScores, level: float = 0.95, n_boo
     per_seed = d.mean(axis=1)
     boot = _seed_item_means(d, n_boot, np.random.default_rng(seed))
     low, high = _percentiles(boot, level)
+    t_low, t_high, p_t = t_interval(per_seed, level)
     return PairedDiff(mean_diff=float(per_seed.mean()), ci_low=low, ci_high=high,
                       p_value=sign_flip_p_value(per_seed, seed=seed), n_seeds=len(seeds),
-                      n_items=d.shape[1], p_boot=bootstrap_p_value(boot))
+                      n_items=d.shape[1], p_boot=bootstrap_p_value(boot), t_low=t_low,
+                      t_high=t_high, p_t=p_t)
 
 
 def compare_tasks(x_by_task: Mapping[str, ItemScores], ref_by_task: Mapping[str, ItemScores],
