@@ -4,7 +4,6 @@ controllers left out where they cannot do what their name says, and sb3's disjoi
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -134,7 +133,7 @@ def test_standard_preset_is_the_envs_embedded_episode_with_paired_seeds_and_repl
     assert default_out(stages) == "results/standard-stages"
     head = header(standard, "cmd")
     assert "Budget in tokens, the same for every controller" in head
-    assert "4 x the task's episode token cap (4 default episodes' worth)" in head
+    assert "32 x one default stage's tokens (4 default episodes' worth)" in head
     assert "episode token cap in force" in head
     quick_head = header(resolve(parse_args(["--preset", "quick"])), "cmd")
     assert "not for conclusions" in quick_head
@@ -207,14 +206,15 @@ def test_tokens_mode_gives_every_controller_the_same_token_budget(tmp_path, regi
     runs = {r.controller: r for r in _records(out).values() if r.controller != "base"}
     (t,) = {r.extra["tokens_per_default_stage"] for r in runs.values()}  # measured once
     (cap,) = {r.extra["episode_token_cap"] for r in runs.values()}
-    # The default: budget / stages = 2 default episodes' worth, each the env's episode cap.
+    # The default: budget / stages = 2 default episodes' worth, `budget` default stages' tokens;
+    # the episode cap is in force beside it.
     env = gym.make("LLMZero-GSM8K-v0", **{**TINY_ENV, "stages": 2, "steps_per_stage": 1,
                                           "dev_size": 8, "test_size": 8,
                                           "episode_token_cap": "default"})
     env.reset(seed=0)
     assert cap == env.unwrapped.episode_token_cap
     env.close()
-    budget = math.ceil(4 * cap / 2)
+    budget = 4 * t
     for r in runs.values():
         assert r.settings["budget_unit"] == "tokens" and r.extra["budget_tokens"] == budget
         assert r.settings["env_kwargs"]["max_tokens"] == budget

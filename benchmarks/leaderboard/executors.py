@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import threading
 import time
@@ -261,9 +260,9 @@ def token_budget(spec: RunSpec) -> tuple[RunSpec, dict[str, Any]]:
     """The run as it executes in tokens mode, and what to record about its budget.
 
     The token budget is ``spec.budget_tokens``, or by default ``spec.budget / episode stages``
-    default episodes' worth: that many times the env's episode token cap (the default schedule's
-    expected episode tokens + 10%, the same for every seed), or, for an env without a cap,
-    ``spec.budget`` times one default stage's tokens. The env gets it as ``max_tokens``; the
+    default episodes' worth: ``spec.budget`` times the tokens one default stage samples (the
+    same for every controller of a seed; the episode token cap, an estimate with a margin,
+    would buy about a fifth more). The env gets it as ``max_tokens``; the
     controller plans with the stages it buys at one default stage's tokens (measured on the run's
     seed from the base model, once per process for a task and seed: training is deterministic,
     so every controller of a seed gets the same plan); the Tracker lets the tokens bind, and the
@@ -273,12 +272,7 @@ def token_budget(spec: RunSpec) -> tuple[RunSpec, dict[str, Any]]:
 
     per_stage, cap = default_stage_tokens(spec.env_id, spec.env_kwargs, spec.seed,
                                           spec.stage_cache)
-    if spec.budget_tokens:
-        total = int(spec.budget_tokens)
-    elif cap is not None:
-        total = math.ceil(spec.budget * cap / episode_stages(spec))
-    else:
-        total = spec.budget * per_stage
+    total = int(spec.budget_tokens) if spec.budget_tokens else spec.budget * per_stage
     stages = max(1, total // per_stage)
     planned = replace(spec, budget=stages, stage_cap=STAGE_CAP_FACTOR * stages,
                       env_kwargs={**spec.env_kwargs, "max_tokens": total})

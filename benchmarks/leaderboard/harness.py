@@ -18,8 +18,9 @@ finished runs and re-runs only the one(s) in flight. The last line of output is
 ``runs=<n> tasks=<n> controllers=<n> wall_s=<x>``.
 
 The budget's unit is the preset's: the standard preset's is tokens (prompt + completion tokens
-sampled over all of a run's episodes, the same for every controller: by default ``budget /
-stages`` episodes' worth, each the env's episode token cap; executors.token_budget), the quick
+sampled over all of a run's episodes, the same for every controller: by default ``budget`` times
+one default stage's tokens, i.e. ``budget / stages`` default episodes' worth;
+executors.token_budget), the quick
 preset's stages. ``--budget-unit`` picks the other one, whose runs go to their own folder
 (``results/<preset>-<unit>/``). Every run's env shares the stage cache ``<out>/stage_cache``
 (``metaenv.stage_cache``; ``--no-stage-cache`` turns it off): a stage whose path from the base
@@ -128,7 +129,7 @@ PRESETS = {
                     test_size=128, env_kwargs=CAPPED, conclusions=False),
     # The leaderboard: 10 paired seeds (an exact sign-flip p over seeds can then reach 0.002), the
     # env's embedded episode (8 stages x 5 GRPO steps) with its episode token cap, a budget of 4
-    # default episodes' worth of tokens (4 x the cap) for every controller, dev 128 (one item
+    # default episodes' worth of tokens (32 default stages') for every controller, dev 128 (one item
     # weighs 0.008), the env's test split (256), and the transfer replay on seed + 1000 (never an
     # evaluation seed).
     # Wall time: on 2026-12-06, 5 seeds in stages took 184 runs in 3.1 h of wall time (5.6 h of
@@ -686,7 +687,7 @@ def budget_sentence(preset: Preset) -> str:
               "no episode token cap" if cap is None else f"an episode token cap of {cap}")
     if preset.budget_unit == "tokens":
         size = (f"{preset.budget_tokens}" if preset.budget_tokens else
-                f"{preset.budget / preset.stages:g} x the task's episode token cap ("
+                f"{preset.budget} x one default stage's tokens ("
                 f"{preset.budget / preset.stages:g} default episodes' worth) of")
         return (f"Budget in tokens, the same for every controller: a run may sample {size} prompt "
                 f"+ completion tokens over all its episodes, with {capped}; a controller plans "
