@@ -25,6 +25,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 
+import inner.models as models
 import metaenv
 from benchmarks.episodes import paired
 
@@ -102,8 +103,9 @@ def markdown(report: dict[str, Any], speed: list[str]) -> str:
         f"[{gap['ci'][0]:+.4f}, {gap['ci'][1]:+.4f}] (per seed: "
         + ", ".join(f"{d:+.3f}" for d in gap["diffs"]) + f"). Within +-{report['tolerance']}: "
         f"{'yes' if report['faithful'] else 'no'}.", "",
-        "`dtype=\"auto\"` picks bf16 on a CPU only from `inner.models.BF16_CPU_MIN_PARAMETERS` "
-        f"parameters (fastest bf16 size here: {report['fastest_bf16_size'] or 'none'}).", ""])
+        "`dtype=\"auto\"` picks bf16 on a CPU only from `inner.models.BF16_CPU_MIN_PARAMETERS` = "
+        f"{models.BF16_CPU_MIN_PARAMETERS} parameters (the size where bf16 is fastest here: "
+        f"{report['fastest_bf16_size'] or 'none'}); the shipped model runs fp32.", ""])
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ BLOCKS: dict[str, Block] = {
     "headroom-levels": Block(("results/headroom_levels.md",), verbatim),
     "base-model": Block(("inner/assets/base/training.json",), base_model_card),
     "base-model-levels": Block(("results/base_model.md",), verbatim),
+    "throughput": Block(("results/throughput.md",), verbatim),
+    "precision": Block(("results/precision.md",), verbatim),
     "sb3-policy": Block(("results/sb3/policy.json",), sb3_policy),
 }
 
