@@ -54,7 +54,7 @@ class RunSpec:
     # Seeds on which the chosen schedule is retrained from the base model and scored on test.
     replay_seeds: tuple[int, ...] = ()
     budget_unit: str = "stages"  # "tokens": the env's max_tokens binds (see token_budget)
-    # Tokens mode; None -> budget / episode stages x the env's episode token cap.
+    # Tokens mode; None -> budget x one default stage's measured tokens (token_budget).
     budget_tokens: int | None = None
     stage_cap: int | None = None  # the env's max_stages; None -> budget
     # The stage cache folder every env of the run shares (how, not what: not in the fingerprint).

@@ -98,8 +98,8 @@ class Preset:
     # replay_seed_offset (a seed no run of the preset uses) and scored on test. None: no replay.
     replay_seed_offset: int | None = None
     budget_unit: str = "stages"  # "tokens": every controller gets the same token budget
-    # Tokens mode; None -> budget / stages x the env's episode token cap (budget x one default
-    # stage's tokens where the env has no cap).
+    # Tokens mode; None -> budget x one default stage's measured tokens (budget / stages default
+    # episodes' worth; executors.token_budget).
     budget_tokens: int | None = None
     stage_cache: bool = True  # every run's env shares <out>/stage_cache
     conclusions: bool = True  # False: a smoke run, and its report says so
@@ -202,9 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "token budget's default is N / --stages episodes' worth)")
     p.add_argument("--budget-unit", choices=BUDGET_UNITS,
                    help="tokens (the standard preset's): every controller gets the same token "
-                        "budget (--budget-tokens, by default --budget / --stages episodes' worth, "
-                        "each the env's episode token cap) and plans with the stages it buys at "
-                        "one default stage's tokens; or stages (the quick preset's)")
+                        "budget (--budget-tokens, by default --budget x one default stage's "
+                        "tokens, i.e. --budget / --stages default episodes' worth) and plans "
+                        "with the stages it buys at one default stage's tokens; or stages (the "
+                        "quick preset's)")
     p.add_argument("--budget-tokens", type=at_least(1), metavar="N",
                    help="tokens mode: prompt + completion tokens sampled per run")
     p.add_argument("--no-stage-cache", action="store_true",
