@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,6 +295,25 @@ def test_the_harness_reruns_a_run_whose_log_is_broken_and_rebuilds_the_combined_
     assert runlog.read_run_file(fixed).stages_spent >= 1  # the broken one ran again
     records = runlog.read_combined(out / "leaderboard.h5")
     assert {r.key for r in records} == {("countdown", "base", 0), ("countdown", "fixed", 0)}
+
+
+def test_a_clone_without_run_files_goes_on_from_the_committed_combined_log(tmp_path, capsys):
+    # git keeps leaderboard.h5, not runs/: a fresh clone must not start a long run again.
+    out = tmp_path / "results"
+    argv = [*TINY[:3], "fixed", *TINY[5:], "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    before = {r.key: r for r in runlog.read_combined(out / "leaderboard.h5")}
+    shutil.rmtree(out / "runs")
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "2 finished run(s) restored from" in printed
+    assert "2 of 2 runs already finished; 0 to run" in printed
+    restored = runlog.load_runs(out)
+    assert set(restored) == set(before)
+    for key, rec in before.items():  # the record itself, not a re-run
+        assert restored[key].finished_at == rec.finished_at
+        assert restored[key].test_score == rec.test_score
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -351,6 +351,24 @@ def recover_combined(out_dir: Path) -> str | None:
     return None
 
 
+def restore_runs(out_dir: Path, done: dict[tuple[str, str, int], RunRecord]) -> str | None:
+    """Write back the run file of each run that a readable out_dir/leaderboard.h5 holds and
+    ``done`` (the run files found) lacks, and add it to ``done``; returns a note saying how many,
+    or None. A clone of the repository holds the committed leaderboard.h5 but not the run files
+    (ignored by git), so a long run goes on from the runs committed, not from the start."""
+    path = Path(out_dir) / COMBINED
+    if not path.exists():
+        return None
+    missing = [rec for rec in read_combined(path) if rec.key not in done]
+    for rec in missing:
+        save_run(out_dir, rec)
+        done[rec.key] = rec
+    if not missing:
+        return None
+    return (f"{len(missing)} finished run(s) restored from {path} to {Path(out_dir) / RUNS_DIR}/ "
+            "(their run files were missing); they count as finished where their settings match")
+
+
 def remove_temp_files(out_dir: Path) -> int:
     """Delete temp files a killed writer left (never renamed, so no run is lost); returns how many.
 
