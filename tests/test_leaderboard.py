@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ import pytest
 
 from benchmarks.leaderboard import report, runlog, stats
 from benchmarks.leaderboard.executors import RAY_MISSING, RunSpec, make_executor
-from benchmarks.leaderboard.harness import main
+from benchmarks.leaderboard.harness import current_runs, fingerprint, is_current, main
 from benchmarks.leaderboard.runlog import RunRecord, StageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,6 +315,15 @@ def test_a_clone_without_run_files_goes_on_from_the_committed_combined_log(tmp_p
     for key, rec in before.items():  # the record itself, not a re-run
         assert restored[key].finished_at == rec.finished_at
         assert restored[key].test_score == rec.test_score
+
+
+def test_a_run_made_with_other_settings_is_in_no_combined_log_until_it_runs_again():
+    spec = RunSpec("countdown", "tpe", 0, 2, "LLMZero-Countdown-v0", {"stages": 1})
+    old, now = _record("tpe", 0), _record("tpe", 0)
+    old.settings = {"fingerprint": fingerprint(replace(spec, budget=3))}  # an older protocol's
+    now.settings = {"fingerprint": fingerprint(spec)}
+    assert not is_current(spec, {old.key: old}) and current_runs([spec], {old.key: old}) == []
+    assert is_current(spec, {now.key: now}) and current_runs([spec], {now.key: now}) == [now]
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -581,6 +581,19 @@ def fingerprint(spec: RunSpec) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def is_current(spec: RunSpec, done: dict[tuple, runlog.RunRecord]) -> bool:
+    """Whether ``spec`` has a finished run made with its settings."""
+    rec = done.get(spec.key)
+    return rec is not None and rec.settings.get("fingerprint") == fingerprint(spec)
+
+
+def current_runs(specs: list[RunSpec], done: dict[tuple, runlog.RunRecord]
+                 ) -> list[runlog.RunRecord]:
+    """The finished runs of ``specs`` made with their settings, in spec order: a run made with
+    other settings (an older protocol) waits to run again and is in no table or combined log."""
+    return [done[s.key] for s in specs if is_current(s, done)]
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("stages"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -635,9 +648,8 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     for note in [*notes, *([combined] if combined else []), *([restored] if restored else [])]:
         console.print(f"[yellow]note:[/] {note}")
     if combined:
-        runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
-    todo = [s for s in specs
-            if s.key not in done or done[s.key].settings.get("fingerprint") != fingerprint(s)]
+        runlog.write_combined(out, current_runs(specs, done), meta)
+    todo = [s for s in specs if not is_current(s, done)]
     console.print(f"[bold]leaderboard[/] preset={preset.name} tasks={','.join(preset.tasks)} "
                   f"controllers={','.join(preset.controllers)} seeds={list(preset.seeds)} "
                   f"budget={preset.budget} stages/episode={preset.stages} "
@@ -648,7 +660,7 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
                      and preset.workers > 1 else ""))
 
     failures = _execute(a, preset, todo, specs, done, out, meta, console) if todo else []
-    finished = [done[s.key] for s in specs if s.key in done]
+    finished = current_runs(specs, done)
     runlog.write_combined(out, finished, meta)
     if not a.no_report and finished:
         paths = report.write_report(out, finished, header=meta["header"],
@@ -756,7 +768,7 @@ def _execute(a: argparse.Namespace, preset: Preset, todo: list[RunSpec], specs: 
             runlog.save_run(out, rec)
             _error_path(out, spec).unlink(missing_ok=True)  # an earlier failure is history
             done[rec.key] = rec
-            runlog.write_combined(out, [done[s.key] for s in specs if s.key in done], meta)
+            runlog.write_combined(out, current_runs(specs, done), meta)
             progress.console.print(
                 f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
                 f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
