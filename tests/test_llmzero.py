@@ -41,7 +41,7 @@ from metaenv import pathologies as P
 from metaenv.hparams import build_hparam_space
 
 FAKE_KEY = "sk-test-LLMZERO-do-not-write-7f3a9c2e"
-README = Path(__file__).resolve().parents[1] / "README.md"
+ENV_DOC = Path(__file__).resolve().parents[1] / "docs" / "env.md"
 
 
 @pytest.fixture
@@ -512,8 +512,8 @@ def test_vision_sends_the_plot_as_a_data_url_and_saves_it_beside_the_transcript(
     assert (tmp_path / logged).read_bytes() == png
 
 
-def test_the_detector_table_is_what_the_readme_lists():
-    section = README.read_text().split("### Pathology detectors")[1].split("\n#")[0]
+def test_the_detector_table_is_what_the_docs_list():
+    section = ENV_DOC.read_text().split("## Pathology detectors")[1].split("\n#")[0]
     items = [" ".join(item.split()) for item in section.split("\n* ")[1:]]
     assert items == [d.describe() for d in P.DETECTORS]
 
