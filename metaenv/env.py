@@ -34,7 +34,13 @@ from metaenv.config import DEFAULT_CAP, RENDER_MODES, EnvConfig
 from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
 from metaenv.render import training_curves_png, training_curves_rgb
-from metaenv.stage_cache import StageCache, code_fingerprint, model_fingerprint, stage_key
+from metaenv.stage_cache import (
+    StageCache,
+    code_fingerprint,
+    model_fingerprint,
+    stage_group,
+    stage_key,
+)
 from metaenv.store import StateStore
 
 NUM_SAMPLES = 4  # dev samples shown in info (and to the LLM agent)
@@ -499,10 +505,11 @@ class LLMZeroEnv(gym.Env):
         """Train the current state by one stage of `config` and evaluate it on dev, or load that
         stage from the stage cache when its path from the base model was trained before."""
         cache = self._stage_cache
-        key = None
+        key, group = None, ""
         if cache is not None:
             key = stage_key(self._fingerprint(), self._trainer_seed, [*self.path, full])
-            hit = cache.get(key, device=self.device)
+            group = stage_group(self.config.task, self._trainer_seed)
+            hit = cache.get(key, group, device=self.device)
             self.budget.cache_hits, self.budget.cache_misses = cache.stats.hits, cache.stats.misses
             self.budget.seconds_saved = cache.stats.seconds_saved
             if hit is not None:
@@ -513,7 +520,7 @@ class LLMZeroEnv(gym.Env):
             config, self.steps_per_stage, difficulty=difficulty, dev_n=self.dev_size
         )
         if key is not None and result.failure is None:  # a failed stage's model is lost anyway
-            cache.put(key, self.trainer.save_state(), result)
+            cache.put(key, group, self.trainer.save_state(), result)
         return result
 
     def _fingerprint(self) -> dict[str, Any]:

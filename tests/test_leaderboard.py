@@ -326,6 +326,16 @@ def test_a_run_made_with_other_settings_is_in_no_combined_log_until_it_runs_agai
     assert is_current(spec, {now.key: now}) and current_runs([spec], {now.key: now}) == [now]
 
 
+def test_the_stage_cache_of_a_finished_seed_is_dropped(tmp_path):
+    out = tmp_path / "results"
+    argv = [*TINY[:5], "--seeds", "0", "1", *TINY[5:], "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    records = runlog.load_runs(out)
+    assert sum(r.extra["stage_cache"]["misses"] for r in records.values()) > 0  # entries written
+    assert (out / "stage_cache").is_dir()
+    assert not list((out / "stage_cache").rglob("result.json"))  # and dropped with their seeds
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ def test_a_different_seed_path_or_setting_is_a_miss(tmp_path):
 
 def test_a_truncated_or_changed_entry_is_trained_again_never_loaded(tmp_path, capsys):
     _, steps, state = train(tmp_path)
-    entries = sorted(p for p in tmp_path.glob("*/*") if p.is_dir())
+    entries = sorted(p.parent for p in tmp_path.rglob("result.json"))
     assert len(entries) == 2
     weights = entries[0] / "state" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
@@ -125,7 +125,7 @@ def test_two_processes_writing_the_same_keys_at_once_are_safe(tmp_path):
         w.join(timeout=60)
         assert w.exitcode == 0
     assert results[0] == results[1]
-    assert not list(tmp_path.glob("*/.*tmp-*"))  # no half-written entry left behind
+    assert not list(tmp_path.rglob(".*tmp-*"))  # no half-written entry left behind
     env, _, _ = train(tmp_path)
     assert env.budget.cache_hits == 2
 

@@ -594,6 +594,24 @@ def current_runs(specs: list[RunSpec], done: dict[tuple, runlog.RunRecord]
     return [done[s.key] for s in specs if is_current(s, done)]
 
 
+def drop_finished_stages(specs: list[RunSpec], done: dict[tuple, runlog.RunRecord]) -> None:
+    """Drop the stage cache's entries of each task and seed whose runs have all finished (their
+    replays' seeds too): a key holds its seed, so no later run can hit them, and kept they
+    would fill the disk (~7 GB per seed of the standard preset)."""
+    from metaenv.stage_cache import StageCache, stage_group
+
+    by_seed: dict[tuple[str, int], list[RunSpec]] = {}
+    for spec in specs:
+        if spec.stage_cache is not None and spec.controller != BASE:
+            by_seed.setdefault((spec.task, spec.seed), []).append(spec)
+    for (task, seed), group in by_seed.items():
+        if all(is_current(s, done) for s in group):
+            for spec in group:
+                cache = StageCache(spec.stage_cache)
+                for s in (seed, *spec.replay_seeds):
+                    cache.drop(stage_group(task, s))
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("stages"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -650,6 +668,7 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     if combined:
         runlog.write_combined(out, current_runs(specs, done), meta)
     todo = [s for s in specs if not is_current(s, done)]
+    drop_finished_stages(specs, done)
     console.print(f"[bold]leaderboard[/] preset={preset.name} tasks={','.join(preset.tasks)} "
                   f"controllers={','.join(preset.controllers)} seeds={list(preset.seeds)} "
                   f"budget={preset.budget} stages/episode={preset.stages} "
@@ -769,6 +788,7 @@ def _execute(a: argparse.Namespace, preset: Preset, todo: list[RunSpec], specs: 
             _error_path(out, spec).unlink(missing_ok=True)  # an earlier failure is history
             done[rec.key] = rec
             runlog.write_combined(out, current_runs(specs, done), meta)
+            drop_finished_stages(specs, done)
             progress.console.print(
                 f"done {spec.label()}: test={rec.test_score:.3f} dev={rec.dev_score:.3f} "
                 f"stages={rec.stages_spent}/{rec.budget} {rec.wall_s:.0f}s")
