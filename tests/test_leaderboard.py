@@ -331,7 +331,8 @@ def test_the_stage_cache_of_a_finished_seed_is_dropped(tmp_path):
     argv = [*TINY[:5], "--seeds", "0", "1", *TINY[5:], "--out", str(out), "--no-report"]
     assert main(argv) == 0
     records = runlog.load_runs(out)
-    assert sum(r.extra["stage_cache"]["misses"] for r in records.values()) > 0  # entries written
+    written = sum(r.extra.get("stage_cache", {}).get("misses", 0) for r in records.values())
+    assert written > 0  # the runs wrote entries
     assert (out / "stage_cache").is_dir()
     assert not list((out / "stage_cache").rglob("result.json"))  # and dropped with their seeds
 
