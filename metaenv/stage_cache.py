@@ -151,7 +151,8 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def drop(self, group: str) -> None:
-        """Delete every entry of `group` (a process still writing one loses only that copy)."""
+        """Delete every entry of `group`; for a group that no env writes any more (the harness
+        drops a seed's group once every run of that seed has finished)."""
         shutil.rmtree(self.directory / group, ignore_errors=True)
 
     def _read(self, entry: Path, device: str) -> tuple[TrainState, StageResult]:
