@@ -299,9 +299,10 @@ def test_the_harness_reruns_a_run_whose_log_is_broken_and_rebuilds_the_combined_
 
 
 def test_a_clone_without_run_files_goes_on_from_the_committed_combined_log(tmp_path, capsys):
-    # git keeps leaderboard.h5, not runs/: a fresh clone must not start a long run again.
+    # git keeps leaderboard.h5, not runs/: a fresh clone must not start a long run again ...
     out = tmp_path / "results"
-    argv = [*TINY[:3], "fixed", *TINY[5:], "--out", str(out), "--no-report"]
+    argv = ["--preset", "standard", *TINY[:3], "fixed",
+            *TINY[5:], "--seeds", "0", "--out", str(out), "--no-report"]
     assert main(argv) == 0
     before = {r.key: r for r in runlog.read_combined(out / "leaderboard.h5")}
     shutil.rmtree(out / "runs")
@@ -315,6 +316,18 @@ def test_a_clone_without_run_files_goes_on_from_the_committed_combined_log(tmp_p
     for key, rec in before.items():  # the record itself, not a re-run
         assert restored[key].finished_at == rec.finished_at
         assert restored[key].test_score == rec.test_score
+
+
+def test_a_smoke_run_in_a_clone_trains_again(tmp_path, capsys):
+    # ... but the quick preset is the install check: it trains what a clone holds.
+    out = tmp_path / "results"
+    argv = [*TINY[:3], "fixed", *TINY[5:], "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    shutil.rmtree(out / "runs")
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "restored" not in printed and "0 of 2 runs already finished; 2 to run" in printed
 
 
 def test_a_run_made_with_other_settings_is_in_no_combined_log_until_it_runs_again():

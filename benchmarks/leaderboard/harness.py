@@ -15,7 +15,8 @@ base model on a fresh seed (``transfer``), under the same episode token cap, whi
 strategy rather than the lucky checkpoint. Each finished run is saved to its own HDF5 file
 atomically, so the script can be killed at any moment and rerun with the same arguments: it skips
 finished runs and re-runs only the one(s) in flight; a fresh clone, which has the committed
-``leaderboard.h5`` but not the run files, goes on from the runs it holds. The last line of output is
+``leaderboard.h5`` but not the run files, goes on from the runs it holds (except in a smoke run
+such as ``quick``, which always trains). The last line of output is
 ``runs=<n> tasks=<n> controllers=<n> wall_s=<x>``.
 
 The budget's unit is the preset's: the standard preset's is tokens (prompt + completion tokens
@@ -659,10 +660,11 @@ def run(a: argparse.Namespace, preset: Preset, out: Path, argv: list[str] | None
     # Resume: a run file exists only for a finished run (atomic rename), and it must have been made
     # with the same settings; anything else runs (again), an unreadable file set aside first.
     # Runs that only the combined log holds (a fresh clone: git keeps leaderboard.h5, not runs/)
-    # get their run files back.
+    # get their run files back, so a long run goes on across sessions and clones.
     done, notes = runlog.recover_runs(out)
     combined = runlog.recover_combined(out)
-    restored = None if combined else runlog.restore_runs(out, done)
+    # Not for a smoke run: it is the install check, and it trains whatever the clone holds.
+    restored = None if combined or not preset.conclusions else runlog.restore_runs(out, done)
     for note in [*notes, *([combined] if combined else []), *([restored] if restored else [])]:
         console.print(f"[yellow]note:[/] {note}")
     if combined:
