@@ -27,7 +27,7 @@ import torch
 
 import inner.models as models
 import metaenv
-from benchmarks.episodes import paired
+from benchmarks.episodes import command, paired, write_report
 
 
 def default_episode(task: str, seed: int, dtype: str) -> dict[str, Any]:
@@ -38,8 +38,10 @@ def default_episode(task: str, seed: int, dtype: str) -> dict[str, Any]:
     while not done:
         _, _, terminated, truncated, info = env.step({})
         done = terminated or truncated
-    return {"test": env.unwrapped.evaluate_test(), "dev": info["dev_score"],
-            "seconds": env.unwrapped.budget.seconds}
+    result = {"test": env.unwrapped.evaluate_test(), "dev": info["dev_score"],
+              "seconds": env.unwrapped.budget.seconds}
+    env.close()
+    return result
 
 
 def speed_rows(path: Path) -> tuple[list[str], str | None]:
@@ -78,13 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gap = paired([r["test"] for r in runs["bf16"]], [r["test"] for r in runs["fp32"]])
     faithful = -a.tolerance <= gap["ci"][0] and gap["ci"][1] <= a.tolerance
     table, fastest = speed_rows(a.out / "precision_speed.json")
-    report = {"command": "python -m benchmarks.precision " + " ".join(argv or []),
+    report = {"command": command("benchmarks.precision", argv),
               "task": a.task, "seeds": a.seeds, "runs": runs, "gap": gap,
               "tolerance": a.tolerance, "faithful": faithful, "fastest_bf16_size": fastest}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "precision.json").write_text(json.dumps(report, indent=1) + "\n")
-    (a.out / "precision.md").write_text(markdown(report, table))
-    print(markdown(report, table))
+    write_report(a.out, "precision", report, lambda r: markdown(r, table))
     print(f"bf16_minus_fp32={gap['mean']:+.4f} ci_low={gap['ci'][0]:+.4f} "
           f"ci_high={gap['ci'][1]:+.4f} faithful={'yes' if faithful else 'no'} "
           f"fastest_bf16_size={fastest or 'none'}")
@@ -97,7 +97,7 @@ def markdown(report: dict[str, Any], speed: list[str]) -> str:
     return "\n".join([
         "## Speed: one GRPO step, ours and TRL, fp32 and bf16", "", *speed, "",
         f"## Faithfulness: the default {report['task']} episode, bf16 - fp32", "",
-        f"    {report['command'].strip()}", "",
+        f"    {report['command']}", "",
         f"Final test accuracy over seeds {report['seeds']}: fp32 {mean['fp32']:.3f}, bf16 "
         f"{mean['bf16']:.3f}; paired bf16 - fp32 {gap['mean']:+.4f}, 95% t-interval "
         f"[{gap['ci'][0]:+.4f}, {gap['ci'][1]:+.4f}] (per seed: "

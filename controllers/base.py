@@ -43,7 +43,8 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
-from metaenv.env import BudgetExhausted
+from metaenv.config import check_int
+from metaenv.env import ENDED, BudgetExhausted
 
 # What a run paid an LLM, in every RunResult.cost: chat completions answered, their prompt +
 # completion tokens, expansions an LLM was asked for, and those the skills answered instead.
@@ -96,16 +97,6 @@ def fits(controller: Any, budget: int, stages: int, space: Any = None) -> str | 
 
 
 # ---- argument checks: a bad setting is named where it enters, before anything trains ------------
-
-def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    """ValueError naming ``name`` unless ``value`` is an int >= ``minimum`` (or None if
-    ``optional``); a float or a bool is refused, not truncated."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} and an int (not a float or a bool)"
-                         f"{' or None' if optional else ''}, got {value!r}")
-
 
 def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0,
                    open_low: bool = False) -> None:
@@ -162,8 +153,6 @@ SELECT_RULE_TEXT = (
     "reached, or its episode token cap), so a run returns a whole schedule, as the env's return "
     "counts; where no episode ended within the budget, the best state at any depth, the base "
     "model included, and the run records that fallback")
-# Why an episode ended that makes its last state a whole schedule (a failure truncates it).
-ENDED = ("stages", "token_cap")
 # Under a token budget (the env's max_tokens) a run trains at most this many times its `budget`
 # stages, however cheap its stages: the tokens bind, this only stops a run that never would.
 STAGE_CAP_FACTOR = 2
@@ -234,11 +223,6 @@ class Tracker:
     def chosen(self) -> Best:
         """The state ``result`` returns as of now."""
         return self._choose()
-
-    @property
-    def fallback(self) -> bool:
-        """No episode has ended: the rule falls back to the best state at any depth."""
-        return self.best_final is None and self.lost_final is None
 
     @property
     def lost(self) -> list[dict[str, Any]] | None:

@@ -215,9 +215,6 @@ class Grid(OptunaSearch):
     def sampler(self, space: Any, seed: int) -> BaseSampler:
         return RandomSampler(seed=seed)   # never asked: every trial is a design point
 
-    def suggest(self, trial: BaseTrial, space: Any, stage: int) -> dict[str, Any]:
-        raise NotImplementedError("a grid trial's values are its design point (Grid.run)")
-
     def run(self, env: gym.Env, budget: int, seed: int = 0) -> RunResult:
         tracker = Tracker(env, budget, seed)
         n_stages = self.stages or episode_stages(env)

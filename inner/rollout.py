@@ -167,14 +167,17 @@ def generate(
         token = token.masked_fill(done, pad_token_id)  # finished rows only carry padding
         out[rows, t] = token
         steps = t + 1
+        n_done = 0  # counted where checked: every token on CPU, where compaction runs
         if eos_token_id is not None:
             done |= token == eos_token_id
             # Reading `done` syncs with an accelerator, so there check it only every few tokens.
-            if (t + 1) % check_every == 0 and bool(done.all()):
-                break
+            if (t + 1) % check_every == 0:
+                n_done = int(done.sum())
+                if n_done == len(rows):
+                    break
         if t + 1 == max_new_tokens:
             break  # the last token needs no forward pass
-        if compact and 4 * int(done.sum()) >= len(rows):  # a quarter done: the copy pays off
+        if compact and 4 * n_done >= len(rows):  # a quarter done: the copy pays off
             keep = (~done).nonzero().squeeze(-1)
             rows, token, next_pos, attn = rows[keep], token[keep], next_pos[keep], attn[keep]
             cache.batch_select_indices(keep)

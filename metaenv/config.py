@@ -125,11 +125,12 @@ class EnvConfig:
                 raise ValueError(f"{name} must be a dict of hyperparameter names, got {value!r}")
         check_device(self.device)
         _check_choice("dtype", self.dtype, DTYPES)
-        cap = self.episode_token_cap
-        if cap != DEFAULT_CAP and cap is not None and (
-                isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1):
-            raise ValueError(f"episode_token_cap must be {DEFAULT_CAP!r}, None (no cap) or an int "
-                             f">= 1, got {cap!r}")
+        if self.episode_token_cap != DEFAULT_CAP:
+            try:
+                check_int("episode_token_cap", self.episode_token_cap, 1, optional=True)
+            except ValueError as err:
+                raise ValueError(f"episode_token_cap must be {DEFAULT_CAP!r}, None (no cap) or "
+                                 f"an int >= 1: {err}") from None
         for name in ("state_dir", "stage_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
@@ -159,20 +160,25 @@ class EnvConfig:
                              f"{self.task!r} at scale {self.scale!r}; allowed: {list(levels)}")
 
     def _check_numbers(self) -> None:
-        for name in ("stages", "steps_per_stage", "dev_size", "test_size"):
-            self._whole(name, minimum=1)
-        for name, minimum in (("eval_max_new_tokens", 1), ("max_stages", 1), ("max_tokens", 1),
-                              ("max_states_in_memory", 0), ("seed", 0)):
-            if getattr(self, name) is not None:
-                self._whole(name, minimum)
+        for name, minimum, optional in (
+                ("stages", 1, False), ("steps_per_stage", 1, False), ("dev_size", 1, False),
+                ("test_size", 1, False), ("eval_max_new_tokens", 1, True), ("max_stages", 1, True),
+                ("max_tokens", 1, True), ("max_states_in_memory", 0, True), ("seed", 0, True)):
+            value = getattr(self, name)
+            check_int(name, value, minimum, optional)
+            if value is not None:
+                object.__setattr__(self, name, int(value))  # a numpy integer becomes an int
 
-    def _whole(self, name: str, minimum: int) -> None:
-        """Check that the field `name` is an int (not a bool, not a float) >= `minimum`."""
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise ValueError(f"{name} must be >= {minimum} and an int (not a float or a bool), "
-                             f"got {value!r}")
-        object.__setattr__(self, name, int(value))
+
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= ``minimum`` (or None if
+    ``optional``); a float or a bool is refused, not truncated. The one integer check of the
+    env's and the controllers' arguments."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} and an int (not a float or a bool)"
+                         f"{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

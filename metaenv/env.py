@@ -52,6 +52,8 @@ CAP_MARGIN = 1.1
 # gymnasium's checker and multi-seed controllers do) restore instead of rebuilding. Paper scale
 # keeps one: a second trainer would hold a second copy of a large model on the accelerator.
 SEED_CACHE = {"embedded": 4, "paper": 1}
+# Why an episode ended that makes it terminated, a whole schedule (a failure truncates it).
+ENDED = ("stages", "token_cap")
 # The one place where a failed stage becomes a pathology; every failure truncates the episode.
 FAILURE_PATHOLOGY = {
     Failure.OUT_OF_MEMORY: OUT_OF_MEMORY,
@@ -413,7 +415,6 @@ class LLMZeroEnv(gym.Env):
         inner_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
         t0 = time.perf_counter()
         base = self._use_trainer(inner_seed, need_base=True)
-        self.episode_token_cap  # noqa: B018  (resolve the default cap once the tokenizer is here)
         self._reset_episode_fields()
         if base is not None:
             self._restore(base)
@@ -468,7 +469,7 @@ class LLMZeroEnv(gym.Env):
         self.stage_ends.append(self.trainer.step)
         self.episode_end = self._episode_end(result)
         truncated = self.episode_end == "failure"
-        terminated = self.episode_end in ("stages", "token_cap")
+        terminated = self.episode_end in ENDED
         self.done = terminated or truncated
         self._last = {
             "metrics": [_deterministic(m) for m in result.metrics],
@@ -588,8 +589,7 @@ class LLMZeroEnv(gym.Env):
             "dev_size": self.dev_size,
             "dev_by_level": dict(self._last.get("dev_by_level", {})),
             "cost": dict(self.path_cost),
-            "episode_token_cap": self._episode_token_cap if self.config.episode_token_cap
-            == DEFAULT_CAP else self.config.episode_token_cap,
+            "episode_token_cap": self.episode_token_cap,
             "episode_end": self.episode_end,
             "hparams": dict(self._last.get("hparams", {})),
         }

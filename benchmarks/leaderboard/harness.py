@@ -43,7 +43,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ from benchmarks.leaderboard.runlog import BASE
 from inner.tasks import task_names
 from metaenv.config import DEFAULT_CAP, SCALE_DEFAULTS, EnvConfig
 
-ENV_DEFAULTS = {f.name: f.default for f in fields(EnvConfig)}
 TASKS = task_names()  # every registered task (the four built-in ones in a fresh process)
 STAGE_CACHE = "stage_cache"  # the stage cache's folder in the output folder
 # The LLM-proposer row of the LLMZero agent; added only when an endpoint is configured.
@@ -601,16 +600,15 @@ def drop_finished_stages(specs: list[RunSpec], done: dict[tuple, runlog.RunRecor
     would fill the disk (~7 GB per seed of the standard preset)."""
     from metaenv.stage_cache import StageCache, stage_group
 
-    by_seed: dict[tuple[str, int], list[RunSpec]] = {}
-    for spec in specs:
-        if spec.stage_cache is not None and spec.controller != BASE:
-            by_seed.setdefault((spec.task, spec.seed), []).append(spec)
-    for (task, seed), group in by_seed.items():
-        if all(is_current(s, done) for s in group):
-            for spec in group:
-                cache = StageCache(spec.stage_cache)
-                for s in (seed, *spec.replay_seeds):
-                    cache.drop(stage_group(task, s))
+    runs = [s for s in specs if s.stage_cache is not None and s.controller != BASE]
+    if not runs:
+        return
+    pending = {(s.task, s.seed) for s in runs if not is_current(s, done)}
+    finished = {stage_group(s.task, seed) for s in runs if (s.task, s.seed) not in pending
+                for seed in (s.seed, *s.replay_seeds)}
+    cache = StageCache(runs[0].stage_cache)  # one folder per leaderboard (build_specs)
+    for group in finished:
+        cache.drop(group)
 
 
 def _progress(console: Console) -> Progress:
@@ -719,7 +717,7 @@ def header(preset: Preset, cmd: str) -> str:
 
 def budget_sentence(preset: Preset) -> str:
     """The header's sentence on the budget: its unit, its size, the episode token cap."""
-    cap = preset.env_kwargs.get("episode_token_cap", ENV_DEFAULTS["episode_token_cap"])
+    cap = preset.env_kwargs.get("episode_token_cap", EnvConfig.episode_token_cap)
     capped = ("the env's episode token cap in force (by default the default schedule's expected "
               "episode tokens + 10%)" if cap == DEFAULT_CAP else
               "no episode token cap" if cap is None else f"an episode token cap of {cap}")
