@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-from scipy import stats
 
+from benchmarks.leaderboard.stats import t_interval
 from metaenv.hparams import HParamSpace
 
 Schedule = list[dict[str, Any]]
@@ -43,13 +43,13 @@ def full(space: HParamSpace, schedule: Schedule) -> Schedule:
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Mean of a - b paired by seed and its 95% t-interval (scipy)."""
+    """Mean of a - b paired by seed and its 95% t-interval (the leaderboard's ``t_interval``)."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     mean = statistics.fmean(diffs)
-    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+    if len(diffs) < 2:
         return {"mean": mean, "ci": [mean, mean], "diffs": diffs}
-    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=stats.sem(diffs))
-    return {"mean": mean, "ci": [float(lo), float(hi)], "diffs": diffs}
+    lo, hi, _ = t_interval(diffs)
+    return {"mean": mean, "ci": [lo, hi], "diffs": diffs}
 
 
 # ---- episodes, cached and resumable ------------------------------------------------------------

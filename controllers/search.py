@@ -126,11 +126,7 @@ class OptunaSearch:
                   keep: int) -> tuple[list[float], bool]:
         """Train the trial's schedule from the root while more than ``keep`` of the ``spare()``
         stages are left (its first stage always); return its per-stage dev scores and whether it
-        ran to its end (the episode's, or a divergence).
-
-        Attributes are written after every stage, so the stages of a trial killed mid-way are
-        still paid and its schedule can be enqueued again.
-        """
+        ran to its end (the episode's, or a divergence)."""
         tracker.load(tracker.root)
         start = counters(tracker.env)
         schedule: list[dict[str, Any]] = []
@@ -144,10 +140,7 @@ class OptunaSearch:
             dev, done = tracker.step(schedule)
             devs.append(dev)
             now = counters(tracker.env)
-            trial.set_user_attr("schedule", schedule)
-            trial.set_user_attr("dev_scores", devs)
-            trial.set_user_attr("cost", {k: now[k] - start[k] for k in now})
-            trial.set_user_attr("episode_end", tracker.last_info.get("episode_end"))
+            _write_trial(trial, tracker, schedule, devs, {k: now[k] - start[k] for k in now})
             self.report(trial, stage, dev)
             if done:
                 break
@@ -256,11 +249,9 @@ class Grid(OptunaSearch):
             now = counters(tracker.env)
             point.cost = {k: point.cost.get(k, 0.0) + now[k] - start[k] for k in now}
             start = now
-            point.trial.set_user_attr("schedule", [point.hparams] * len(point.devs))
-            point.trial.set_user_attr("dev_scores", point.devs)
-            point.trial.set_user_attr("cost", point.cost)
+            _write_trial(point.trial, tracker, [point.hparams] * len(point.devs), point.devs,
+                         point.cost)
             if done:
-                point.trial.set_user_attr("episode_end", tracker.last_info.get("episode_end"))
                 point.close(study, TrialState.COMPLETE)
         if point.open:
             point.state = tracker.env.unwrapped.save_state()
@@ -449,6 +440,16 @@ class TPE(ScheduleSearch):
 def _tell(study: optuna.Study, number: int, value: float | None = None,
           state: TrialState | None = None) -> None:
     study.tell(number, value, state=state)
+
+
+def _write_trial(trial: Trial, tracker: Tracker, schedule: list[dict[str, Any]],
+                 devs: list[float], cost: dict[str, float]) -> None:
+    """Written after every stage, so the stages of a trial killed mid-way are still paid and its
+    schedule can be enqueued again; ``_record`` reads them back."""
+    trial.set_user_attr("schedule", schedule)
+    trial.set_user_attr("dev_scores", devs)
+    trial.set_user_attr("cost", cost)
+    trial.set_user_attr("episode_end", tracker.last_info.get("episode_end"))
 
 
 def _record(t: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from inner.config import GRPOConfig
 from inner.grpo import completion_logps, group_advantages, grpo_loss
-from inner.models import autocast_forward
+from inner.models import autocast_forward, bf16_pays
 from inner.prompts import PromptFormat, final_answer
 from inner.rollout import generate
 from inner.state import TrainState
@@ -130,7 +130,8 @@ class Trainer:
     One `step` = one batch of prompts_per_step * num_generations sampled completions, followed by
     num_iterations optimizer updates on it (its metrics are averaged over those updates).
     Prompts are rendered by `prompt_format` (default: the tokenizer's chat template if it has
-    one); bf16 (default: on CUDA) runs forward passes under bf16 autocast.
+    one); bf16 runs forward passes under bf16 autocast (default: where `bf16_pays`, the rule
+    of the env's `dtype="auto"`).
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class Trainer:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         if bf16 is None:
-            bf16 = self.device.type == "cuda"
+            bf16 = bf16_pays(self.device, sum(p.numel() for p in self.model.parameters()))
         if bf16:  # as TRL: weights and AdamW moments stay fp32, forward passes run in bf16
             autocast_forward(self.model, torch.bfloat16)
         # Frozen reference = the model as given; always kept so beta may go from 0 to > 0 later.

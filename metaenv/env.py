@@ -344,7 +344,8 @@ class LLMZeroEnv(gym.Env):
 
     @property
     def bf16(self) -> bool:
-        """Whether forward passes run under bf16 autocast (`dtype`; "auto": `BF16_AUTO`)."""
+        """Whether forward passes run under bf16 autocast (`dtype`; "auto":
+        `inner.models.bf16_pays`, the Trainer's default too)."""
         if self.config.dtype != "auto":
             return self.config.dtype == "bf16"
         if self._base_model is None and self._tokenizer is None:
