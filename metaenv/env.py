@@ -35,6 +35,7 @@ from metaenv.hparams import DIFFICULTY, HParamSpace, build_hparam_space
 from metaenv.pathologies import DIVERGENCE, OUT_OF_MEMORY, detect_pathologies
 from metaenv.render import training_curves_png, training_curves_rgb
 from metaenv.stage_cache import (
+    CacheStats,
     StageCache,
     code_fingerprint,
     model_fingerprint,
@@ -76,13 +77,26 @@ class Budget:
     seconds: float = 0.0  # training + dev evaluation wall time
     test_evals: int = 0  # evaluate_test() calls, counted apart from the search's cost
     test_seconds: float = 0.0
-    # Stages loaded from the stage cache (counted in `stages`, `tokens` and `seconds` as trained),
-    # those trained because the cache did not hold them, and the wall seconds the loads saved.
-    cache_hits: int = 0
-    cache_misses: int = 0
-    seconds_saved: float = 0.0
     max_stages: int | None = None
     max_tokens: int | None = None  # prompt + completion tokens sampled, as counted in `tokens`
+    # The env's stage cache counts into this one object (a hit is charged in `stages`, `tokens`
+    # and `seconds` as trained).
+    cache: CacheStats = field(default_factory=CacheStats)
+
+    @property
+    def cache_hits(self) -> int:
+        """Stages loaded from the stage cache."""
+        return self.cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        """Stages trained because the stage cache did not hold them."""
+        return self.cache.misses
+
+    @property
+    def seconds_saved(self) -> float:
+        """Wall seconds the stage cache's loads saved."""
+        return self.cache.seconds_saved
 
     @property
     def remaining_stages(self) -> float:
@@ -232,7 +246,8 @@ class LLMZeroEnv(gym.Env):
             load=lambda path: TrainState.load(path, device=cfg.device),
             directory=cfg.state_dir,
         )
-        self._stage_cache = None if cfg.stage_cache is None else StageCache(cfg.stage_cache)
+        self._stage_cache = (None if cfg.stage_cache is None
+                             else StageCache(cfg.stage_cache, self.budget.cache))
         self._cache_fingerprint: dict[str, Any] | None = None
         self._episode_token_cap: int | None = None  # resolved at the first reset
         self._base_model: torch.nn.Module | None = None  # pristine base weights (never trained)
@@ -512,8 +527,6 @@ class LLMZeroEnv(gym.Env):
             key = stage_key(self._fingerprint(), self._trainer_seed, [*self.path, full])
             group = stage_group(self.config.task, self._trainer_seed)
             hit = cache.get(key, group, device=self.device)
-            self.budget.cache_hits, self.budget.cache_misses = cache.stats.hits, cache.stats.misses
-            self.budget.seconds_saved = cache.stats.seconds_saved
             if hit is not None:
                 state, result = hit
                 self.trainer.load_state(state)

@@ -96,7 +96,7 @@ def stage_key(fingerprint: dict[str, Any], seed: int, path: list[dict[str, Any]]
 class StageCache:
     """Trained stages on disk under `directory`, one subdirectory per key."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, stats: CacheStats | None = None) -> None:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,8 @@ class StageCache:
                 from err
         if not os.access(self.directory, os.W_OK):
             raise ValueError(f"stage_cache: directory {str(directory)!r} is not writable")
-        self.stats = CacheStats()
+        # The env passes its Budget's, so the budget reads the counts, never a copy of them.
+        self.stats = stats if stats is not None else CacheStats()
 
     def _entry(self, key: str, group: str) -> Path:
         return self.directory / group / key[:2] / key
